@@ -1,0 +1,224 @@
+"""Element-wise activations and softmax. Each keeps the dtype and memory layout of its input."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..autograd import Operator
+
+
+def _c(value, like):
+    return np.asarray(value, like.dtype)
+
+
+class ReLU(Operator):
+    def forward(self, x):
+        y = np.maximum(x, 0)
+        self.y = y
+        return y
+
+    def backward(self, gy):
+        return gy * (self.y > 0)
+
+
+class LeakyReLU(Operator):
+    def __init__(self, slope=0.01):
+        self.slope = slope
+
+    def forward(self, x):
+        self.pos = x > 0
+        return np.where(self.pos, x, x * _c(self.slope, x))
+
+    def backward(self, gy):
+        return np.where(self.pos, gy, gy * _c(self.slope, gy))
+
+
+class ELU(Operator):
+    """x for x > 0, alpha (e^x - 1) otherwise."""
+
+    def __init__(self, alpha=1.0):
+        self.alpha = alpha
+
+    def forward(self, x):
+        self.pos = x > 0
+        self.neg = _c(self.alpha, x) * np.expm1(np.minimum(x, 0))
+        return np.where(self.pos, x, self.neg)
+
+    def backward(self, gy):
+        return np.where(self.pos, gy, gy * (self.neg + _c(self.alpha, gy)))
+
+
+class SELU(Operator):
+    """scale * ELU(x, alpha) with the self-normalising constants of Klambauer et al. (2017)."""
+
+    alpha = 1.6732632423543772
+    scale = 1.0507009873554805
+
+    def forward(self, x):
+        self.pos = x > 0
+        self.neg = _c(self.scale * self.alpha, x) * np.expm1(np.minimum(x, 0))
+        return np.where(self.pos, x * _c(self.scale, x), self.neg)
+
+    def backward(self, gy):
+        return np.where(self.pos, gy * _c(self.scale, gy), gy * (self.neg + _c(self.scale * self.alpha, gy)))
+
+
+class PReLU(Operator):
+    """max(x, 0) + a * min(x, 0) with a learned slope a: (1,) shared, or (C,) per channel (axis 1)."""
+
+    def forward(self, x, a):
+        if a.size not in (1, x.shape[1] if x.ndim > 1 else 1):
+            raise ValueError(f"prelu: slope has {a.size} values; expected 1 or the {x.shape[1]} channels")
+        self.shape = (1, -1) + (1,) * (x.ndim - 2) if x.ndim > 1 else (-1,)
+        self.a_shape = a.shape
+        self.x, self.a = x, a.reshape(self.shape)
+        return np.where(x > 0, x, x * self.a)
+
+    def backward(self, gy):
+        x = self.x
+        pos = x > 0
+        gx = np.where(pos, gy, gy * self.a)
+        ga = None
+        if self.needs_grad[1]:
+            contrib = np.where(pos, 0, gy * x)
+            axes = tuple(i for i in range(x.ndim) if not (i == 1 and self.a.size > 1))
+            ga = contrib.sum(axis=axes).reshape(self.a_shape)
+        return gx, ga
+
+
+class Sigmoid(Operator):
+    def forward(self, x):
+        # tanh form: stable for large |x| and one transcendental call
+        y = np.tanh(x * _c(0.5, x))
+        y += 1
+        y *= _c(0.5, x)
+        self.y = y
+        return y
+
+    def backward(self, gy):
+        return gy * self.y * (1 - self.y)
+
+
+class Tanh(Operator):
+    def forward(self, x):
+        self.y = np.tanh(x)
+        return self.y
+
+    def backward(self, gy):
+        return gy * (1 - self.y * self.y)
+
+
+class Softplus(Operator):
+    """log(1 + e^x), computed stably."""
+
+    def forward(self, x):
+        self.x = x
+        return np.logaddexp(x, _c(0, x))
+
+    def backward(self, gy):
+        return gy * sigmoid_array(self.x)
+
+
+class GELU(Operator):
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): PyTorch's gelu(approximate='tanh')."""
+
+    k = math.sqrt(2.0 / math.pi)
+
+    def forward(self, x):
+        self.x = x
+        self.t = np.tanh(_c(self.k, x) * (x + _c(0.044715, x) * x ** 3))
+        return _c(0.5, x) * x * (1 + self.t)
+
+    def backward(self, gy):
+        x, t = self.x, self.t
+        dinner = _c(self.k, x) * (1 + _c(3 * 0.044715, x) * x * x)
+        return gy * (_c(0.5, x) * (1 + t) + _c(0.5, x) * x * (1 - t * t) * dinner)
+
+
+class Softmax(Operator):
+    def __init__(self, axis=-1):
+        self.axis = axis
+
+    def forward(self, x):
+        self.y = softmax_array(x, self.axis)
+        return self.y
+
+    def backward(self, gy):
+        y = self.y
+        return y * (gy - (gy * y).sum(axis=self.axis, keepdims=True))
+
+
+class LogSoftmax(Operator):
+    def __init__(self, axis=-1):
+        self.axis = axis
+
+    def forward(self, x):
+        self.y = log_softmax_array(x, self.axis)
+        return self.y
+
+    def backward(self, gy):
+        return gy - np.exp(self.y) * gy.sum(axis=self.axis, keepdims=True)
+
+
+# -- array helpers shared with the losses ----------------------------------------------------------
+
+def sigmoid_array(x):
+    return (np.tanh(x * _c(0.5, x)) + 1) * _c(0.5, x)
+
+
+def log_softmax_array(x, axis=-1):
+    z = x - x.max(axis=axis, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
+
+
+def softmax_array(x, axis=-1):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+# -- functional API ------------------------------------------------------------------------------
+
+def relu(x):
+    return ReLU()(x)
+
+
+def leaky_relu(x, slope=0.01):
+    return LeakyReLU(slope)(x)
+
+
+def elu(x, alpha=1.0):
+    return ELU(alpha)(x)
+
+
+def selu(x):
+    return SELU()(x)
+
+
+def prelu(x, a):
+    return PReLU()(x, a)
+
+
+def sigmoid(x):
+    return Sigmoid()(x)
+
+
+def tanh(x):
+    return Tanh()(x)
+
+
+def softplus(x):
+    return Softplus()(x)
+
+
+def gelu(x):
+    return GELU()(x)
+
+
+def softmax(x, axis=-1):
+    return Softmax(axis)(x)
+
+
+def log_softmax(x, axis=-1):
+    return LogSoftmax(axis)(x)

@@ -1,0 +1,105 @@
+"""Batch normalisation and inverted dropout."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..autograd import Operator, as_variable, config
+from .conv import nchw_view, nhwc
+
+
+def _as_rows(x):
+    """(N, C) or (N, C, H, W) -> a (M, C) view (channels-last for images) and how to undo it."""
+    if x.ndim == 2:
+        return x, lambda r: r
+    if x.ndim == 4:
+        xh = nhwc(x)
+        return xh.reshape(-1, x.shape[1]), lambda r: nchw_view(r.reshape(xh.shape))
+    raise ValueError(f"batch_norm: input must be (N, C) or (N, C, H, W), got {x.shape}")
+
+
+class BatchNorm(Operator):
+    """y = gamma (x - mean) / sqrt(var + eps) + beta over all axes but the channel axis 1.
+
+    x (N, C) or (N, C, H, W); gamma, beta (C,). In training the batch statistics are used and the
+    running statistics (plain arrays, updated in place) move towards them by ``momentum``; the
+    running variance is the unbiased one, as in PyTorch. In evaluation the running statistics are
+    used and nothing is updated.
+    """
+
+    def __init__(self, running_mean, running_var, training, momentum=0.1, eps=1e-5):
+        self.running_mean, self.running_var = running_mean, running_var
+        self.training, self.momentum, self.eps = training, momentum, eps
+
+    def forward(self, x, gamma, beta):
+        rows, back = _as_rows(x)
+        m = rows.shape[0]
+        if self.training:
+            if m < 2:
+                raise ValueError(f"batch_norm: training needs more than one value per channel, got input {x.shape}")
+            mean = rows.mean(axis=0)
+            centered = rows - mean
+            var = np.einsum("ij,ij->j", centered, centered) / m
+            mom = self.momentum
+            self.running_mean *= 1 - mom
+            self.running_mean += mom * mean.astype(self.running_mean.dtype, copy=False)
+            self.running_var *= 1 - mom
+            self.running_var += (mom * m / (m - 1)) * var.astype(self.running_var.dtype, copy=False)
+        else:
+            mean = self.running_mean.astype(x.dtype, copy=False)
+            var = self.running_var.astype(x.dtype, copy=False)
+            centered = rows - mean
+        invstd = 1.0 / np.sqrt(var + np.asarray(self.eps, x.dtype))
+        xhat = centered
+        xhat *= invstd
+        self.xhat, self.invstd, self.gamma, self.back = xhat, invstd, gamma, back
+        self.running_mean = self.running_var = None
+        return back(xhat * gamma + beta)
+
+    def backward(self, gy):
+        g, _ = _as_rows(gy)
+        xhat = self.xhat
+        gbeta = g.sum(axis=0)
+        ggamma = np.einsum("ij,ij->j", g, xhat)
+        scale = self.gamma * self.invstd
+        if self.training:
+            m = g.shape[0]
+            gx = g - (gbeta / m + xhat * (ggamma / m))
+            gx *= scale
+        else:
+            gx = g * scale
+        return self.back(gx), ggamma, gbeta
+
+
+class Dropout(Operator):
+    """y = x * mask, the mask already holding 0 or 1 / (1 - p) (inverted dropout)."""
+
+    def forward(self, x, mask):
+        self.mask = mask
+        return x * mask
+
+    def backward(self, gy):
+        return gy * self.mask, None
+
+
+def batch_norm(x, gamma, beta, running_mean, running_var, training=None, momentum=0.1, eps=1e-5):
+    training = config.train if training is None else training
+    return BatchNorm(running_mean, running_var, training, momentum, eps)(x, gamma, beta)
+
+
+def dropout_mask(shape, p, rng: np.random.Generator, dtype=np.float32) -> np.ndarray:
+    """Bernoulli(1 - p) keep mask scaled by 1 / (1 - p)."""
+    keep = rng.random(shape, dtype=np.float32) >= p
+    return keep.astype(dtype) * np.asarray(1.0 / (1.0 - p), dtype)
+
+
+def dropout(x, p, rng: np.random.Generator, training=None, mask=None):
+    """Inverted dropout: identity in evaluation, x * mask in training."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    training = config.train if training is None else training
+    x = as_variable(x)
+    if not training or p == 0.0:
+        return x
+    if mask is None:
+        mask = dropout_mask(x.shape, p, rng, x.dtype)
+    return Dropout()(x, mask)

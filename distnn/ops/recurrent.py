@@ -1,0 +1,82 @@
+"""Recurrent cells with fused gates.
+
+The input projection x W_ih^T + b does not depend on the previous step, so the sequence layers
+compute it for all steps in one matrix product and the cell operators here take it precomputed
+(``xw``). A cell's backward receives the gradient of its outputs from the layers above *and* from step
+t+1 (through h and, for the LSTM, through c): the engine sums both, which is the path the student
+framework's LSTM dropped.
+"""
+from __future__ import annotations
+
+from ..autograd import Operator
+from .activation import sigmoid_array
+from .basic import add, linear
+
+import numpy as np
+
+
+class RNNCell(Operator):
+    """h' = tanh(xw + h W_hh^T). xw (N, H), h (N, H), W_hh (H, H) -> h' (N, H)."""
+
+    def forward(self, xw, h, w_hh):
+        self.h, self.w_hh = h, w_hh
+        self.y = np.tanh(xw + h @ w_hh.T)
+        return self.y
+
+    def backward(self, gy):
+        ga = gy * (1 - self.y * self.y)
+        gh = ga @ self.w_hh if self.needs_grad[1] else None
+        gw = ga.T @ self.h if self.needs_grad[2] else None
+        return ga, gh, gw
+
+
+class LSTMCell(Operator):
+    """One LSTM step with the four gates stacked i, f, g, o (PyTorch's order).
+
+    xw (N, 4H) = x W_ih^T + b_ih + b_hh, h and c (N, H), W_hh (4H, H):
+      [a_i a_f a_g a_o] = xw + h W_hh^T
+      i = s(a_i), f = s(a_f), g = tanh(a_g), o = s(a_o)
+      c' = f c + i g,  h' = o tanh(c')
+    Returns (h', c'). Backward, with dh' and dc' (the latter from step t+1):
+      dc = dc' + dh' o (1 - tanh(c')^2)
+      da_i = dc g i (1 - i), da_f = dc c f (1 - f), da_g = dc i (1 - g^2), da_o = dh' tanh(c') o (1 - o)
+      dc_prev = dc f, dh_prev = da W_hh, dW_hh = da^T h.
+    """
+
+    def forward(self, xw, h, c, w_hh):
+        hidden = h.shape[1]
+        a = xw + h @ w_hh.T
+        gates = np.empty_like(a)
+        gates[:, :2 * hidden] = sigmoid_array(a[:, :2 * hidden])
+        gates[:, 2 * hidden:3 * hidden] = np.tanh(a[:, 2 * hidden:3 * hidden])
+        gates[:, 3 * hidden:] = sigmoid_array(a[:, 3 * hidden:])
+        i, f, g, o = np.split(gates, 4, axis=1)
+        c_new = f * c + i * g
+        tc = np.tanh(c_new)
+        self.h, self.c, self.w_hh, self.gates, self.tc = h, c, w_hh, gates, tc
+        return o * tc, c_new
+
+    def backward(self, gh, gc):
+        i, f, g, o = np.split(self.gates, 4, axis=1)
+        tc = self.tc
+        dc = gc + gh * o * (1 - tc * tc)
+        da = np.empty_like(self.gates)
+        hidden = tc.shape[1]
+        da[:, :hidden] = dc * g * i * (1 - i)
+        da[:, hidden:2 * hidden] = dc * self.c * f * (1 - f)
+        da[:, 2 * hidden:3 * hidden] = dc * i * (1 - g * g)
+        da[:, 3 * hidden:] = gh * tc * o * (1 - o)
+        gh_prev = da @ self.w_hh if self.needs_grad[1] else None
+        gc_prev = dc * f if self.needs_grad[2] else None
+        gw = da.T @ self.h if self.needs_grad[3] else None
+        return da, gh_prev, gc_prev, gw
+
+
+def rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh):
+    """One Elman step: tanh(x W_ih^T + b_ih + h W_hh^T + b_hh). Shapes as in PyTorch's RNNCell."""
+    return RNNCell()(linear(x, w_ih, add(b_ih, b_hh)), h, w_hh)
+
+
+def lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh):
+    """One LSTM step -> (h', c'). x (N, F), h and c (N, H), W_ih (4H, F), W_hh (4H, H), biases (4H,)."""
+    return LSTMCell()(linear(x, w_ih, add(b_ih, b_hh)), h, c, w_hh)
