@@ -10,6 +10,7 @@ already the next layer's input; no layer pays for a layout change except the fir
 from __future__ import annotations
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from ..autograd import Operator
 
@@ -94,10 +95,9 @@ class Conv2d(Operator):
         ho = _out_size(h, pads[0] + pads[1], kh, sh, "conv2d")
         wo = _out_size(wd, pads[2] + pads[3], kw, sw, "conv2d")
         xp = _pad_nhwc(nhwc(x), pads)
+        windows = sliding_window_view(xp, (kh, kw), axis=(1, 2))[:, ::sh, ::sw]  # (N, Ho, Wo, C, kh, kw)
         cols = np.empty((n, ho, wo, kh, kw, c), x.dtype)
-        for i in range(kh):
-            for j in range(kw):
-                cols[:, :, :, i, j, :] = xp[_window(i, j, sh, sw, ho, wo)]
+        np.copyto(cols, windows.transpose(0, 1, 2, 4, 5, 3))  # one pass; inner runs of C channels
         cols = cols.reshape(n * ho * wo, kh * kw * c)
         wm = w.transpose(0, 2, 3, 1).reshape(o, kh * kw * c)
         y = cols @ wm.T
@@ -114,15 +114,19 @@ class Conv2d(Operator):
         gw = gb = gx = None
         if self.needs_grad[1]:
             gw = (g2.T @ self.cols).reshape(-1, kh, kw, c).transpose(0, 3, 1, 2)
-            self.cols = None  # free it before the column gradient of the same size exists
+            self.cols = None
         if len(self.needs_grad) == 3 and self.needs_grad[2]:
             gb = g2.sum(axis=0)
         if self.needs_grad[0]:
-            gcols = (g2 @ self.wm).reshape(n, ho, wo, kh, kw, c)
+            # col2im one kernel offset at a time: (N*Ho*Wo, O) @ (O, C) lands contiguous and is added
+            # into the input positions that offset saw, without the (N*Ho*Wo, kh*kw*C) column gradient.
+            wk = self.wm.reshape(-1, kh, kw, c)
             gxp = np.zeros(xp_shape, gy.dtype)
+            part = np.empty((g2.shape[0], c), gy.dtype)
             for i in range(kh):
                 for j in range(kw):
-                    gxp[_window(i, j, sh, sw, ho, wo)] += gcols[:, :, :, i, j, :]
+                    np.matmul(g2, wk[:, i, j, :], out=part)
+                    gxp[_window(i, j, sh, sw, ho, wo)] += part.reshape(n, ho, wo, c)
             t, _, l, _ = pads
             gx = nchw_view(np.ascontiguousarray(gxp[:, t:t + h, l:l + wd]) if any(pads) else gxp)
         return (gx, gw) if len(self.needs_grad) == 2 else (gx, gw, gb)
@@ -149,26 +153,60 @@ class _Pool2d(Operator):
 class MaxPool2d(_Pool2d):
     """Max over kh x kw windows moved by the stride (windows may overlap). (N, C, H, W) -> (N, C, Ho, Wo).
 
-    The winner of each window is the first maximum in row-major window order, so ties send the
-    whole gradient to one input, as in PyTorch.
+    Exactly one input per window wins (the first maximum found), so ties, common after a ReLU, send
+    the window's whole gradient to one input, as in PyTorch, never a copy to each.
     """
 
     def forward(self, x):
         ho, wo = self._geometry(x)
         xh = nhwc(x)
+        self.x_shape = xh.shape
+        self.tiled = self.kernel == self.stride and xh.shape[1] == ho * self.kernel[0] \
+            and xh.shape[2] == wo * self.kernel[1]
+        if self.tiled:
+            return nchw_view(self._forward_tiled(xh, ho, wo))
         offsets = self._offsets(ho, wo)
-        best = xh[offsets[0]].copy()
-        arg = np.zeros(best.shape, np.uint8)
+        best, arg = xh[offsets[0]], np.zeros((xh.shape[0], ho, wo, xh.shape[3]), np.uint8)
         for t, idx in enumerate(offsets[1:], start=1):
-            v = xh[idx]
-            better = v > best
-            np.copyto(best, v, where=better)
-            arg[better] = t
-        self.arg, self.x_shape = arg, xh.shape
+            better = xh[idx] > best
+            arg = np.where(better, np.uint8(t), arg)
+            best = np.maximum(best, xh[idx])
+        self.arg = arg
         return nchw_view(best)
+
+    @staticmethod
+    def _argmax_rows(rows):
+        """Max over axis 2 of rows (A, B, k, L) by k - 1 comparisons -> max (A, B, L), winner (uint8)."""
+        best, arg = rows[:, :, 0], None
+        for t in range(1, rows.shape[2]):
+            v = rows[:, :, t]
+            better = v > best
+            arg = better.view(np.uint8) if arg is None else np.where(better, np.uint8(t), arg)
+            best = np.maximum(best, v)
+        return best, arg
+
+    def _forward_tiled(self, xh, ho, wo):
+        """Windows that tile the image: first the max over the kh rows of each window, comparing
+        whole contiguous image rows, then over the kw columns; two winner maps for backward."""
+        (kh, kw), (n, _, _, c) = self.kernel, xh.shape
+        rows, self.arg_row = self._argmax_rows(xh.reshape(n, ho, kh, wo * kw * c))
+        best, self.arg_col = self._argmax_rows(rows.reshape(n * ho, wo, kw, c))
+        return best.reshape(n, ho, wo, c)
 
     def backward(self, gy):
         gyh = nhwc(gy)
+        if self.tiled:
+            (kh, kw), (n, h, w, c) = self.kernel, self.x_shape
+            ho, wo = gyh.shape[1:3]
+            g_cols = np.empty((n * ho, wo, kw, c), gy.dtype)
+            g = gyh.reshape(n * ho, wo, c)
+            for t in range(kw):
+                np.multiply(g, self.arg_col == t, out=g_cols[:, :, t])
+            g_cols = g_cols.reshape(n, ho, wo * kw * c)
+            gx = np.empty((n, ho, kh, wo * kw * c), gy.dtype)
+            for t in range(kh):
+                np.multiply(g_cols, self.arg_row == t, out=gx[:, :, t])
+            return nchw_view(gx.reshape(self.x_shape))
         gx = np.zeros(self.x_shape, gy.dtype)
         for t, idx in enumerate(self._offsets(*gyh.shape[1:3])):
             gx[idx] += np.where(self.arg == t, gyh, 0)
