@@ -1,0 +1,6 @@
+"""Datasets: raw formats, preparation into HDF5 shards, and per-worker loading."""
+from .dataset import Piece, ShardedDataset, open_dataset
+from .errors import DataError
+from .loader import Loader, augment
+from .prepare import prepare
+from .sources import SOURCES, RawFile, Source
