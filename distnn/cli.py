@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .checkpoint import CheckpointError
 from .data.errors import DataError
 from .train_cli import UsageError, add_training_commands
 
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (DataError, UsageError, FileNotFoundError) as e:
+    except (DataError, UsageError, CheckpointError) as e:
         print(f"distnn {args.command}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:

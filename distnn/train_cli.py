@@ -1,10 +1,135 @@
 """The training commands of ``distnn``: train, eval, plot."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from .config import FIELDS, ConfigError
+
 
 class UsageError(Exception):
     """A wrong flag, config key or value: printed as one line, exit status 2."""
 
 
+def _train(args):
+    from .config import load_config
+    from .train import TrainingError, train
+    overrides = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
+    try:
+        config = load_config(args.config, overrides)
+        train(config, progress=not args.quiet)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    except TrainingError as e:
+        raise UsageError(f"training stopped: {e}") from None
+    return 0
+
+
+def _find_model(path: Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.h5"
+    if not path.is_file():
+        raise UsageError(f"{path}: no model file; give a run folder (runs/NAME) or a model .h5 file")
+    return path
+
+
+def _eval(args):
+    import numpy as np
+
+    from . import ops
+    from .autograd import eval_mode, no_grad
+    from .checkpoint import load_model
+    from .data import Loader, open_dataset
+    model = load_model(_find_model(args.run))
+    run = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
+    data = args.data
+    labels = None
+    if data is None and (run / "config.json").is_file():
+        cfg = json.loads((run / "config.json").read_text())["config"]
+        data = str(Path(cfg["data"]) / cfg["dataset"])
+        labels = cfg.get("labels")
+    if data is None:
+        raise UsageError("give --data DATASET_FOLDER (e.g. datasets/mnist)")
+    loader = Loader(open_dataset(data), "test", batch_size=500, labels=labels, shuffle=False, augment=False)
+    loss_sum, correct, count = 0.0, 0, 0
+    with eval_mode(), no_grad():
+        for x, y in loader:
+            logits = model(x)
+            loss_sum += float(ops.softmax_cross_entropy(logits, y).data) * len(y)
+            correct += int((np.argmax(logits.data, axis=1) == y).sum())
+            count += len(y)
+    print(f"{args.run}: test accuracy {correct / count:.4f} ({correct}/{count}), test loss {loss_sum / count:.4f}")
+    return 0
+
+
+def _plot(args):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    run = Path(args.run)
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        raise UsageError(f"{path}: no metrics; give a run folder made by distnn train")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps = [r for r in records if r["type"] == "step"]
+    epochs = [r for r in records if r["type"] == "epoch"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train loss")
+    a.plot([r["step"] for r in epochs], [r["test_loss"] for r in epochs], "o-", label="test loss")
+    a.set_xlabel("step")
+    a.set_yscale("log")
+    a.legend()
+    b.plot([r["step"] for r in steps], [r["accuracy"] for r in steps], label="train accuracy")
+    b.plot([r["step"] for r in epochs], [r["test_accuracy"] for r in epochs], "o-", label="test accuracy")
+    b.set_xlabel("step")
+    b.legend()
+    fig.suptitle(run.name)
+    fig.tight_layout()
+    out = Path(args.out) if args.out else run / "curves.png"
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return 0
+
+
 def add_training_commands(sub):
-    pass
+    p = sub.add_parser("train", help="train a zoo model data-parallel (Ray by default)")
+    p.add_argument("config", nargs="?", help="a TOML config (see configs/); flags override it")
+    p.add_argument("--model", choices=["mlp", "lenet5", "cifar_convnet", "lstm_classifier"])
+    p.add_argument("--dataset", choices=["mnist", "cifar100"])
+    p.add_argument("--labels", choices=["fine", "coarse"], help="CIFAR-100 label set")
+    p.add_argument("--data", help="folder of prepared datasets (default datasets)")
+    p.add_argument("--source", help="raw files to prepare a missing dataset from (default: download)")
+    p.add_argument("--workers", type=int, help="gradient workers (default: one per CPU)")
+    p.add_argument("--threads", type=int, help="BLAS threads per worker (default 1)")
+    p.add_argument("--backend", choices=["ray", "local"])
+    p.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT (default RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--mode", choices=["sync", "async"])
+    p.add_argument("--staleness", type=int, help="async: max lead of a worker over the slowest")
+    p.add_argument("--servers", type=int, help="parameter-server shards")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="per worker")
+    p.add_argument("--optimizer", choices=["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw"])
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", dest="weight_decay", type=float)
+    p.add_argument("--lr-schedule", dest="lr_schedule", choices=["constant", "step", "exponential", "cosine"])
+    p.add_argument("--warmup", type=int, help="linear warmup steps")
+    p.add_argument("--scale-lr", dest="scale_lr", action="store_const", const=True,
+                   help="multiply lr by the number of workers (sync)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", help="run folder (default runs/MODEL-DATASET-TIME)")
+    p.add_argument("--log-every", dest="log_every", type=int)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("eval", help="test accuracy and loss of a run or model file")
+    p.add_argument("run", help="a run folder or a model .h5 file")
+    p.add_argument("--data", help="the prepared dataset folder (default: the run's)")
+    p.set_defaults(run=_eval)
+
+    p = sub.add_parser("plot", help="PNG of a run's loss and accuracy curves")
+    p.add_argument("run", help="a run folder")
+    p.add_argument("--out", help="the PNG (default RUN/curves.png)")
+    p.set_defaults(run=_plot)

@@ -1,0 +1,122 @@
+"""Two ways to deliver calls to workers and servers: in this process, or to Ray actors.
+
+Both expose the same small interface, so the training loop is written once:
+``create(cls, *args, cpus)`` -> handle, ``call(handle, method, *args, num_returns=1, **kw)`` -> future(s),
+``get(futures)``, ``put(value)``, ``wait(futures)``. Futures of the local backend are values computed
+on the spot, in call order: the debug mode, usable under pdb.
+"""
+from __future__ import annotations
+
+import os
+
+
+class LocalFuture:
+    __slots__ = ("value", "error")
+
+    def __init__(self, value=None, error=None):
+        self.value, self.error = value, error
+
+
+class LocalBackend:
+    name = "local"
+
+    def create(self, cls, *args, cpus=1, **kwargs):
+        return cls(*args, **kwargs)
+
+    def call(self, handle, method, *args, num_returns=1, **kwargs):
+        args = tuple(self._resolve(a) for a in args)
+        try:
+            value = getattr(handle, method)(*args, **kwargs)
+        except Exception as e:  # delivered at get(), as Ray would
+            err = LocalFuture(error=e)
+            return err if num_returns == 1 else [err] * num_returns
+        if num_returns == 1:
+            return LocalFuture(value)
+        return [LocalFuture(v) for v in value]
+
+    @staticmethod
+    def _resolve(a):
+        if isinstance(a, LocalFuture):
+            if a.error is not None:
+                raise a.error
+            return a.value
+        return a
+
+    def get(self, futures):
+        if isinstance(futures, list):
+            return [self._resolve(f) for f in futures]
+        return self._resolve(futures)
+
+    def put(self, value):
+        return LocalFuture(value)
+
+    def wait(self, futures):
+        """The first future (all are complete) and the rest."""
+        return futures[:1], futures[1:]
+
+    def kill(self, handle):
+        raise NotImplementedError("the local backend has no processes to kill")
+
+    def cpus(self) -> int:
+        return os.cpu_count() or 1
+
+    def shutdown(self):
+        pass
+
+
+class RayBackend:
+    """Actors on a Ray cluster: a local one started here (no address), or an existing one."""
+
+    name = "ray"
+
+    def __init__(self, address=None, num_cpus=None, runtime_env=None):
+        import ray
+
+        self.ray = ray
+        self.started = False
+        if not ray.is_initialized():
+            kwargs = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
+            if address:
+                kwargs["address"] = address
+                if runtime_env:
+                    kwargs["runtime_env"] = runtime_env
+            elif num_cpus:
+                kwargs["num_cpus"] = num_cpus
+            ray.init(**kwargs)
+            self.started = True
+        self._classes = {}
+
+    def create(self, cls, *args, cpus=1, **kwargs):
+        if cls not in self._classes:
+            self._classes[cls] = self.ray.remote(cls)
+        return self._classes[cls].options(num_cpus=cpus, max_restarts=0).remote(*args, **kwargs)
+
+    def call(self, handle, method, *args, num_returns=1, **kwargs):
+        return getattr(handle, method).options(num_returns=num_returns).remote(*args, **kwargs)
+
+    def get(self, futures):
+        return self.ray.get(futures)
+
+    def put(self, value):
+        return self.ray.put(value)
+
+    def wait(self, futures):
+        return self.ray.wait(futures, num_returns=1)
+
+    def kill(self, handle):
+        self.ray.kill(handle, no_restart=True)
+
+    def cpus(self) -> int:
+        return int(self.ray.cluster_resources().get("CPU", 0))
+
+    def shutdown(self):
+        if self.started:
+            self.ray.shutdown()
+
+
+def make_backend(name: str, address=None, num_cpus=None):
+    if name == "local":
+        return LocalBackend()
+    if name == "ray":
+        return RayBackend(address=address, num_cpus=num_cpus)
+    raise ValueError(f"unknown backend {name!r}; choose 'ray' or 'local'")

@@ -1,0 +1,73 @@
+"""ParameterServer: the flat parameters (or one contiguous slice of them) and their optimizer.
+
+Plain Python: the Ray backend wraps it as an actor, the local backend calls it directly.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..optim import make_optimizer, make_schedule
+
+
+class ParameterServer:
+    """Holds parameters[lo:hi] and applies optimizer updates.
+
+    ``optimizer``: dict with ``name``, ``lr`` and the optimizer's options; ``schedule``: dict with
+    ``name``, ``total_steps``, ``warmup_steps``. ``decay_mask``: the slice of the model's mask.
+    """
+
+    def __init__(self, params: np.ndarray, optimizer: dict, schedule: dict, decay_mask=None):
+        self.params = np.array(params, np.float32, copy=True)
+        options = {k: v for k, v in optimizer.items() if k != "name"}
+        if options.get("weight_decay"):
+            options["decay_mask"] = decay_mask
+        self.optimizer = make_optimizer(optimizer["name"], self.params.size, **options)
+        self.base_lr = self.optimizer.lr
+        self.schedule = make_schedule(**schedule)
+        self.version = 0          # updates applied
+        self.update_seconds = 0.0
+        self.staleness = []       # async: per applied gradient
+
+    def get(self) -> np.ndarray:
+        return self.params
+
+    def lr(self) -> float:
+        return self.base_lr * self.schedule(self.version)
+
+    def _apply(self, grad: np.ndarray):
+        start = time.perf_counter()
+        self.optimizer.step(self.params, grad, lr=self.lr())
+        self.version += 1
+        self.update_seconds += time.perf_counter() - start
+
+    def apply_mean(self, *grads) -> np.ndarray:
+        """Synchronous step: average the workers' gradients in the order given, apply one update,
+        return the new parameters."""
+        mean = np.array(grads[0], np.float32, copy=True)
+        for g in grads[1:]:
+            mean += g
+        mean *= np.float32(1.0 / len(grads))
+        self._apply(mean)
+        return self.params
+
+    def apply_one(self, grad: np.ndarray, based_on: int) -> tuple:
+        """Asynchronous step: apply one worker's gradient computed at version ``based_on``; returns
+        (new parameters, new version, this gradient's staleness)."""
+        stale = self.version - based_on
+        self.staleness.append(stale)
+        self._apply(grad)
+        return self.params, self.version, stale
+
+    def stats(self) -> dict:
+        return {"version": self.version, "update_seconds": self.update_seconds, "lr": self.lr()}
+
+    def state(self) -> dict:
+        """Everything a checkpoint needs to restore this server exactly."""
+        return {"params": self.params.copy(), "version": self.version, "optimizer": self.optimizer.state_dict()}
+
+    def load_state(self, state: dict) -> None:
+        self.params[...] = state["params"]
+        self.version = int(state["version"])
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,113 @@
+"""GradientWorker: one model replica and its part of the data -> one flat gradient per step.
+
+Plain Python: the Ray backend wraps it as an actor, the local backend calls it directly.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from .. import ops
+from ..autograd import eval_mode, no_grad, train_mode
+from ..data import Loader, open_dataset
+from ..models import build_model
+from ..nn import Dropout
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient that is NaN or infinite."""
+
+
+class GradientWorker:
+    """Computes the mean gradient of the loss over its next minibatch at given parameters.
+
+    ``data``: dict with ``path`` (a prepared dataset folder), ``labels`` (None, 'fine', 'coarse'),
+    ``batch_size`` (per worker), ``seed``, and optionally ``augment``. Every random draw (data order,
+    augmentation, dropout masks) comes from generators seeded by (seed, rank, epoch).
+    """
+
+    def __init__(self, spec: dict, data: dict, rank: int, world_size: int, threads: int = 1):
+        self.rank, self.world_size = rank, world_size
+        self.threads = threads
+        self._limits = threadpool_limits(limits=threads, user_api="blas")
+        self.spec = spec
+        self.model = build_model(spec)
+        self.dataset = open_dataset(data["path"])
+        self.seed = data.get("seed", 0)
+        self.loader = Loader(self.dataset, "train", rank, world_size, data["batch_size"], seed=self.seed,
+                             labels=data.get("labels"), augment=data.get("augment"), drop_last=True)
+        self.test_loader = Loader(self.dataset, "test", rank, world_size, data.get("eval_batch_size", 500),
+                                  labels=data.get("labels"), shuffle=False, augment=False)
+        self._dropouts = [m for _, m in self.model.named_modules() if isinstance(m, Dropout)]
+        self._batches = None
+        self.position = (0, 0)  # (epoch, next batch index)
+
+    def ready(self) -> int:
+        """Touch the data (read this worker's part) and return the number of batches per epoch."""
+        _ = self.loader.data
+        return len(self.loader)
+
+    def start_epoch(self, epoch: int, start: int = 0) -> None:
+        self._batches = self.loader.epoch(epoch, start)
+        self.position = (epoch, start)
+        for i, m in enumerate(self._dropouts):
+            m.rng = np.random.default_rng((self.seed, self.rank, epoch, start, i))
+
+    def compute(self, *param_parts, step: int = -1, bounds=None):
+        """Gradient of the next batch at the parameters given as K contiguous parts (one per server
+        shard; K = 1 for one server). Returns the K matching gradient parts, then the metrics:
+        loss (mean over the batch), correct, count, rank, step and the data position.
+        """
+        params = param_parts[0] if len(param_parts) == 1 else np.concatenate(param_parts)
+        if self._batches is None:
+            self.start_epoch(0)
+        start = time.perf_counter()
+        x, y = next(self._batches)
+        epoch, b = self.position
+        self.position = (epoch, b + 1)
+        self.model.set_flat_params(params)
+        self.model.zero_grad()
+        with train_mode():
+            logits = self.model(x)
+            loss = ops.softmax_cross_entropy(logits, y)
+            loss.backward()
+        value = float(loss.data)
+        grads = self.model.flat_grads
+        if not math.isfinite(value) or not np.isfinite(grads).all():
+            raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(value) else 'gradient'} "
+                                 f"({value}) at step {step} on worker {self.rank} (epoch {epoch}, batch {b})")
+        metrics = {"loss": value, "correct": int((logits.data.argmax(axis=1) == y).sum()), "count": len(y),
+                   "rank": self.rank, "step": step, "epoch": epoch, "batch": b,
+                   "compute_s": time.perf_counter() - start}
+        if bounds is None:
+            return grads.copy(), metrics
+        return (*(grads[lo:hi].copy() for lo, hi in bounds), metrics)
+
+    def buffers(self) -> np.ndarray:
+        """Batch-norm running statistics (flat; empty when the model has none)."""
+        return self.model.buffers_vector()
+
+    def evaluate(self, params, buffers=None) -> dict:
+        """Loss sum, correct and count over this worker's part of the test split."""
+        self.model.set_flat_params(params)
+        saved = self.model.buffers_vector()
+        if buffers is not None and buffers.size:
+            self.model.set_buffers_vector(buffers)
+        loss_sum, correct, count = 0.0, 0, 0
+        try:
+            with eval_mode(), no_grad():
+                for x, y in self.test_loader.epoch(0):
+                    logits = self.model(x)
+                    loss_sum += float(ops.softmax_cross_entropy(logits, y).data) * len(y)
+                    correct += int((logits.data.argmax(axis=1) == y).sum())
+                    count += len(y)
+        finally:
+            self.model.set_buffers_vector(saved)
+        return {"loss_sum": loss_sum, "correct": correct, "count": count}
+
+    def pid(self) -> int:
+        import os
+        return os.getpid()

@@ -1,0 +1,286 @@
+"""The training loop: replicated workers compute gradients, parameter servers apply them.
+
+Synchronous: each step sends every worker the same parameter reference (one object-store put per
+step, made by the server's return value), collects one flat gradient per worker and hands them, in
+worker order, to the server, which averages and applies one update. Asynchronous: each worker's
+gradient is applied as soon as it arrives and the worker goes on from the parameters that update
+returned; with a staleness bound S no worker starts a batch while it is more than S gradients ahead of
+the slowest. With K servers the flat vector is cut into K contiguous slices, one per server.
+
+The loop is backend-agnostic: the same code drives Ray actors or, in the local backend, the same
+classes called in this process in a fixed order.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .checkpoint import save_model
+from .config import TrainConfig
+from .data import open_dataset, prepare
+from .data.dataset import MANIFEST
+from .models import build_model
+from .parallel import GradientWorker, NonFiniteError, ParameterServer, make_backend
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, too few CPUs); the message says why and where."""
+
+
+def shard_bounds(size: int, k: int) -> list[tuple[int, int]]:
+    """K contiguous, nearly equal slices of range(size)."""
+    edges = np.linspace(0, size, k + 1).astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, flushed as written."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "a", buffering=1)
+
+    def write(self, **record):
+        self.file.write(json.dumps(record) + "\n")
+
+    def close(self):
+        self.file.close()
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, backend=None, log=print, progress=True):
+        self.config, self.log, self.progress = config, log, progress
+        self.dataset_path = self._ensure_data()
+        self.dataset = open_dataset(self.dataset_path)
+        c = config
+        self.spec = {"model": c.model, "num_classes": self.dataset.num_classes(c.labels), "seed": c.seed,
+                     **c.model_options}
+        self.model = build_model(self.spec)
+        self.backend = backend or make_backend(c.backend, c.address)
+        self.owns_backend = backend is None
+        self.world = c.workers or max(1, self.backend.cpus() // c.threads)
+        if c.backend == "ray" and self.world * c.threads > self.backend.cpus():
+            raise TrainingError(f"--workers {self.world} x {c.threads} threads needs {self.world * c.threads} CPUs; "
+                                f"the Ray cluster has {self.backend.cpus()}: use fewer workers or add nodes")
+        self.out = Path(c.out or f"runs/{c.model}-{c.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.out.mkdir(parents=True, exist_ok=True)
+        data = {"path": str(self.dataset_path), "labels": c.labels, "batch_size": c.batch_size, "seed": c.seed}
+        self.workers = [self.backend.create(GradientWorker, self.spec, data, r, self.world, c.threads, cpus=c.threads)
+                        for r in range(self.world)]
+        self.steps_per_epoch = min(self.backend.get([self.backend.call(w, "ready") for w in self.workers]))
+        if self.steps_per_epoch < 1:
+            raise TrainingError(f"batch size {c.batch_size} is larger than a worker's part of the training data")
+        updates_per_epoch = self.steps_per_epoch * (self.world if c.mode == "async" else 1)
+        self.total_updates = updates_per_epoch * c.epochs
+        params = self.model.flat_params
+        self.bounds = shard_bounds(params.size, c.servers)
+        mask = self.model.decay_mask()
+        lr = c.lr * (self.world if c.scale_lr and c.mode == "sync" else 1)
+        opt = {"name": c.optimizer, "lr": lr}
+        if c.optimizer in ("momentum", "nesterov"):
+            opt["momentum"] = c.momentum
+        if c.weight_decay:
+            opt["weight_decay"] = c.weight_decay
+        schedule = {"name": c.lr_schedule, "total_steps": self.total_updates, "warmup_steps": c.warmup}
+        self.servers = [self.backend.create(ParameterServer, params[lo:hi], opt, schedule, mask[lo:hi], cpus=0)
+                        for lo, hi in self.bounds]
+        (self.out / "config.json").write_text(json.dumps({"config": c.as_dict(), "spec": self.spec,
+                                                           "workers": self.world}, indent=1))
+        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.max_gap = 0          # async: the largest lead of a worker over the slowest, when it started a batch
+        self.staleness = []
+
+    def _ensure_data(self) -> Path:
+        c = self.config
+        path = Path(c.data) / c.dataset
+        if not (path / MANIFEST).is_file():
+            self.log(f"{path}: not prepared yet; preparing it now")
+            prepare(c.dataset, out=c.data, source=c.source, progress=self.progress, log=self.log)
+        return path
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _get(self, futures):
+        try:
+            return self.backend.get(futures)
+        except NonFiniteError as e:  # Ray re-raises the worker's exception type
+            raise TrainingError(str(e).strip().splitlines()[-1]) from None
+
+    def _call_all(self, method, *args, **kw):
+        return self._get([self.backend.call(w, method, *args, **kw) for w in self.workers])
+
+    def parameters(self) -> np.ndarray:
+        parts = self._get([self.backend.call(s, "get") for s in self.servers])
+        return np.concatenate(parts)
+
+    def evaluate(self, params=None) -> dict:
+        params = self.parameters() if params is None else params
+        buffers = self._call_all("buffers")
+        mean_buffers = np.mean(buffers, axis=0).astype(np.float32) if buffers[0].size else buffers[0]
+        ref = self.backend.put(params)
+        parts = self._call_all("evaluate", ref, mean_buffers)
+        count = sum(p["count"] for p in parts)
+        self.buffers = mean_buffers
+        return {"test_loss": sum(p["loss_sum"] for p in parts) / count,
+                "test_accuracy": sum(p["correct"] for p in parts) / count, "test_count": count}
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        c = self.config
+        self.start = time.perf_counter()
+        self.log(f"training {c.model} on {c.dataset} ({self.dataset.count('train')} examples): {self.world} "
+                 f"{c.backend} workers x batch {c.batch_size}, {c.mode}"
+                 f"{'' if c.staleness is None else f' (staleness {c.staleness})'}, {c.servers} server(s), "
+                 f"{c.epochs} epochs of {self.steps_per_epoch} steps -> {self.out}")
+        self.bar = tqdm(total=self.total_updates, unit="step", disable=not self.progress, dynamic_ncols=True)
+        self.window = {"loss": 0.0, "correct": 0, "count": 0, "compute": 0.0, "t": time.perf_counter(), "n": 0}
+        self.step = 0
+        self.epoch_log = []
+        self.timing = {"step": 0.0, "compute": 0.0, "server": 0.0}
+        try:
+            if c.mode == "sync":
+                self._run_sync()
+            else:
+                self._run_async()
+        finally:
+            self.bar.close()
+            self.metrics.close()
+        return self._finish()
+
+    def _record(self, metrics_list, staleness=None):
+        w = self.window
+        for m in metrics_list:
+            w["loss"] += m["loss"] * m["count"]
+            w["correct"] += m["correct"]
+            w["count"] += m["count"]
+            w["compute"] = max(w["compute"], m.get("compute_s", 0.0))
+        w["n"] += 1
+        self.bar.update(1)
+        if self.step % self.config.log_every == 0 or self.step == self.total_updates:
+            now = time.perf_counter()
+            rate = w["count"] / max(now - w["t"], 1e-9)
+            loss, acc = w["loss"] / w["count"], w["correct"] / w["count"]
+            rec = {"type": "step", "step": self.step, "epoch": metrics_list[0]["epoch"], "loss": loss,
+                   "accuracy": acc, "samples_per_s": rate, "wall_time": now - self.start}
+            if self.staleness:
+                recent = self.staleness[-w["n"]:]
+                rec["staleness"] = float(np.mean(recent))
+                rec["max_staleness"] = int(np.max(recent))
+            self.metrics.write(**rec)
+            self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", samples_s=f"{rate:.0f}")
+            self.window = {"loss": 0.0, "correct": 0, "count": 0, "compute": 0.0, "t": now, "n": 0}
+
+    def _end_epoch(self, epoch):
+        result = self.evaluate()
+        rec = {"type": "epoch", "epoch": epoch, "step": self.step, "wall_time": time.perf_counter() - self.start,
+               **result}
+        self.metrics.write(**rec)
+        self.epoch_log.append(rec)
+        self.bar.write(f"epoch {epoch + 1}/{self.config.epochs}: test accuracy {result['test_accuracy']:.4f}, "
+                       f"test loss {result['test_loss']:.4f} ({rec['wall_time']:.1f} s)")
+
+    def _run_sync(self):
+        b, k = self.backend, len(self.servers)
+        bounds = self.bounds if k > 1 else None
+        parts = [b.put(self.model.flat_params[lo:hi]) for lo, hi in self.bounds]
+        for epoch in range(self.config.epochs):
+            self._call_all("start_epoch", epoch)
+            for _ in range(self.steps_per_epoch):
+                t0 = time.perf_counter()
+                outs = [b.call(w, "compute", *parts, step=self.step, bounds=bounds, num_returns=k + 1)
+                        for w in self.workers]
+                parts = [b.call(s, "apply_mean", *[o[i] for o in outs]) for i, s in enumerate(self.servers)]
+                metrics = self._get([o[k] for o in outs])
+                self.step += 1
+                self.timing["step"] += time.perf_counter() - t0
+                self._record(metrics)
+            self._end_epoch(epoch)
+
+    def _run_async(self):
+        b, k, c = self.backend, len(self.servers), self.config
+        bounds = self.bounds if k > 1 else None
+        n = self.world
+        parts = [b.put(self.model.flat_params[lo:hi]) for lo, hi in self.bounds]
+        version = 0
+        done = [0] * n              # gradients applied, per worker
+        per_worker = self.steps_per_epoch * c.epochs
+        in_flight = {}              # metrics future -> (worker, version it started from, grad futures)
+        waiting = []                # workers held back by the staleness bound
+        epochs_done = 0
+
+        def launch(w):
+            epoch, batch = divmod(done[w], self.steps_per_epoch)
+            if batch == 0:
+                self._get(b.call(self.workers[w], "start_epoch", epoch))
+            self.max_gap = max(self.max_gap, done[w] - min(done))
+            outs = b.call(self.workers[w], "compute", *parts, step=version, bounds=bounds, num_returns=k + 1)
+            in_flight[outs[k]] = (w, version, outs[:k])
+
+        def may_start(w):
+            return done[w] < per_worker and (c.staleness is None or done[w] - min(done) <= c.staleness)
+
+        for w in range(n):
+            launch(w)
+        while in_flight:
+            ready, _ = b.wait(list(in_flight))
+            fut = ready[0]
+            w, based_on, grads = in_flight.pop(fut)
+            metrics = self._get(fut)
+            results = [b.call(s, "apply_one", g, based_on, num_returns=3) for s, g in zip(self.servers, grads)]
+            parts = [r[0] for r in results]
+            version += 1
+            stale = self._get(results[0][2])
+            self.staleness.append(stale)
+            done[w] += 1
+            self.step += 1
+            self._record([metrics])
+            for v in [w] + waiting:
+                if v in waiting:
+                    waiting.remove(v)
+                if may_start(v):
+                    launch(v)
+                elif done[v] < per_worker and v not in waiting:
+                    waiting.append(v)
+            while min(done) >= (epochs_done + 1) * self.steps_per_epoch:
+                self._end_epoch(epochs_done)
+                epochs_done += 1
+
+    def _finish(self) -> dict:
+        c = self.config
+        wall = time.perf_counter() - self.start
+        params = self.parameters()
+        self.model.set_flat_params(params)
+        if getattr(self, "buffers", None) is not None and self.buffers.size:
+            self.model.set_buffers_vector(self.buffers)
+        save_model(self.model, self.out / "model.h5", self.spec)
+        stats = self._get([self.backend.call(s, "stats") for s in self.servers])
+        samples = self.step * c.batch_size * (self.world if c.mode == "sync" else 1)
+        summary = {"model": c.model, "dataset": c.dataset, "backend": c.backend, "mode": c.mode, "workers": self.world,
+                   "servers": c.servers, "epochs": c.epochs, "steps": self.step, "wall_time_s": round(wall, 2),
+                   "samples_per_s": round(samples / wall, 1),
+                   "server_update_s": round(max(s["update_seconds"] for s in stats), 3),
+                   "final": self.epoch_log[-1] if self.epoch_log else None, "run": str(self.out)}
+        if c.mode == "async":
+            summary["max_staleness"] = int(max(self.staleness)) if self.staleness else 0
+            summary["mean_staleness"] = float(np.mean(self.staleness)) if self.staleness else 0.0
+            summary["max_worker_lead"] = self.max_gap
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        final = summary["final"]
+        self.log(f"done: {self.step} steps in {wall:.1f} s ({summary['samples_per_s']:.0f} samples/s); "
+                 f"test accuracy {final['test_accuracy']:.4f}; model saved to {self.out / 'model.h5'}")
+        return summary
+
+    def close(self):
+        if self.owns_backend:
+            self.backend.shutdown()
+
+
+def train(config: TrainConfig, backend=None, log=print, progress=True) -> dict:
+    trainer = Trainer(config, backend, log, progress)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
