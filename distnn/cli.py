@@ -41,11 +41,11 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="rebuild even when the manifest matches")
     p.add_argument("--compression", choices=["gzip", "lzf"], default=None, help="HDF5 compression (default none)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(run=_prepare)
+    p.set_defaults(handler=_prepare)
 
     p = sub.add_parser("info", help="describe a prepared dataset")
     p.add_argument("path", help="a prepared dataset folder, e.g. datasets/mnist")
-    p.set_defaults(run=_info)
+    p.set_defaults(handler=_info)
 
     add_training_commands(sub)
     return ap
@@ -54,7 +54,7 @@ def build_parser():
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        return args.handler(args)
     except (DataError, UsageError, CheckpointError) as e:
         print(f"distnn {args.command}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1

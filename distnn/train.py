@@ -98,6 +98,9 @@ class Trainer:
         c = self.config
         path = Path(c.data) / c.dataset
         if not (path / MANIFEST).is_file():
+            if c.source is None and Path(c.data) != Path("datasets"):
+                raise TrainingError(f"{path}: dataset not prepared; run `python scripts/prepare_data.py {c.dataset} "
+                                    f"--out {c.data} --source RAW_FOLDER` (or pass --source to distnn train)")
             self.log(f"{path}: not prepared yet; preparing it now")
             prepare(c.dataset, out=c.data, source=c.source, progress=self.progress, log=self.log)
         return path

@@ -122,14 +122,14 @@ def add_training_commands(sub):
     p.add_argument("--out", help="run folder (default runs/MODEL-DATASET-TIME)")
     p.add_argument("--log-every", dest="log_every", type=int)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=_train)
+    p.set_defaults(handler=_train)
 
     p = sub.add_parser("eval", help="test accuracy and loss of a run or model file")
     p.add_argument("run", help="a run folder or a model .h5 file")
     p.add_argument("--data", help="the prepared dataset folder (default: the run's)")
-    p.set_defaults(run=_eval)
+    p.set_defaults(handler=_eval)
 
     p = sub.add_parser("plot", help="PNG of a run's loss and accuracy curves")
     p.add_argument("run", help="a run folder")
     p.add_argument("--out", help="the PNG (default RUN/curves.png)")
-    p.set_defaults(run=_plot)
+    p.set_defaults(handler=_plot)

@@ -98,6 +98,8 @@ class Module:
         for p in params:
             n = p.data.size
             flat[offset:offset + n] = p.data.ravel()
+            if p.grad is not None:  # keep gradients accumulated before packing
+                grad[offset:offset + n] = p.grad.ravel()
             p.data = flat[offset:offset + n].reshape(p.data.shape)
             p.grad = grad[offset:offset + n].reshape(p.data.shape)
             offset += n

@@ -24,8 +24,8 @@ class LocalBackend:
         return cls(*args, **kwargs)
 
     def call(self, handle, method, *args, num_returns=1, **kwargs):
-        args = tuple(self._resolve(a) for a in args)
-        try:
+        try:  # a failed argument fails the call, as in Ray
+            args = tuple(self._resolve(a) for a in args)
             value = getattr(handle, method)(*args, **kwargs)
         except Exception as e:  # delivered at get(), as Ray would
             err = LocalFuture(error=e)

@@ -1,0 +1,202 @@
+"""Data-parallel training: backends agree bit for bit, gradients average right, staleness is bounded,
+sharding changes nothing, a two-node cluster trains, the CLI runs end to end, bad input is named."""
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datagen import make_mnist
+from distnn import ops
+from distnn.cli import main as cli
+from distnn.config import ConfigError, TrainConfig, load_config
+from distnn.data import prepare
+from distnn.models import build_model
+from distnn.parallel import GradientWorker, LocalBackend
+from distnn.train import Trainer, TrainingError, shard_bounds, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train-data")
+    arrays, source = make_mnist(tmp / "raw", n_train=512, n_test=128, seed=4)
+    prepare("mnist", out=tmp / "datasets", source=tmp / "raw", sources={"mnist": source}, shards=4,
+            progress=False, log=lambda *a: None)
+    return tmp / "datasets"
+
+
+@pytest.fixture(scope="session")
+def ray_backend():
+    from distnn.parallel import RayBackend
+    backend = RayBackend(num_cpus=4)
+    yield backend
+    backend.ray.shutdown()
+
+
+def config(data_dir, tmp_path, **kw):
+    base = dict(model="mlp", data=str(data_dir), workers=2, batch_size=32, epochs=1, backend="local",
+                out=str(tmp_path / "run"), log_every=2, seed=3)
+    base.update(kw)
+    return TrainConfig(**base).validate()
+
+
+def run(cfg, backend=None):
+    trainer = Trainer(cfg, backend=backend, log=lambda *a: None, progress=False)
+    summary = trainer.run()
+    return trainer, summary, trainer.model.flat_params.copy()
+
+
+def test_sync_local_and_ray_bit_identical(data_dir, tmp_path, ray_backend):
+    _, s_local, p_local = run(config(data_dir, tmp_path / "a"))
+    _, s_ray, p_ray = run(config(data_dir, tmp_path / "b", backend="ray"), ray_backend)
+    assert s_local["steps"] == s_ray["steps"] == 8
+    assert np.array_equal(p_local, p_ray)
+    assert not np.array_equal(p_local, build_model({"model": "mlp", "num_classes": 10, "seed": 3}).flat_params)
+
+
+def test_sync_gradient_equals_gradient_of_concatenated_batch(data_dir):
+    spec = {"model": "mlp", "num_classes": 10, "seed": 0}
+    data = {"path": str(data_dir / "mnist"), "batch_size": 16, "seed": 1}
+    workers = [GradientWorker(spec, data, r, 3) for r in range(3)]
+    params = build_model(spec).flat_params.copy()
+    batches = [next(iter(w.loader.epoch(0))) for w in workers]
+    grads = [w.compute(params)[0] for w in workers]
+    mean = np.mean(np.stack(grads).astype(np.float64), axis=0)
+    model = build_model(spec).astype(np.float64)
+    x = np.concatenate([b[0] for b in batches]).astype(np.float64)
+    y = np.concatenate([b[1] for b in batches])
+    ops.softmax_cross_entropy(model(x), y).backward()
+    ref = model.flat_grads
+    assert np.abs(mean - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
+def test_sharded_equals_unsharded(data_dir, tmp_path):
+    _, _, one = run(config(data_dir, tmp_path / "a", optimizer="adam"))
+    _, _, three = run(config(data_dir, tmp_path / "b", optimizer="adam", servers=3))
+    assert np.array_equal(one, three)
+    assert shard_bounds(10, 3) == [(0, 3), (3, 6), (6, 10)]
+
+
+class RunAheadBackend(LocalBackend):
+    """Completes the most recently launched batch first: the worker launched last keeps racing ahead,
+    so only the staleness bound holds it back."""
+
+    def wait(self, futures):
+        return futures[-1:], futures[:-1]
+
+
+def test_staleness_bound_holds(data_dir, tmp_path):
+    trainer, summary, _ = run(config(data_dir, tmp_path / "a", mode="async", staleness=2, workers=3),
+                              RunAheadBackend())
+    assert trainer.max_gap <= 2
+    assert trainer.max_gap == 2          # the bound was reached, so it was what held the worker
+    assert summary["steps"] == 3 * trainer.steps_per_epoch
+    assert max(trainer.staleness) >= 1
+    unbounded, _, _ = run(config(data_dir, tmp_path / "b", mode="async", workers=3), RunAheadBackend())
+    assert unbounded.max_gap > 2         # without a bound the same schedule runs further ahead
+
+
+def test_async_on_ray_respects_bound(data_dir, tmp_path, ray_backend):
+    trainer, summary, _ = run(config(data_dir, tmp_path, mode="async", staleness=1, backend="ray"), ray_backend)
+    assert summary["max_worker_lead"] <= 1
+    assert summary["final"]["test_count"] == 128
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("staleness" in r for r in lines if r["type"] == "step")
+
+
+def test_two_node_cluster_trains(data_dir, tmp_path):
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from ray.cluster_utils import Cluster
+        from distnn.config import TrainConfig
+        from distnn.parallel import RayBackend
+        from distnn.train import train
+        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
+        cluster.add_node(num_cpus=1)
+        backend = RayBackend(address=cluster.address)
+        nodes = [n for n in backend.ray.nodes() if n["Alive"]]
+        assert len(nodes) == 2, nodes
+        cfg = TrainConfig(model="mlp", data={str(data_dir)!r}, workers=2, batch_size=32, epochs=1, backend="ray",
+                          out={str(tmp_path / 'run')!r}).validate()
+        summary = train(cfg, backend=backend, progress=False)
+        print("STEPS", summary["steps"], "ACC", summary["final"]["test_accuracy"])
+        backend.ray.shutdown()
+        cluster.shutdown()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "STEPS 8" in proc.stdout
+
+
+def test_training_learns(data_dir, tmp_path):
+    """On the generated data the labels are noise, so learning is shown by fitting the training set."""
+    cfg = config(data_dir, tmp_path, epochs=6, lr=0.003, workers=1, batch_size=64, lr_schedule="constant")
+    trainer, summary, _ = run(cfg)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if r["type"] == "step"]
+    assert steps[-1]["loss"] < 0.5 * steps[0]["loss"]
+
+
+def test_cli_train_eval_plot(data_dir, tmp_path, capsys):
+    run_dir = tmp_path / "cli-run"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('model = "lenet5"\nepochs = 1\nbatch_size = 64\n')
+    code = cli(["train", str(cfg), "--backend", "local", "--workers", "2", "--data", str(data_dir),
+                "--out", str(run_dir), "--quiet", "--log-every", "1"])
+    assert code == 0
+    assert json.loads((run_dir / "config.json").read_text())["config"]["model"] == "lenet5"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "epoch", "loss", "accuracy", "samples_per_s", "wall_time"} <= set(records[0])
+    assert records[-1]["type"] == "epoch"
+    capsys.readouterr()
+    assert cli(["eval", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    acc = float(out.split("test accuracy ")[1].split()[0])
+    assert abs(acc - records[-1]["test_accuracy"]) < 1e-4
+    assert cli(["plot", str(run_dir)]) == 0
+    assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+def test_config_unknown_key_and_wrong_type(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('modle = "mlp"\n')
+    with pytest.raises(ConfigError, match="unknown key 'modle'"):
+        load_config(bad)
+    bad.write_text('epochs = "three"\n')
+    with pytest.raises(ConfigError, match="epochs must be an integer"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="mode = 'fast' is not one of"):
+        load_config(None, {"mode": "fast"})
+
+
+def test_cli_config_error_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("lr = [1]\n")
+    assert cli(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lr must be a number" in err
+
+
+def test_dataset_not_prepared_names_command(tmp_path):
+    with pytest.raises(TrainingError, match="scripts/prepare_data.py mnist"):
+        Trainer(config(tmp_path / "empty", tmp_path), log=lambda *a: None, progress=False)
+
+
+def test_too_many_workers_for_cluster(data_dir, tmp_path, ray_backend):
+    with pytest.raises(TrainingError, match="the Ray cluster has 4"):
+        Trainer(config(data_dir, tmp_path, backend="ray", workers=9), backend=ray_backend, log=lambda *a: None,
+                progress=False)
+
+
+def test_non_finite_loss_names_step_and_worker(data_dir, tmp_path):
+    cfg = config(data_dir, tmp_path, optimizer="sgd", lr=1e30, lr_schedule="constant", model="lenet5")
+    with pytest.raises(TrainingError, match=r"non-finite .* at step \d+ on worker \d"):
+        train(cfg, log=lambda *a: None, progress=False)
