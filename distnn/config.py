@@ -32,17 +32,18 @@ class TrainConfig:
     staleness: int | None = None         # async: bound on how far a worker may run ahead
     servers: int = 1                     # parameter-server shards
     epochs: int = 3
-    batch_size: int = 128                # per worker
+    batch_size: int = 64                 # per worker
     optimizer: str = "adam"
-    lr: float = 0.002
+    lr: float = 0.006
     momentum: float = 0.9                # for momentum / nesterov
     weight_decay: float = 0.0
     lr_schedule: str = "cosine"          # constant | step | exponential | cosine
-    warmup: int = 0                      # linear warmup steps
+    warmup: int = 100                    # linear warmup steps
     scale_lr: bool = False               # multiply lr by the number of workers (sync)
     seed: int = 0
     out: str | None = None               # run folder (default runs/<model>-<dataset>-<time>)
     log_every: int = 20                  # steps between metrics lines
+    max_steps: int = 0                   # stop after this many updates (0: run all epochs)
     label_smoothing: float = 0.0
     model_options: dict = field(default_factory=dict)   # extra zoo options, e.g. {dropout = 0.3}
 
@@ -60,7 +61,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "servers", "threads", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("workers", "warmup"):
+        for name in ("workers", "warmup", "max_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:

@@ -76,6 +76,8 @@ class Trainer:
             raise TrainingError(f"batch size {c.batch_size} is larger than a worker's part of the training data")
         updates_per_epoch = self.steps_per_epoch * (self.world if c.mode == "async" else 1)
         self.total_updates = updates_per_epoch * c.epochs
+        if c.max_steps:
+            self.total_updates = min(self.total_updates, c.max_steps)
         params = self.model.flat_params
         self.bounds = shard_bounds(params.size, c.servers)
         mask = self.model.decay_mask()
@@ -153,7 +155,7 @@ class Trainer:
             self.metrics.close()
         return self._finish()
 
-    def _record(self, metrics_list, staleness=None):
+    def _record(self, metrics_list, step):
         w = self.window
         for m in metrics_list:
             w["loss"] += m["loss"] * m["count"]
@@ -162,11 +164,11 @@ class Trainer:
             w["compute"] = max(w["compute"], m.get("compute_s", 0.0))
         w["n"] += 1
         self.bar.update(1)
-        if self.step % self.config.log_every == 0 or self.step == self.total_updates:
+        if step % self.config.log_every == 0 or step == self.total_updates:
             now = time.perf_counter()
             rate = w["count"] / max(now - w["t"], 1e-9)
             loss, acc = w["loss"] / w["count"], w["correct"] / w["count"]
-            rec = {"type": "step", "step": self.step, "epoch": metrics_list[0]["epoch"], "loss": loss,
+            rec = {"type": "step", "step": step, "epoch": metrics_list[0]["epoch"], "loss": loss,
                    "accuracy": acc, "samples_per_s": rate, "wall_time": now - self.start}
             if self.staleness:
                 recent = self.staleness[-w["n"]:]
@@ -182,25 +184,42 @@ class Trainer:
                **result}
         self.metrics.write(**rec)
         self.epoch_log.append(rec)
-        self.bar.write(f"epoch {epoch + 1}/{self.config.epochs}: test accuracy {result['test_accuracy']:.4f}, "
+        self.log(f"epoch {epoch + 1}/{self.config.epochs}: test accuracy {result['test_accuracy']:.4f}, "
                        f"test loss {result['test_loss']:.4f} ({rec['wall_time']:.1f} s)")
 
     def _run_sync(self):
+        """Steps are submitted one ahead of the metrics that are read back, so the driver's own work
+        (reading metrics, logging) overlaps the workers' compute; the parameters a step uses are still
+        exactly the previous step's update, since each call depends on the previous call's result."""
         b, k = self.backend, len(self.servers)
         bounds = self.bounds if k > 1 else None
         parts = [b.put(self.model.flat_params[lo:hi]) for lo, hi in self.bounds]
         for epoch in range(self.config.epochs):
             self._call_all("start_epoch", epoch)
+            t0 = time.perf_counter()
+            pending = []
             for _ in range(self.steps_per_epoch):
-                t0 = time.perf_counter()
+                if self.step >= self.total_updates:
+                    break
                 outs = [b.call(w, "compute", *parts, step=self.step, bounds=bounds, num_returns=k + 1)
                         for w in self.workers]
                 parts = [b.call(s, "apply_mean", *[o[i] for o in outs]) for i, s in enumerate(self.servers)]
-                metrics = self._get([o[k] for o in outs])
                 self.step += 1
-                self.timing["step"] += time.perf_counter() - t0
-                self._record(metrics)
+                pending.append([o[k] for o in outs])
+                if len(pending) > 1:
+                    self._collect(pending.pop(0))
+            for futures in pending:
+                self._collect(futures)
+            self.backend.settle(parts)
+            self.timing["step"] += time.perf_counter() - t0
             self._end_epoch(epoch)
+            if self.step >= self.total_updates:
+                break
+
+    def _collect(self, futures):
+        metrics = self._get(futures)
+        self.timing["compute"] += max(m["compute_s"] for m in metrics)
+        self._record(metrics, metrics[0]["step"] + 1)
 
     def _run_async(self):
         b, k, c = self.backend, len(self.servers), self.config
@@ -223,8 +242,9 @@ class Trainer:
             in_flight[outs[k]] = (w, version, outs[:k])
 
         def may_start(w):
-            return done[w] < per_worker and (c.staleness is None or done[w] - min(done) <= c.staleness)
+            return done[w] < per_worker and version + len(in_flight) < self.total_updates and (c.staleness is None or done[w] - min(done) <= c.staleness)
 
+        t0 = time.perf_counter()
         for w in range(n):
             launch(w)
         while in_flight:
@@ -232,6 +252,7 @@ class Trainer:
             fut = ready[0]
             w, based_on, grads = in_flight.pop(fut)
             metrics = self._get(fut)
+            self.timing["compute"] += metrics["compute_s"] / n  # n workers compute side by side
             results = [b.call(s, "apply_one", g, based_on, num_returns=3) for s, g in zip(self.servers, grads)]
             parts = [r[0] for r in results]
             version += 1
@@ -239,7 +260,7 @@ class Trainer:
             self.staleness.append(stale)
             done[w] += 1
             self.step += 1
-            self._record([metrics])
+            self._record([metrics], self.step)
             for v in [w] + waiting:
                 if v in waiting:
                     waiting.remove(v)
@@ -250,6 +271,9 @@ class Trainer:
             while min(done) >= (epochs_done + 1) * self.steps_per_epoch:
                 self._end_epoch(epochs_done)
                 epochs_done += 1
+        self.timing["step"] += time.perf_counter() - t0
+        if not self.epoch_log:  # stopped by max_steps before an epoch ended
+            self._end_epoch(epochs_done)
 
     def _finish(self) -> dict:
         c = self.config
@@ -266,6 +290,14 @@ class Trainer:
                    "samples_per_s": round(samples / wall, 1),
                    "server_update_s": round(max(s["update_seconds"] for s in stats), 3),
                    "final": self.epoch_log[-1] if self.epoch_log else None, "run": str(self.out)}
+        if self.step:
+            server = max(s["update_seconds"] for s in stats)
+            compute = self.timing["compute"]
+            summary["per_step_ms"] = {"total": round(1e3 * self.timing["step"] / self.step, 2),
+                                      "compute": round(1e3 * compute / self.step, 2),
+                                      "server_update": round(1e3 * server / self.step, 2),
+                                      "wait_and_transfer": round(1e3 * (self.timing["step"] - compute - server)
+                                                                 / self.step, 2)}
         if c.mode == "async":
             summary["max_staleness"] = int(max(self.staleness)) if self.staleness else 0
             summary["mean_staleness"] = float(np.mean(self.staleness)) if self.staleness else 0.0

@@ -50,6 +50,10 @@ class LocalBackend:
     def put(self, value):
         return LocalFuture(value)
 
+    def settle(self, futures):
+        """Wait until the futures are computed without fetching their values."""
+        self.get(list(futures))
+
     def wait(self, futures):
         """The first future (all are complete) and the rest."""
         return futures[:1], futures[1:]
@@ -99,6 +103,10 @@ class RayBackend:
 
     def put(self, value):
         return self.ray.put(value)
+
+    def settle(self, futures):
+        futures = list(futures)
+        self.ray.wait(futures, num_returns=len(futures), fetch_local=False)
 
     def wait(self, futures):
         return self.ray.wait(futures, num_returns=1)
