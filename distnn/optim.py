@@ -45,6 +45,14 @@ class Optimizer:
         g += grads
         return g
 
+    def _divide_by_rms(self, params, g, s, lr):
+        """params -= lr g / (sqrt(s) + eps), through the preallocated step buffer."""
+        step = np.sqrt(s, out=self._step)
+        step += self.eps
+        np.divide(g, step, out=step)
+        step *= lr
+        params -= step
+
     def step(self, params: np.ndarray, grads: np.ndarray, lr: float | None = None) -> None:
         if params.shape != (self.size,) or grads.shape != (self.size,):
             raise ValueError(f"{type(self).__name__}: expected flat vectors of {self.size}, got "
@@ -121,11 +129,7 @@ class AdaGrad(Optimizer):
         g = self._l2(params, grads)
         s = self.state["sum_sq"]
         s += g * g
-        step = np.sqrt(s)
-        step += self.eps
-        np.divide(g, step, out=step)
-        step *= lr
-        params -= step
+        self._divide_by_rms(params, g, s, lr)
 
 
 class RMSProp(Optimizer):
@@ -142,11 +146,7 @@ class RMSProp(Optimizer):
         s = self.state["mean_sq"]
         s *= self.rho
         s += (1 - self.rho) * (g * g)
-        step = np.sqrt(s)
-        step += self.eps
-        np.divide(g, step, out=step)
-        step *= lr
-        params -= step
+        self._divide_by_rms(params, g, s, lr)
 
 
 class AdaDelta(Optimizer):

@@ -112,7 +112,7 @@ class Trainer:
         try:
             return self.backend.get(futures)
         except NonFiniteError as e:  # Ray re-raises the worker's exception type
-            raise TrainingError(str(e).strip().splitlines()[-1]) from None
+            raise TrainingError(str(e).strip().splitlines()[-1].split("NonFiniteError: ")[-1]) from None
 
     def _call_all(self, method, *args, **kw):
         return self._get([self.backend.call(w, method, *args, **kw) for w in self.workers])

@@ -58,15 +58,20 @@ def make_cifar100(folder: Path, n_train=120, n_test=40, seed=0):
         out[split] = (images, fine, coarse)
     members["meta"] = pickle.dumps({b"fine_label_names": [n.encode() for n in fine_names],
                                     b"coarse_label_names": [n.encode() for n in coarse_names]}, protocol=2)
+    raw = write_cifar_tar(folder / "cifar-100-python.tar.gz", members)
+    source = Source("cifar100", [RawFile("cifar-100-python.tar.gz", None, hashlib.md5(raw).hexdigest())], [],
+                    members={k: hashlib.md5(v).hexdigest() for k, v in members.items()})
+    out["names"] = (fine_names, coarse_names)
+    return out, source, members
+
+
+def write_cifar_tar(path: Path, members: dict) -> bytes:
+    """A gzipped tar with cifar-100-python/<name> for each member; returns its bytes."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(f"cifar-100-python/{name}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    raw = buf.getvalue()
-    (folder / "cifar-100-python.tar.gz").write_bytes(raw)
-    source = Source("cifar100", [RawFile("cifar-100-python.tar.gz", None, hashlib.md5(raw).hexdigest())], [],
-                    members={k: hashlib.md5(v).hexdigest() for k, v in members.items()})
-    out["names"] = (fine_names, coarse_names)
-    return out, source, members
+    path.write_bytes(buf.getvalue())
+    return buf.getvalue()

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from datagen import idx_bytes, make_cifar100, make_mnist
+from datagen import idx_bytes, make_cifar100, make_mnist, write_cifar_tar
 from distnn.cli import main as cli
 from distnn.data import DataError, Loader, open_dataset, prepare
 from distnn.data.prepare import channel_stats
@@ -387,23 +387,16 @@ def test_malicious_pickle_refused(tmp_path, cifar_src):
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    import io
-    import tarfile
     import hashlib
+    import tarfile
     members = {}
     with tarfile.open(src / "cifar-100-python.tar.gz") as tar:
         for m in ("train", "test", "meta"):
             members[m] = tar.extractfile(f"cifar-100-python/{m}").read()
     members["meta"] = pickle.dumps({b"fine_label_names": Evil()})
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(f"cifar-100-python/{name}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    (src / "cifar-100-python.tar.gz").write_bytes(buf.getvalue())
+    raw = write_cifar_tar(src / "cifar-100-python.tar.gz", members)
     source = sources["cifar100"]
-    source.files[0].md5 = hashlib.md5(buf.getvalue()).hexdigest()
+    source.files[0].md5 = hashlib.md5(raw).hexdigest()
     source.members["meta"] = hashlib.md5(members["meta"]).hexdigest()
     with pytest.raises(DataError, match="refused to unpickle"):
         prep("cifar100", src, sources, tmp_path / "ds")
