@@ -13,7 +13,9 @@ import inspect
 
 import numpy as np
 
+from .autograd import eval_mode, no_grad
 from .nn import LAYERS, Sequential
+from .ops import softmax_cross_entropy
 
 
 def _mlp(num_classes=10, in_features=784, hidden=(256, 128)):
@@ -118,6 +120,18 @@ def build_model(spec: dict) -> Sequential:
     model = Sequential(*layers)
     model.flatten(np.float32)
     return model
+
+
+def evaluate(model, batches) -> dict:
+    """Summed loss, correct predictions and count of ``model`` over ``(x, y)`` batches, in eval mode."""
+    loss_sum, correct, count = 0.0, 0, 0
+    with eval_mode(), no_grad():
+        for x, y in batches:
+            logits = model(x)
+            loss_sum += float(softmax_cross_entropy(logits, y).data) * len(y)
+            correct += int((logits.data.argmax(axis=1) == y).sum())
+            count += len(y)
+    return {"loss_sum": loss_sum, "correct": correct, "count": count}
 
 
 def input_shape(spec: dict) -> tuple:

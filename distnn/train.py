@@ -13,13 +13,13 @@ classes called in this process in a fixed order.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from ._io import atomic_write_text
 from .checkpoint import save_model
 from .config import TrainConfig
 from .data import open_dataset, prepare
@@ -90,8 +90,8 @@ class Trainer:
         schedule = {"name": c.lr_schedule, "total_steps": self.total_updates, "warmup_steps": c.warmup}
         self.servers = [self.backend.create(ParameterServer, params[lo:hi], opt, schedule, mask[lo:hi], cpus=0)
                         for lo, hi in self.bounds]
-        (self.out / "config.json").write_text(json.dumps({"config": c.as_dict(), "spec": self.spec,
-                                                           "workers": self.world}, indent=1))
+        atomic_write_text(self.out / "config.json",
+                          json.dumps({"config": c.as_dict(), "spec": self.spec, "workers": self.world}, indent=1))
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.max_gap = 0          # async: the largest lead of a worker over the slowest, when it started a batch
         self.staleness = []
@@ -141,10 +141,10 @@ class Trainer:
                  f"{'' if c.staleness is None else f' (staleness {c.staleness})'}, {c.servers} server(s), "
                  f"{c.epochs} epochs of {self.steps_per_epoch} steps -> {self.out}")
         self.bar = tqdm(total=self.total_updates, unit="step", disable=not self.progress, dynamic_ncols=True)
-        self.window = {"loss": 0.0, "correct": 0, "count": 0, "compute": 0.0, "t": time.perf_counter(), "n": 0}
+        self.window = {"loss": 0.0, "correct": 0, "count": 0, "t": time.perf_counter(), "n": 0}
         self.step = 0
         self.epoch_log = []
-        self.timing = {"step": 0.0, "compute": 0.0, "server": 0.0}
+        self.timing = {"step": 0.0, "compute": 0.0}
         try:
             if c.mode == "sync":
                 self._run_sync()
@@ -161,7 +161,6 @@ class Trainer:
             w["loss"] += m["loss"] * m["count"]
             w["correct"] += m["correct"]
             w["count"] += m["count"]
-            w["compute"] = max(w["compute"], m.get("compute_s", 0.0))
         w["n"] += 1
         self.bar.update(1)
         if step % self.config.log_every == 0 or step == self.total_updates:
@@ -176,7 +175,7 @@ class Trainer:
                 rec["max_staleness"] = int(np.max(recent))
             self.metrics.write(**rec)
             self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", samples_s=f"{rate:.0f}")
-            self.window = {"loss": 0.0, "correct": 0, "count": 0, "compute": 0.0, "t": now, "n": 0}
+            self.window = {"loss": 0.0, "correct": 0, "count": 0, "t": now, "n": 0}
 
     def _end_epoch(self, epoch):
         result = self.evaluate()
@@ -185,7 +184,7 @@ class Trainer:
         self.metrics.write(**rec)
         self.epoch_log.append(rec)
         self.log(f"epoch {epoch + 1}/{self.config.epochs}: test accuracy {result['test_accuracy']:.4f}, "
-                       f"test loss {result['test_loss']:.4f} ({rec['wall_time']:.1f} s)")
+                 f"test loss {result['test_loss']:.4f} ({rec['wall_time']:.1f} s)")
 
     def _run_sync(self):
         """Steps are submitted one ahead of the metrics that are read back, so the driver's own work
@@ -242,7 +241,8 @@ class Trainer:
             in_flight[outs[k]] = (w, version, outs[:k])
 
         def may_start(w):
-            return done[w] < per_worker and version + len(in_flight) < self.total_updates and (c.staleness is None or done[w] - min(done) <= c.staleness)
+            within_bound = c.staleness is None or done[w] - min(done) <= c.staleness
+            return done[w] < per_worker and version + len(in_flight) < self.total_updates and within_bound
 
         t0 = time.perf_counter()
         for w in range(n):
@@ -253,11 +253,9 @@ class Trainer:
             w, based_on, grads = in_flight.pop(fut)
             metrics = self._get(fut)
             self.timing["compute"] += metrics["compute_s"] / n  # n workers compute side by side
-            results = [b.call(s, "apply_one", g, based_on, num_returns=3) for s, g in zip(self.servers, grads)]
-            parts = [r[0] for r in results]
+            parts = [b.call(s, "apply_one", g) for s, g in zip(self.servers, grads)]
+            self.staleness.append(version - based_on)  # updates applied since its parameters were sent
             version += 1
-            stale = self._get(results[0][2])
-            self.staleness.append(stale)
             done[w] += 1
             self.step += 1
             self._record([metrics], self.step)
@@ -284,14 +282,14 @@ class Trainer:
             self.model.set_buffers_vector(self.buffers)
         save_model(self.model, self.out / "model.h5", self.spec)
         stats = self._get([self.backend.call(s, "stats") for s in self.servers])
+        server = max(s["update_seconds"] for s in stats)
         samples = self.step * c.batch_size * (self.world if c.mode == "sync" else 1)
         summary = {"model": c.model, "dataset": c.dataset, "backend": c.backend, "mode": c.mode, "workers": self.world,
                    "servers": c.servers, "epochs": c.epochs, "steps": self.step, "wall_time_s": round(wall, 2),
                    "samples_per_s": round(samples / wall, 1),
-                   "server_update_s": round(max(s["update_seconds"] for s in stats), 3),
+                   "server_update_s": round(server, 3),
                    "final": self.epoch_log[-1] if self.epoch_log else None, "run": str(self.out)}
         if self.step:
-            server = max(s["update_seconds"] for s in stats)
             compute = self.timing["compute"]
             summary["per_step_ms"] = {"total": round(1e3 * self.timing["step"] / self.step, 2),
                                       "compute": round(1e3 * compute / self.step, 2),
@@ -302,7 +300,7 @@ class Trainer:
             summary["max_staleness"] = int(max(self.staleness)) if self.staleness else 0
             summary["mean_staleness"] = float(np.mean(self.staleness)) if self.staleness else 0.0
             summary["max_worker_lead"] = self.max_gap
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
         final = summary["final"]
         self.log(f"done: {self.step} steps in {wall:.1f} s ({summary['samples_per_s']:.0f} samples/s); "
                  f"test accuracy {final['test_accuracy']:.4f}; model saved to {self.out / 'model.h5'}")

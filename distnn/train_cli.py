@@ -35,12 +35,9 @@ def _find_model(path: Path) -> Path:
 
 
 def _eval(args):
-    import numpy as np
-
-    from . import ops
-    from .autograd import eval_mode, no_grad
     from .checkpoint import load_model
     from .data import Loader, open_dataset
+    from .models import evaluate
     model = load_model(_find_model(args.run))
     run = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
     data = args.data
@@ -52,13 +49,8 @@ def _eval(args):
     if data is None:
         raise UsageError("give --data DATASET_FOLDER (e.g. datasets/mnist)")
     loader = Loader(open_dataset(data), "test", batch_size=500, labels=labels, shuffle=False, augment=False)
-    loss_sum, correct, count = 0.0, 0, 0
-    with eval_mode(), no_grad():
-        for x, y in loader:
-            logits = model(x)
-            loss_sum += float(ops.softmax_cross_entropy(logits, y).data) * len(y)
-            correct += int((np.argmax(logits.data, axis=1) == y).sum())
-            count += len(y)
+    r = evaluate(model, loader)
+    correct, count, loss_sum = r["correct"], r["count"], r["loss_sum"]
     print(f"{args.run}: test accuracy {correct / count:.4f} ({correct}/{count}), test loss {loss_sum / count:.4f}")
     return 0
 

@@ -25,6 +25,8 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distnn._io import atomic_write_text  # noqa: E402
+
 from distnn import ops  # noqa: E402
 from distnn.models import build_model, input_shape  # noqa: E402
 from distnn.optim import Adam  # noqa: E402
@@ -170,10 +172,7 @@ def main(argv=None):
         result["cifar_convnet_batch256_peak_rss_mb"] = round(peak_memory_mb("cifar_convnet", 256), 1)
         print(f"cifar_convnet batch 256 peak resident memory: {result['cifar_convnet_batch256_peak_rss_mb']:.0f} MB")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    atomic_write_text(out, json.dumps(result, indent=2))
     print(f"wrote {out}")
 
 

@@ -17,6 +17,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distnn._io import atomic_write_text  # noqa: E402
+
 from distnn.data import Loader, open_dataset, prepare  # noqa: E402
 from distnn.data.prepare import FORMAT_VERSION, _write  # noqa: E402
 
@@ -85,9 +87,7 @@ def main(argv=None):
         print(f"{k:<40}{v:>12}")
     rows["command"] = "python scripts/benchmark_data.py " + " ".join(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".tmp").write_text(json.dumps(rows, indent=2))
-    out.with_suffix(".tmp").replace(out)
+    atomic_write_text(out, json.dumps(rows, indent=2))
     print(f"wrote {out}")
 
 

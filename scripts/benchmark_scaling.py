@@ -13,12 +13,13 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distnn._io import atomic_write_text  # noqa: E402
 
 from distnn.config import TrainConfig  # noqa: E402
 from distnn.data import prepare  # noqa: E402
@@ -98,11 +99,9 @@ def main(argv=None):
               f"{ts:>9}{vs:>9}"
               f"   {d['total']} / {d['compute']} / {d['server_update']} / {d['wait_and_transfer']}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {"rows": rows, "cpus": os.cpu_count(),
               "command": "python scripts/benchmark_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    out.with_suffix(".tmp").write_text(json.dumps(result, indent=2))
-    out.with_suffix(".tmp").replace(out)
+    atomic_write_text(out, json.dumps(result, indent=2))
     print(f"wrote {out}")
 
 

@@ -1,12 +1,10 @@
 """The engine, modules and their flat buffers, optimizers, save/load and bad input."""
-import gc
 import math
 
 import h5py
 import numpy as np
 import pytest
 
-import distnn
 from distnn import nn, ops, optim
 from distnn.autograd import Variable, eval_mode, no_grad, train_mode
 from distnn.checkpoint import CheckpointError, load_model, save_model

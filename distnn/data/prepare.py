@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from .._io import atomic_write_text
 from .errors import DataError
 from .formats import (check_labels, cifar_split, file_digest, load_cifar_pickle, md5, parse_idx, read_bytes,
                       sha256)
@@ -222,9 +223,7 @@ def _write(folder: Path, name, splits, label_fields, source_sums, shards, compre
                 entries.append({"file": file, "count": int(hi - lo), "sha256": file_digest(folder / file)})
                 bar.update(hi - lo)
             manifest["splits"][split] = {"count": int(len(images)), "shards": entries}
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, folder / MANIFEST)
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 

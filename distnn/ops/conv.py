@@ -196,7 +196,7 @@ class MaxPool2d(_Pool2d):
     def backward(self, gy):
         gyh = nhwc(gy)
         if self.tiled:
-            (kh, kw), (n, h, w, c) = self.kernel, self.x_shape
+            (kh, kw), (n, _, _, c) = self.kernel, self.x_shape
             ho, wo = gyh.shape[1:3]
             g_cols = np.empty((n * ho, wo, kw, c), gy.dtype)
             g = gyh.reshape(n * ho, wo, c)

@@ -58,9 +58,6 @@ class LocalBackend:
         """The first future (all are complete) and the rest."""
         return futures[:1], futures[1:]
 
-    def kill(self, handle):
-        raise NotImplementedError("the local backend has no processes to kill")
-
     def cpus(self) -> int:
         return os.cpu_count() or 1
 
@@ -73,7 +70,7 @@ class RayBackend:
 
     name = "ray"
 
-    def __init__(self, address=None, num_cpus=None, runtime_env=None):
+    def __init__(self, address=None, num_cpus=None):
         import ray
 
         self.ray = ray
@@ -82,8 +79,6 @@ class RayBackend:
             kwargs = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
             if address:
                 kwargs["address"] = address
-                if runtime_env:
-                    kwargs["runtime_env"] = runtime_env
             elif num_cpus:
                 kwargs["num_cpus"] = num_cpus
             ray.init(**kwargs)
@@ -110,9 +105,6 @@ class RayBackend:
 
     def wait(self, futures):
         return self.ray.wait(futures, num_returns=1)
-
-    def kill(self, handle):
-        self.ray.kill(handle, no_restart=True)
 
     def cpus(self) -> int:
         return int(self.ray.cluster_resources().get("CPU", 0))

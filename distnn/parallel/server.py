@@ -28,7 +28,6 @@ class ParameterServer:
         self.schedule = make_schedule(**schedule)
         self.version = 0          # updates applied
         self.update_seconds = 0.0
-        self.staleness = []       # async: per applied gradient
 
     def get(self) -> np.ndarray:
         return self.params
@@ -52,13 +51,10 @@ class ParameterServer:
         self._apply(mean)
         return self.params
 
-    def apply_one(self, grad: np.ndarray, based_on: int) -> tuple:
-        """Asynchronous step: apply one worker's gradient computed at version ``based_on``; returns
-        (new parameters, new version, this gradient's staleness)."""
-        stale = self.version - based_on
-        self.staleness.append(stale)
+    def apply_one(self, grad: np.ndarray) -> np.ndarray:
+        """Asynchronous step: apply one worker's gradient as it is; return the new parameters."""
         self._apply(grad)
-        return self.params, self.version, stale
+        return self.params
 
     def stats(self) -> dict:
         return {"version": self.version, "update_seconds": self.update_seconds, "lr": self.lr()}

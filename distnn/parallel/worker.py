@@ -11,9 +11,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .. import ops
-from ..autograd import eval_mode, no_grad, train_mode
+from ..autograd import train_mode
 from ..data import Loader, open_dataset
-from ..models import build_model
+from ..models import build_model, evaluate
 from ..nn import Dropout
 
 
@@ -82,9 +82,11 @@ class GradientWorker:
         metrics = {"loss": value, "correct": int((logits.data.argmax(axis=1) == y).sum()), "count": len(y),
                    "rank": self.rank, "step": step, "epoch": epoch, "batch": b,
                    "compute_s": time.perf_counter() - start}
+        # Views, not copies: Ray serialises them on return, and the local backend's server consumes
+        # them before this worker computes again.
         if bounds is None:
-            return grads.copy(), metrics
-        return (*(grads[lo:hi].copy() for lo, hi in bounds), metrics)
+            return grads, metrics
+        return (*(grads[lo:hi] for lo, hi in bounds), metrics)
 
     def buffers(self) -> np.ndarray:
         """Batch-norm running statistics (flat; empty when the model has none)."""
@@ -96,18 +98,7 @@ class GradientWorker:
         saved = self.model.buffers_vector()
         if buffers is not None and buffers.size:
             self.model.set_buffers_vector(buffers)
-        loss_sum, correct, count = 0.0, 0, 0
         try:
-            with eval_mode(), no_grad():
-                for x, y in self.test_loader.epoch(0):
-                    logits = self.model(x)
-                    loss_sum += float(ops.softmax_cross_entropy(logits, y).data) * len(y)
-                    correct += int((logits.data.argmax(axis=1) == y).sum())
-                    count += len(y)
+            return evaluate(self.model, self.test_loader.epoch(0))
         finally:
             self.model.set_buffers_vector(saved)
-        return {"loss_sum": loss_sum, "correct": correct, "count": count}
-
-    def pid(self) -> int:
-        import os
-        return os.getpid()
