@@ -7,8 +7,10 @@ gradient is applied as soon as it arrives and the worker goes on from the parame
 returned; with a staleness bound S no worker starts a batch while it is more than S gradients ahead of
 the slowest. With K servers the flat vector is cut into K contiguous slices, one per server.
 
-The loop is backend-agnostic: the same code drives Ray actors or, in the local backend, the same
-classes called in this process in a fixed order.
+The same GradientWorker and ParameterServer code runs in both backends. In the local backend the
+driver calls them in a fixed order; on Ray, synchronous steps are driven by the workers themselves
+(parallel/ray_actors.py) so that no driver hop sits between a gradient and its update. Both apply the
+same updates in the same order, so they give bit-identical parameters.
 """
 from __future__ import annotations
 
@@ -88,7 +90,8 @@ class Trainer:
         if c.weight_decay:
             opt["weight_decay"] = c.weight_decay
         schedule = {"name": c.lr_schedule, "total_steps": self.total_updates, "warmup_steps": c.warmup}
-        self.servers = [self.backend.create(ParameterServer, params[lo:hi], opt, schedule, mask[lo:hi], cpus=0)
+        self.servers = [self.backend.create(ParameterServer, params[lo:hi], opt, schedule, mask[lo:hi],
+                                            world=self.world, cpus=0)
                         for lo, hi in self.bounds]
         atomic_write_text(self.out / "config.json",
                           json.dumps({"config": c.as_dict(), "spec": self.spec, "workers": self.world}, indent=1))
@@ -187,6 +190,42 @@ class Trainer:
                  f"test loss {result['test_loss']:.4f} ({rec['wall_time']:.1f} s)")
 
     def _run_sync(self):
+        if self.backend.name == "ray":
+            return self._run_sync_worker_driven()
+        return self._run_sync_driver_driven()
+
+    def _run_sync_worker_driven(self):
+        """Ray: each worker runs chunks of steps itself, pushing to the servers and waiting there for
+        the step's update (see parallel/ray_actors.py); the driver queues a whole epoch of chunks and
+        reads the metrics back as the chunks end."""
+        b, k = self.backend, len(self.servers)
+        bounds = self.bounds if k > 1 else None
+        chunk = max(1, self.config.log_every)
+        for epoch in range(self.config.epochs):
+            self._call_all("start_epoch", epoch)
+            t0 = time.perf_counter()
+            steps = min(self.steps_per_epoch, self.total_updates - self.step)
+            chunks = []
+            for first in range(self.step, self.step + steps, chunk):
+                n = min(chunk, self.step + steps - first)
+                chunks.append([b.call(w, "run_sync", self.servers, first, n, bounds) for w in self.workers])
+            for futures in chunks:
+                try:
+                    per_worker = self._get(futures)
+                except Exception as e:
+                    for s in self.servers:
+                        b.call(s, "abort", str(e).strip().splitlines()[-1][:200])
+                    raise
+                for metrics in zip(*per_worker):
+                    self.timing["compute"] += max(m["compute_s"] for m in metrics)
+                    self.step += 1
+                    self._record(list(metrics), self.step)
+            self.timing["step"] += time.perf_counter() - t0
+            self._end_epoch(epoch)
+            if self.step >= self.total_updates:
+                break
+
+    def _run_sync_driver_driven(self):
         """Steps are submitted one ahead of the metrics that are read back, so the driver's own work
         (reading metrics, logging) overlaps the workers' compute; the parameters a step uses are still
         exactly the previous step's update, since each call depends on the previous call's result."""
@@ -307,6 +346,8 @@ class Trainer:
         return summary
 
     def close(self):
+        for handle in self.workers + self.servers:
+            self.backend.kill(handle)
         if self.owns_backend:
             self.backend.shutdown()
 

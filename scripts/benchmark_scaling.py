@@ -26,8 +26,8 @@ from distnn.data import prepare  # noqa: E402
 from distnn.data.prepare import _write  # noqa: E402
 from distnn.train import Trainer  # noqa: E402
 
-CASES = {"lenet5": {"dataset": "mnist", "batch_size": 128, "steps": 80},
-         "cifar_convnet": {"dataset": "cifar100", "batch_size": 64, "steps": 16}}
+CASES = {"lenet5": {"dataset": "mnist", "batch_size": 128, "steps": 300},
+         "cifar_convnet": {"dataset": "cifar100", "batch_size": 64, "steps": 40}}
 
 
 def fake_cifar(root: Path, n=8192):

@@ -196,7 +196,28 @@ def test_too_many_workers_for_cluster(data_dir, tmp_path, ray_backend):
                 progress=False)
 
 
-def test_non_finite_loss_names_step_and_worker(data_dir, tmp_path):
-    cfg = config(data_dir, tmp_path, optimizer="sgd", lr=1e30, lr_schedule="constant", model="lenet5")
-    with pytest.raises(TrainingError, match=r"non-finite .* at step \d+ on worker \d"):
-        train(cfg, log=lambda *a: None, progress=False)
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_non_finite_loss_names_step_and_worker(data_dir, tmp_path, backend, request):
+    cfg = config(data_dir, tmp_path, optimizer="sgd", lr=1e30, lr_schedule="constant", model="lenet5",
+                 backend=backend)
+    handle = request.getfixturevalue("ray_backend") if backend == "ray" else None
+    with pytest.raises(TrainingError, match=r"^non-finite .* at step \d+ on worker \d"):
+        train(cfg, backend=handle, log=lambda *a: None, progress=False)
+
+
+def test_server_contribute_equals_apply_mean():
+    """The per-worker pushes of the Ray path apply exactly what apply_mean applies, in rank order."""
+    from distnn.parallel import ParameterServer
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(20).astype(np.float32)
+    grads = [rng.standard_normal(20).astype(np.float32) for _ in range(3)]
+    opt, sched = {"name": "adam", "lr": 0.01}, {"name": "constant", "total_steps": 1}
+    a = ParameterServer(p0, opt, sched, world=3)
+    b = ParameterServer(p0, opt, sched, world=3)
+    a.apply_mean(*grads)
+    assert not b.contribute(2, grads[2]) and not b.contribute(0, grads[0])
+    assert b.contribute(1, grads[1])
+    assert np.array_equal(a.params, b.params) and b.version == 1
+    with pytest.raises(RuntimeError, match="pushed twice"):
+        b.contribute(0, grads[0])
+        b.contribute(0, grads[0])

@@ -2,7 +2,8 @@
 
 Both expose the same small interface, so the training loop is written once:
 ``create(cls, *args, cpus)`` -> handle, ``call(handle, method, *args, num_returns=1, **kw)`` -> future(s),
-``get(futures)``, ``put(value)``, ``wait(futures)``. Futures of the local backend are values computed
+``get(futures)``, ``put(value)``, ``wait(futures)``, ``settle(futures)``, ``kill(handle)``. The Ray
+backend also runs synchronous steps worker-driven (``ray_actors``), which the local backend cannot. Futures of the local backend are values computed
 on the spot, in call order: the debug mode, usable under pdb.
 """
 from __future__ import annotations
@@ -61,6 +62,9 @@ class LocalBackend:
     def cpus(self) -> int:
         return os.cpu_count() or 1
 
+    def kill(self, handle):
+        pass
+
     def shutdown(self):
         pass
 
@@ -86,9 +90,16 @@ class RayBackend:
         self._classes = {}
 
     def create(self, cls, *args, cpus=1, **kwargs):
-        if cls not in self._classes:
-            self._classes[cls] = self.ray.remote(cls)
-        return self._classes[cls].options(num_cpus=cpus, max_restarts=0).remote(*args, **kwargs)
+        """An actor of ``cls``, or of its Ray subclass (ray_actors.ACTORS) where it has one. A server
+        runs pushes concurrently (one thread per worker, plus a few for the driver's calls)."""
+        from .ray_actors import ACTORS, ServerActor
+        actor_cls = ACTORS.get(cls, cls)
+        if actor_cls not in self._classes:
+            self._classes[actor_cls] = self.ray.remote(actor_cls)
+        options = {"num_cpus": cpus, "max_restarts": 0}
+        if actor_cls is ServerActor:
+            options["max_concurrency"] = kwargs.get("world", 1) + 4
+        return self._classes[actor_cls].options(**options).remote(*args, **kwargs)
 
     def call(self, handle, method, *args, num_returns=1, **kwargs):
         return getattr(handle, method).options(num_returns=num_returns).remote(*args, **kwargs)
@@ -108,6 +119,9 @@ class RayBackend:
 
     def cpus(self) -> int:
         return int(self.ray.cluster_resources().get("CPU", 0))
+
+    def kill(self, handle):
+        self.ray.kill(handle, no_restart=True)
 
     def shutdown(self):
         if self.started:

@@ -16,9 +16,10 @@ class ParameterServer:
 
     ``optimizer``: dict with ``name``, ``lr`` and the optimizer's options; ``schedule``: dict with
     ``name``, ``total_steps``, ``warmup_steps``. ``decay_mask``: the slice of the model's mask.
+    ``world``: the number of workers whose gradients make one synchronous step.
     """
 
-    def __init__(self, params: np.ndarray, optimizer: dict, schedule: dict, decay_mask=None):
+    def __init__(self, params: np.ndarray, optimizer: dict, schedule: dict, decay_mask=None, world: int = 1):
         self.params = np.array(params, np.float32, copy=True)
         options = {k: v for k, v in optimizer.items() if k != "name"}
         if options.get("weight_decay"):
@@ -28,6 +29,8 @@ class ParameterServer:
         self.schedule = make_schedule(**schedule)
         self.version = 0          # updates applied
         self.update_seconds = 0.0
+        self.world = world
+        self._pending = {}        # rank -> gradient of the step being collected
 
     def get(self) -> np.ndarray:
         return self.params
@@ -50,6 +53,18 @@ class ParameterServer:
         mean *= np.float32(1.0 / len(grads))
         self._apply(mean)
         return self.params
+
+    def contribute(self, rank: int, grad: np.ndarray) -> bool:
+        """Synchronous step, one worker at a time: keep ``grad`` until all ``world`` workers have given
+        theirs, then apply their mean in rank order, exactly as ``apply_mean``. True when applied."""
+        if rank in self._pending:
+            raise RuntimeError(f"worker {rank} pushed twice in step {self.version}")
+        self._pending[rank] = grad
+        if len(self._pending) < self.world:
+            return False
+        grads = [self._pending.pop(r) for r in range(self.world)]
+        self.apply_mean(*grads)
+        return True
 
     def apply_one(self, grad: np.ndarray) -> np.ndarray:
         """Asynchronous step: apply one worker's gradient as it is; return the new parameters."""

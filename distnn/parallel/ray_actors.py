@@ -1,0 +1,65 @@
+"""The Ray side of the worker and the server: thin subclasses that add only what crossing processes
+needs. Imported by RayBackend, never by the rest of distnn.
+
+In synchronous mode the workers drive the steps themselves: a worker computes its gradient, pushes it
+to each server shard and blocks in that call until the shard has all the step's gradients and has
+applied their mean; the shard then puts its new parameters into the object store once and every
+worker's push returns that one reference. Each step is then one worker -> server -> worker round
+trip with no driver in between; the driver only hands out chunks of steps and reads back metrics.
+"""
+from __future__ import annotations
+
+import threading
+
+import ray
+
+from .server import ParameterServer
+from .worker import GradientWorker
+
+
+class ServerActor(ParameterServer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._step_done = threading.Condition()
+        self._aborted = None
+        self._published = ray.put(self.params)
+
+    def push(self, rank: int, grad, step: int) -> list:
+        """Give this worker's gradient of ``step``; returns [reference to the parameters after it]."""
+        with self._step_done:
+            if self.contribute(rank, grad):
+                self._published = ray.put(self.params)
+                self._step_done.notify_all()
+            else:
+                self._step_done.wait_for(lambda: self.version > step or self._aborted)
+                if self.version <= step:
+                    raise RuntimeError(f"step {step} abandoned: {self._aborted}")
+            return [self._published]
+
+    def published(self) -> list:
+        return [self._published]
+
+    def abort(self, reason: str) -> None:
+        """Release workers waiting for a step that will not complete (another worker failed)."""
+        with self._step_done:
+            self._aborted = reason
+            self._pending.clear()
+            self._step_done.notify_all()
+
+
+class WorkerActor(GradientWorker):
+    def run_sync(self, servers: list, first_step: int, steps: int, bounds=None) -> list:
+        """Run ``steps`` synchronous steps from ``first_step``; returns their metrics."""
+        if first_step == 0 or not hasattr(self, "_param_refs"):
+            self._param_refs = [ray.get(s.published.remote())[0] for s in servers]
+        out = []
+        for step in range(first_step, first_step + steps):
+            parts = ray.get(self._param_refs)
+            *grads, metrics = self.compute(*parts, step=step, bounds=bounds)
+            replies = ray.get([s.push.remote(self.rank, g, step) for s, g in zip(servers, grads)])
+            self._param_refs = [r[0] for r in replies]
+            out.append(metrics)
+        return out
+
+
+ACTORS = {GradientWorker: WorkerActor, ParameterServer: ServerActor}
