@@ -36,6 +36,30 @@ class ServerActor(ParameterServer):
                     raise RuntimeError(f"step {step} abandoned: {self._aborted}")
             return [self._published]
 
+    # The actor runs calls in several threads (pushes of one step wait for each other), so every call
+    # that reads or changes the parameters holds the lock, and returns a copy made under it: Ray
+    # serialises a return value after the method has returned.
+    def apply_one(self, grad):
+        with self._step_done:
+            return super().apply_one(grad).copy()
+
+    def apply_mean(self, *grads):
+        with self._step_done:
+            return super().apply_mean(*grads).copy()
+
+    def get(self):
+        with self._step_done:
+            return self.params.copy()
+
+    def state(self):
+        with self._step_done:
+            return super().state()
+
+    def load_state(self, state):
+        with self._step_done:
+            super().load_state(state)
+            self._published = ray.put(self.params)
+
     def published(self) -> list:
         return [self._published]
 
