@@ -77,3 +77,79 @@ def load_model(path, model=None):
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     return model
+
+
+# -- training checkpoints -----------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = 1
+
+
+def save_checkpoint(path, model, *, step: int, servers: list[dict], worker_buffers: np.ndarray, config: dict,
+                    spec: dict, extra: dict | None = None):
+    """Everything a run needs to continue exactly where it stopped.
+
+    ``model``: holds the current parameters and the workers' mean buffers (so the file is also a model
+    file: ``params/``, ``buffers/``); ``servers``: each shard's ``state()`` (its slice, update count and
+    optimizer slots); ``worker_buffers`` (N, B): each worker's own batch-norm statistics; the data
+    position follows from ``step``, and every random draw from (seed, rank, epoch, batch).
+    """
+    def write(f):
+        g = f.create_group("params")
+        for name, p in model.named_parameters():
+            g.create_dataset(name, data=p.data)
+        b = f.create_group("buffers")
+        for name, buf in model.named_buffers():
+            b.create_dataset(name, data=buf)
+        f.create_dataset("workers/buffers", data=worker_buffers)
+        for k, state in enumerate(servers):
+            s = f.create_group(f"servers/{k}")
+            s.attrs["version"] = state["version"]
+            s.create_dataset("params", data=state["params"])
+            for key, value in state["optimizer"].items():
+                s.create_dataset(f"optimizer/{key}", data=value)
+        f.attrs["format"] = CHECKPOINT_FORMAT
+        f.attrs["step"] = step
+        f.attrs["spec"] = json.dumps(spec)
+        f.attrs["config"] = json.dumps(config)
+        for k, v in (extra or {}).items():
+            f.attrs[k] = json.dumps(v)
+    _atomic_h5(path, write)
+
+
+def load_checkpoint(path) -> dict:
+    """The contents of a checkpoint: step, config, spec, servers (states), worker_buffers."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != CHECKPOINT_FORMAT or "servers" not in f:
+                raise CheckpointError(f"{path}: not a distnn training checkpoint (a model file?)")
+            servers = []
+            for k in sorted(f["servers"], key=int):
+                s = f["servers"][k]
+                servers.append({"version": int(s.attrs["version"]), "params": s["params"][()],
+                                "optimizer": {key: s["optimizer"][key][()] for key in s["optimizer"]}})
+            return {"step": int(f.attrs["step"]), "config": json.loads(f.attrs["config"]),
+                    "spec": json.loads(f.attrs["spec"]), "servers": servers,
+                    "worker_buffers": f["workers/buffers"][()], "path": str(path)}
+    except (OSError, KeyError) as e:
+        raise CheckpointError(f"{path}: unreadable or incomplete checkpoint ({e})") from None
+
+
+def latest_checkpoint(run_or_file) -> Path:
+    """A checkpoint file itself, or the newest one in RUN/checkpoints."""
+    path = Path(run_or_file)
+    if path.is_file():
+        return path
+    found = sorted((path / "checkpoints").glob("step-*.h5"))
+    if not found:
+        raise CheckpointError(f"{path}: no checkpoints in {path / 'checkpoints'}; give a run folder of distnn train "
+                              "or a checkpoint .h5 file")
+    return found[-1]
+
+
+def prune_checkpoints(folder: Path, keep: int):
+    """Delete all but the newest ``keep`` checkpoints."""
+    for old in sorted(Path(folder).glob("step-*.h5"))[:-keep] if keep > 0 else []:
+        old.unlink()

@@ -44,6 +44,8 @@ class TrainConfig:
     out: str | None = None               # run folder (default runs/<model>-<dataset>-<time>)
     log_every: int = 20                  # steps between metrics lines
     max_steps: int = 0                   # stop after this many updates (0: run all epochs)
+    checkpoint_every: int = 0            # steps between checkpoints (0: only at epoch ends and on stop)
+    keep_checkpoints: int = 3            # newest checkpoints kept
     label_smoothing: float = 0.0
     model_options: dict = field(default_factory=dict)   # extra zoo options, e.g. {dropout = 0.3}
 
@@ -61,7 +63,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "servers", "threads", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("workers", "warmup", "max_steps"):
+        for name in ("workers", "warmup", "max_steps", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:

@@ -15,6 +15,8 @@ same updates in the same order, so they give bit-identical parameters.
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ._io import atomic_write_text
-from .checkpoint import save_model
+from .checkpoint import prune_checkpoints, save_checkpoint, save_model
 from .config import TrainConfig
 from .data import open_dataset, prepare
 from .data.dataset import MANIFEST
@@ -32,6 +34,10 @@ from .parallel import GradientWorker, NonFiniteError, ParameterServer, make_back
 
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, too few CPUs); the message says why and where."""
+
+
+class TrainingInterrupted(TrainingError):
+    """Stopped by Ctrl-C or SIGTERM after saving a checkpoint; the message says how to continue."""
 
 
 def shard_bounds(size: int, k: int) -> list[tuple[int, int]]:
@@ -54,8 +60,11 @@ class MetricsLog:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, backend=None, log=print, progress=True):
+    def __init__(self, config: TrainConfig, backend=None, log=print, progress=True, resume: dict | None = None):
+        """``resume``: a loaded checkpoint (``checkpoint.load_checkpoint``) to continue from."""
         self.config, self.log, self.progress = config, log, progress
+        self.step, self.stop_requested = 0, False
+        self.last_checkpoint, self.last_checkpoint_step = None, -1
         self.dataset_path = self._ensure_data()
         self.dataset = open_dataset(self.dataset_path)
         c = config
@@ -70,6 +79,7 @@ class Trainer:
                                 f"the Ray cluster has {self.backend.cpus()}: use fewer workers or add nodes")
         self.out = Path(c.out or f"runs/{c.model}-{c.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.out.mkdir(parents=True, exist_ok=True)
+        c.out = str(self.out)  # a checkpoint's config names its run
         data = {"path": str(self.dataset_path), "labels": c.labels, "batch_size": c.batch_size, "seed": c.seed}
         self.workers = [self.backend.create(GradientWorker, self.spec, data, r, self.world, c.threads, cpus=c.threads)
                         for r in range(self.world)]
@@ -95,6 +105,10 @@ class Trainer:
                         for lo, hi in self.bounds]
         atomic_write_text(self.out / "config.json",
                           json.dumps({"config": c.as_dict(), "spec": self.spec, "workers": self.world}, indent=1))
+        if resume is not None:
+            if c.mode != "sync":
+                raise TrainingError("resuming is supported for sync runs; an async run restarts from its model")
+            self._restore(resume)
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.max_gap = 0          # async: the largest lead of a worker over the slowest, when it started a batch
         self.staleness = []
@@ -145,18 +159,36 @@ class Trainer:
                  f"{c.epochs} epochs of {self.steps_per_epoch} steps -> {self.out}")
         self.bar = tqdm(total=self.total_updates, unit="step", disable=not self.progress, dynamic_ncols=True)
         self.window = {"loss": 0.0, "correct": 0, "count": 0, "t": time.perf_counter(), "n": 0}
-        self.step = 0
         self.epoch_log = []
         self.timing = {"step": 0.0, "compute": 0.0}
+        self.bar.update(self.step)
+        restore_signals = self._catch_signals()
         try:
             if c.mode == "sync":
                 self._run_sync()
             else:
                 self._run_async()
         finally:
+            restore_signals()
             self.bar.close()
             self.metrics.close()
         return self._finish()
+
+    def _catch_signals(self):
+        """Ctrl-C or SIGTERM: finish the steps in flight, save a checkpoint, stop. A second one stops
+        at once. Returns the function that puts the old handlers back."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def handler(signum, frame):
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            self.log(f"{signal.Signals(signum).name}: stopping after the steps in flight and saving a checkpoint "
+                     "(again to stop at once)")
+
+        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return lambda: [signal.signal(sig, h) for sig, h in old.items()]
 
     def _record(self, metrics_list, step):
         w = self.window
@@ -189,75 +221,109 @@ class Trainer:
         self.log(f"epoch {epoch + 1}/{self.config.epochs}: test accuracy {result['test_accuracy']:.4f}, "
                  f"test loss {result['test_loss']:.4f} ({rec['wall_time']:.1f} s)")
 
-    def _run_sync(self):
-        if self.backend.name == "ray":
-            return self._run_sync_worker_driven()
-        return self._run_sync_driver_driven()
+    # -- synchronous -------------------------------------------------------------------------------
+    def _chunks(self, start: int, end: int) -> list[tuple[int, int]]:
+        """(first step, count) pieces of [start, end), cut at every log and checkpoint boundary."""
+        cuts = {end}
+        for every in (self.config.log_every, self.config.checkpoint_every):
+            if every:
+                cuts.update(range((start // every + 1) * every, end, every))
+        edges = [start] + sorted(c for c in cuts if start < c <= end)
+        return [(a, b - a) for a, b in zip(edges[:-1], edges[1:])]
 
-    def _run_sync_worker_driven(self):
-        """Ray: each worker runs chunks of steps itself, pushing to the servers and waiting there for
-        the step's update (see parallel/ray_actors.py); the driver queues a whole epoch of chunks and
-        reads the metrics back as the chunks end."""
-        b, k = self.backend, len(self.servers)
-        bounds = self.bounds if k > 1 else None
-        chunk = max(1, self.config.log_every)
-        for epoch in range(self.config.epochs):
-            self._call_all("start_epoch", epoch)
+    def _checkpoint_due(self, step: int) -> bool:
+        every = self.config.checkpoint_every
+        return step % self.steps_per_epoch == 0 or step == self.total_updates or bool(every and step % every == 0)
+
+    def _run_sync(self):
+        """Chunks of steps, at most two in flight; none is queued past a checkpoint boundary, so the
+        servers' state at a checkpoint is exactly the state after its step. On Ray the workers drive
+        the steps of a chunk themselves (parallel/ray_actors.py); the local backend runs them here."""
+        run_chunk = self._chunk_on_workers if self.backend.name == "ray" else self._chunk_here
+        spe = self.steps_per_epoch
+        for epoch in range(self.step // spe, self.config.epochs):
+            if self.step >= self.total_updates:
+                break
+            self._call_all("start_epoch", epoch, self.step - epoch * spe)
             t0 = time.perf_counter()
-            steps = min(self.steps_per_epoch, self.total_updates - self.step)
-            chunks = []
-            for first in range(self.step, self.step + steps, chunk):
-                n = min(chunk, self.step + steps - first)
-                chunks.append([b.call(w, "run_sync", self.servers, first, n, bounds) for w in self.workers])
-            for futures in chunks:
+            chunks = self._chunks(self.step, min((epoch + 1) * spe, self.total_updates))
+            inflight = []
+            while chunks or inflight:
+                while (chunks and len(inflight) < 2 and not self.stop_requested
+                       and not (inflight and self._checkpoint_due(sum(inflight[-1][:2])))):
+                    first, n = chunks.pop(0)
+                    inflight.append((first, n, run_chunk(first, n)))
+                if not inflight:
+                    break
+                _, _, futures = inflight.pop(0)
                 try:
                     per_worker = self._get(futures)
                 except Exception as e:
                     for s in self.servers:
-                        b.call(s, "abort", str(e).strip().splitlines()[-1][:200])
+                        self.backend.call(s, "abort", str(e).strip().splitlines()[-1][:200])
                     raise
                 for metrics in zip(*per_worker):
                     self.timing["compute"] += max(m["compute_s"] for m in metrics)
                     self.step += 1
                     self._record(list(metrics), self.step)
+                if not inflight and (self._checkpoint_due(self.step) or self.stop_requested):
+                    self._checkpoint()
             self.timing["step"] += time.perf_counter() - t0
-            self._end_epoch(epoch)
-            if self.step >= self.total_updates:
-                break
+            if self.stop_requested:
+                raise TrainingInterrupted(self._interrupted_message())
+            if self.step % spe == 0:
+                self._end_epoch(epoch)
 
-    def _run_sync_driver_driven(self):
-        """Steps are submitted one ahead of the metrics that are read back, so the driver's own work
-        (reading metrics, logging) overlaps the workers' compute; the parameters a step uses are still
-        exactly the previous step's update, since each call depends on the previous call's result."""
+    def _chunk_on_workers(self, first: int, n: int):
+        bounds = self.bounds if len(self.servers) > 1 else None
+        return [self.backend.call(w, "run_sync", self.servers, first, n, bounds) for w in self.workers]
+
+    def _chunk_here(self, first: int, n: int):
+        """Local backend: n steps, each the workers' gradients then one update per shard, in order."""
         b, k = self.backend, len(self.servers)
         bounds = self.bounds if k > 1 else None
-        parts = [b.put(self.model.flat_params[lo:hi]) for lo, hi in self.bounds]
-        for epoch in range(self.config.epochs):
-            self._call_all("start_epoch", epoch)
-            t0 = time.perf_counter()
-            pending = []
-            for _ in range(self.steps_per_epoch):
-                if self.step >= self.total_updates:
-                    break
-                outs = [b.call(w, "compute", *parts, step=self.step, bounds=bounds, num_returns=k + 1)
-                        for w in self.workers]
-                parts = [b.call(s, "apply_mean", *[o[i] for o in outs]) for i, s in enumerate(self.servers)]
-                self.step += 1
-                pending.append([o[k] for o in outs])
-                if len(pending) > 1:
-                    self._collect(pending.pop(0))
-            for futures in pending:
-                self._collect(futures)
-            self.backend.settle(parts)
-            self.timing["step"] += time.perf_counter() - t0
-            self._end_epoch(epoch)
-            if self.step >= self.total_updates:
-                break
+        if first == 0 or not hasattr(self, "_param_parts"):
+            self._param_parts = [b.call(s, "get") for s in self.servers]
+        per_worker = [[] for _ in self.workers]
+        for step in range(first, first + n):
+            outs = [b.call(w, "compute", *self._param_parts, step=step, bounds=bounds, num_returns=k + 1)
+                    for w in self.workers]
+            self._param_parts = [b.call(s, "apply_mean", *[o[i] for o in outs]) for i, s in enumerate(self.servers)]
+            for r, o in enumerate(outs):
+                per_worker[r].append(self._get(o[k]))
+        return [b.put(m) for m in per_worker]
 
-    def _collect(self, futures):
-        metrics = self._get(futures)
-        self.timing["compute"] += max(m["compute_s"] for m in metrics)
-        self._record(metrics, metrics[0]["step"] + 1)
+    def _checkpoint(self):
+        """Write checkpoints/step-N.h5 (servers' states, workers' buffers, the step) and prune old ones."""
+        if self.last_checkpoint_step == self.step:
+            return
+        states = self._get([self.backend.call(s, "state") for s in self.servers])
+        worker_buffers = np.stack(self._call_all("buffers"))
+        self.model.set_flat_params(np.concatenate([st["params"] for st in states]))
+        if worker_buffers.shape[1]:
+            self.model.set_buffers_vector(worker_buffers.mean(axis=0).astype(worker_buffers.dtype))
+        folder = self.out / "checkpoints"
+        self.last_checkpoint = folder / f"step-{self.step:08d}.h5"
+        save_checkpoint(self.last_checkpoint, self.model, step=self.step, servers=states,
+                        worker_buffers=worker_buffers, config=self.config.as_dict(), spec=self.spec)
+        prune_checkpoints(folder, self.config.keep_checkpoints)
+        self.last_checkpoint_step = self.step
+
+    def _restore(self, ckpt: dict):
+        c = self.config
+        if len(ckpt["servers"]) != len(self.servers) or len(ckpt["worker_buffers"]) != self.world:
+            raise TrainingError(f"{ckpt['path']}: made with {len(ckpt['worker_buffers'])} workers and "
+                                f"{len(ckpt['servers'])} servers; resume with the same numbers")
+        self._get([self.backend.call(s, "load_state", st) for s, st in zip(self.servers, ckpt["servers"])])
+        self._get([self.backend.call(w, "set_buffers", buf) for w, buf in zip(self.workers, ckpt["worker_buffers"])])
+        self.step = self.last_checkpoint_step = ckpt["step"]
+        self.last_checkpoint = Path(ckpt["path"])
+        self.log(f"resuming {c.model} from {ckpt['path']} at step {self.step} of {self.total_updates}")
+
+    def _interrupted_message(self) -> str:
+        where = f"; checkpoint {self.last_checkpoint}" if self.last_checkpoint else ""
+        again = f"; continue with: distnn train --resume {self.out}" if self.last_checkpoint else ""
+        return f"stopped at step {self.step}{where}{again}"
 
     def _run_async(self):
         b, k, c = self.backend, len(self.servers), self.config
@@ -281,7 +347,7 @@ class Trainer:
 
         def may_start(w):
             within_bound = c.staleness is None or done[w] - min(done) <= c.staleness
-            return done[w] < per_worker and version + len(in_flight) < self.total_updates and within_bound
+            return not self.stop_requested and done[w] < per_worker and version + len(in_flight) < self.total_updates and within_bound
 
         t0 = time.perf_counter()
         for w in range(n):
@@ -309,6 +375,8 @@ class Trainer:
                 self._end_epoch(epochs_done)
                 epochs_done += 1
         self.timing["step"] += time.perf_counter() - t0
+        if self.stop_requested:
+            raise TrainingInterrupted(f"stopped at step {self.step} (async runs keep no checkpoint)")
         if not self.epoch_log:  # stopped by max_steps before an epoch ended
             self._end_epoch(epochs_done)
 
@@ -352,8 +420,8 @@ class Trainer:
             self.backend.shutdown()
 
 
-def train(config: TrainConfig, backend=None, log=print, progress=True) -> dict:
-    trainer = Trainer(config, backend, log, progress)
+def train(config: TrainConfig, backend=None, log=print, progress=True, resume: dict | None = None) -> dict:
+    trainer = Trainer(config, backend, log, progress, resume)
     try:
         return trainer.run()
     finally:

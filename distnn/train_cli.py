@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from .config import FIELDS, ConfigError
@@ -11,15 +12,31 @@ class UsageError(Exception):
     """A wrong flag, config key or value: printed as one line, exit status 2."""
 
 
+RESUME_OVERRIDES = ("backend", "address", "log_every", "checkpoint_every", "keep_checkpoints")
+
+
 def _train(args):
-    from .config import load_config
-    from .train import TrainingError, train
+    from .checkpoint import latest_checkpoint, load_checkpoint
+    from .config import TrainConfig, load_config
+    from .train import TrainingError, TrainingInterrupted, train
     overrides = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
     try:
-        config = load_config(args.config, overrides)
-        train(config, progress=not args.quiet)
+        resume = None
+        if args.resume:
+            fixed = sorted(set(overrides) - set(RESUME_OVERRIDES)) + (["CONFIG"] if args.config else [])
+            if fixed:
+                raise UsageError(f"--resume continues the run as it was configured; drop {', '.join(fixed)} "
+                                 f"(only --{', --'.join(k.replace('_', '-') for k in RESUME_OVERRIDES)} may change)")
+            resume = load_checkpoint(latest_checkpoint(args.resume))
+            config = TrainConfig(**{**resume["config"], **overrides}).validate()
+        else:
+            config = load_config(args.config, overrides)
+        train(config, progress=not args.quiet, resume=resume)
     except ConfigError as e:
         raise UsageError(str(e)) from None
+    except TrainingInterrupted as e:
+        print(f"distnn train: {e}", file=sys.stderr)
+        return 130
     except TrainingError as e:
         raise UsageError(f"training stopped: {e}") from None
     return 0
@@ -113,6 +130,10 @@ def add_training_commands(sub):
     p.add_argument("--seed", type=int)
     p.add_argument("--out", help="run folder (default runs/MODEL-DATASET-TIME)")
     p.add_argument("--log-every", dest="log_every", type=int)
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
+                   help="steps between checkpoints (default: at epoch ends and on Ctrl-C / SIGTERM)")
+    p.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=int, help="newest checkpoints kept (3)")
+    p.add_argument("--resume", metavar="RUN_OR_CHECKPOINT", help="continue a run from its newest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_train)
 

@@ -51,10 +51,9 @@ class GradientWorker:
         return len(self.loader)
 
     def start_epoch(self, epoch: int, start: int = 0) -> None:
+        """Continue from batch ``start`` of ``epoch`` (a resumed run starts mid-epoch)."""
         self._batches = self.loader.epoch(epoch, start)
         self.position = (epoch, start)
-        for i, m in enumerate(self._dropouts):
-            m.rng = np.random.default_rng((self.seed, self.rank, epoch, start, i))
 
     def compute(self, *param_parts, step: int = -1, bounds=None):
         """Gradient of the next batch at the parameters given as K contiguous parts (one per server
@@ -68,6 +67,8 @@ class GradientWorker:
         x, y = next(self._batches)
         epoch, b = self.position
         self.position = (epoch, b + 1)
+        for i, m in enumerate(self._dropouts):  # masks depend on the batch, not on where a run began
+            m.rng = np.random.default_rng((self.seed, self.rank, epoch, b, i))
         self.model.set_flat_params(params)
         self.model.zero_grad()
         with train_mode():
@@ -91,6 +92,9 @@ class GradientWorker:
     def buffers(self) -> np.ndarray:
         """Batch-norm running statistics (flat; empty when the model has none)."""
         return self.model.buffers_vector()
+
+    def set_buffers(self, vector: np.ndarray) -> None:
+        self.model.set_buffers_vector(vector)
 
     def evaluate(self, params, buffers=None) -> dict:
         """Loss sum, correct and count over this worker's part of the test split."""
