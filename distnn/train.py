@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ._io import atomic_write_text
-from .checkpoint import prune_checkpoints, save_checkpoint, save_model
+from .checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint, save_model
 from .config import TrainConfig
 from .data import open_dataset, prepare
 from .data.dataset import MANIFEST
@@ -64,6 +64,7 @@ class Trainer:
         """``resume``: a loaded checkpoint (``checkpoint.load_checkpoint``) to continue from."""
         self.config, self.log, self.progress = config, log, progress
         self.step, self.stop_requested = 0, False
+        self.recoveries = []
         self.last_checkpoint, self.last_checkpoint_step = None, -1
         self.dataset_path = self._ensure_data()
         self.dataset = open_dataset(self.dataset_path)
@@ -100,6 +101,7 @@ class Trainer:
         if c.weight_decay:
             opt["weight_decay"] = c.weight_decay
         schedule = {"name": c.lr_schedule, "total_steps": self.total_updates, "warmup_steps": c.warmup}
+        self.opt, self.schedule, self.mask = opt, schedule, mask
         self.servers = [self.backend.create(ParameterServer, params[lo:hi], opt, schedule, mask[lo:hi],
                                             world=self.world, cpus=0)
                         for lo, hi in self.bounds]
@@ -236,6 +238,17 @@ class Trainer:
         return step % self.steps_per_epoch == 0 or step == self.total_updates or bool(every and step % every == 0)
 
     def _run_sync(self):
+        """The synchronous run, recovering from lost processes (Ray): see ``_recover``."""
+        self._checkpoint()  # step 0 (or the resumed step): a server lost early restarts from here
+        while True:
+            try:
+                return self._run_sync_steps()
+            except Exception as e:
+                if not self.backend.is_failure(e) or self.stop_requested:
+                    raise
+                self._recover(e)
+
+    def _run_sync_steps(self):
         """Chunks of steps, at most two in flight; none is queued past a checkpoint boundary, so the
         servers' state at a checkpoint is exactly the state after its step. On Ray the workers drive
         the steps of a chunk themselves (parallel/ray_actors.py); the local backend runs them here."""
@@ -320,6 +333,51 @@ class Trainer:
         self.last_checkpoint = Path(ckpt["path"])
         self.log(f"resuming {c.model} from {ckpt['path']} at step {self.step} of {self.total_updates}")
 
+    def _recover(self, error):
+        """A worker or server process died. The workers are replaced (fresh replicas of the same ranks,
+        given the survivors' mean batch-norm statistics) and the step the failure interrupted is
+        redone: the servers drop its partial gradients, so it is never applied with one missing. A
+        dead server (or shards that disagree on the step) means a restart of every server from the
+        newest checkpoint; the steps since then are redone."""
+        b = self.backend
+        if len(self.recoveries) >= 3 * (self.world + len(self.servers)):
+            raise TrainingError(f"giving up after {len(self.recoveries)} recoveries; last failure: {error}")
+        lost_workers = [r for r, w in enumerate(self.workers) if not b.alive(w)]
+        lost_servers = [k for k, s in enumerate(self.servers) if not b.alive(s)]
+        failed_at = self.step
+        survivors = [w for r, w in enumerate(self.workers) if r not in lost_workers]
+        buffers = (np.mean(self._get([b.call(w, "buffers") for w in survivors]), axis=0).astype(np.float32)
+                   if survivors else None)
+        # Every worker is replaced, survivors too: one may already be running a chunk queued before
+        # the failure, which would push gradients of a step that is no longer next.
+        data = {"path": str(self.dataset_path), "labels": self.config.labels, "batch_size": self.config.batch_size,
+                "seed": self.config.seed}
+        for r, w in enumerate(self.workers):
+            b.kill(w)
+            self.workers[r] = b.create(GradientWorker, self.spec, data, r, self.world, self.config.threads,
+                                       cpus=self.config.threads)
+        versions = [] if lost_servers else self._get([b.call(s, "recover") for s in self.servers])
+        if lost_servers or len(set(versions)) > 1 or buffers is None:
+            ckpt = load_checkpoint(self.last_checkpoint)
+            for k, s in enumerate(self.servers):
+                b.kill(s)
+                lo, hi = self.bounds[k]
+                self.servers[k] = b.create(ParameterServer, ckpt["servers"][k]["params"], self.opt, self.schedule,
+                                           self.mask[lo:hi], world=self.world, cpus=0)
+            self._get([b.call(s, "load_state", st) for s, st in zip(self.servers, ckpt["servers"])])
+            self._get([b.call(w, "set_buffers", buf) for w, buf in zip(self.workers, ckpt["worker_buffers"])])
+            self.step = ckpt["step"]
+        else:
+            self._get([b.call(w, "set_buffers", buffers) for w in self.workers])
+            self.step = versions[0]
+        self._get([b.call(w, "ready") for w in self.workers])
+        event = {"type": "recovery", "after_step": failed_at, "restart_step": self.step, "lost_workers": lost_workers, "lost_servers": lost_servers,
+                 "error": str(error).strip().splitlines()[-1][:300], "wall_time": time.perf_counter() - self.start}
+        self.recoveries.append(event)
+        self.metrics.write(**event)
+        self.log(f"recovered: lost workers {lost_workers or 'none'}, servers {lost_servers or 'none'}; "
+                 f"continuing from step {self.step}")
+
     def _interrupted_message(self) -> str:
         where = f"; checkpoint {self.last_checkpoint}" if self.last_checkpoint else ""
         again = f"; continue with: distnn train --resume {self.out}" if self.last_checkpoint else ""
@@ -403,6 +461,9 @@ class Trainer:
                                       "server_update": round(1e3 * server / self.step, 2),
                                       "wait_and_transfer": round(1e3 * (self.timing["step"] - compute - server)
                                                                  / self.step, 2)}
+        if self.recoveries:
+            summary["recoveries"] = self.recoveries
+            summary["steps_redone"] = sum(max(0, r["after_step"] - r["restart_step"]) for r in self.recoveries)
         if c.mode == "async":
             summary["max_staleness"] = int(max(self.staleness)) if self.staleness else 0
             summary["mean_staleness"] = float(np.mean(self.staleness)) if self.staleness else 0.0

@@ -136,3 +136,74 @@ def test_sigterm_saves_checkpoint_and_cli_resumes(tmp_path):
 def test_resume_refuses_changed_settings(tmp_path, capsys):
     assert cli(["train", "--resume", str(tmp_path), "--epochs", "5"]) == 2
     assert "drop epochs" in capsys.readouterr().err
+
+
+# -- failures (Ray) -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fail-data")
+    _, source = make_mnist(tmp / "raw", n_train=2048, n_test=64, seed=3)
+    prepare("mnist", out=tmp / "datasets", source=tmp / "raw", sources={"mnist": source}, shards=2,
+            progress=False, log=lambda *a: None)
+    return tmp / "datasets"
+
+
+def mlp_cfg(data, out, **kw):
+    base = dict(model="mlp", data=str(data), workers=2, batch_size=16, epochs=2, backend="ray", out=str(out),
+                log_every=4, checkpoint_every=8, seed=2)
+    base.update(kw)
+    return TrainConfig(**base).validate()
+
+
+def run_with_kill(config, backend, victim, at_step=22):
+    """Train, SIGKILL one actor's process (a worker rank or 'server') once the run reaches ``at_step``."""
+    trainer = Trainer(config, backend=backend, log=lambda *a: None, progress=False)
+    handle = trainer.servers[0] if victim == "server" else trainer.workers[victim]
+    pid = backend.get(backend.call(handle, "pid"))
+    record, killed = trainer._record, []
+
+    def kill_once(metrics, step):
+        record(metrics, step)
+        if step == at_step and not killed:  # a redone step 22 is not killed again
+            os.kill(pid, signal.SIGKILL)
+            killed.append(step)
+    trainer._record = kill_once
+    summary = trainer.run()
+    trainer.close()
+    return summary
+
+
+@pytest.fixture(scope="module")
+def ray_backend():
+    from distnn.parallel import RayBackend
+    return RayBackend(num_cpus=4)
+
+
+@pytest.fixture(scope="module")
+def reference(mnist_dir, tmp_path_factory, ray_backend):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    summary = uninterrupted(mlp_cfg(mnist_dir, out), ray_backend)
+    return summary, final_state(out)
+
+
+def test_killed_worker_is_replaced_and_costs_only_the_step_in_flight(mnist_dir, tmp_path, ray_backend, reference):
+    summary = run_with_kill(mlp_cfg(mnist_dir, tmp_path / "run"), ray_backend, victim=1)
+    assert summary["steps"] == reference[0]["steps"] == 128
+    (event,) = summary["recoveries"]
+    assert event["lost_workers"] == [1] and event["lost_servers"] == []
+    assert summary["steps_redone"] == 0
+    # no update was applied with a gradient missing: the run ends exactly where an unbroken one does
+    state = final_state(tmp_path / "run")
+    assert all(np.array_equal(state[k], reference[1][k]) for k in state)
+
+
+def test_killed_server_restarts_from_checkpoint(mnist_dir, tmp_path, ray_backend, reference):
+    summary = run_with_kill(mlp_cfg(mnist_dir, tmp_path / "run"), ray_backend, victim="server")
+    (event,) = summary["recoveries"]
+    assert event["lost_servers"] == [0] and event["restart_step"] % 8 == 0
+    assert 1 <= summary["steps_redone"] <= 8 + 4  # at most --checkpoint-every, plus the chunk in flight
+    state = final_state(tmp_path / "run")
+    assert all(np.array_equal(state[k], reference[1][k]) for k in state)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["type"] == "recovery" for r in lines)

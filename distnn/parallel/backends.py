@@ -65,6 +65,9 @@ class LocalBackend:
     def kill(self, handle):
         pass
 
+    def is_failure(self, error) -> bool:
+        return False
+
     def shutdown(self):
         pass
 
@@ -105,7 +108,29 @@ class RayBackend:
         return getattr(handle, method).options(num_returns=num_returns).remote(*args, **kwargs)
 
     def get(self, futures):
+        """Values of the futures; the first failure is raised as soon as it is known, not after the
+        others (which may wait forever for the one that failed)."""
+        if not isinstance(futures, list):
+            return self.ray.get(futures)
+        pending = list(futures)
+        while len(pending) > 1:
+            ready, pending = self.ray.wait(pending, num_returns=1)
+            self.ray.get(ready)
         return self.ray.get(futures)
+
+    def alive(self, handle, timeout=30.0) -> bool:
+        """Whether the actor answers (its process is up)."""
+        try:
+            self.ray.get(handle.__ray_ready__.remote(), timeout=timeout)
+            return True
+        except (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError):
+            return False
+
+    def is_failure(self, error) -> bool:
+        """True for errors that mean a process died (as opposed to an error in distnn's code)."""
+        e = self.ray.exceptions
+        return isinstance(error, (e.RayActorError, e.ObjectLostError)) or (
+            isinstance(error, e.RayTaskError) and isinstance(error.cause, (e.RayActorError, e.ObjectLostError)))
 
     def put(self, value):
         return self.ray.put(value)

@@ -9,6 +9,7 @@ trip with no driver in between; the driver only hands out chunks of steps and re
 """
 from __future__ import annotations
 
+import os
 import threading
 
 import ray
@@ -63,6 +64,16 @@ class ServerActor(ParameterServer):
     def published(self) -> list:
         return [self._published]
 
+    def recover(self) -> int:
+        """Forget a step abandoned by a failure; returns the number of updates applied."""
+        with self._step_done:
+            self._aborted = None
+            self._pending.clear()
+            return self.version
+
+    def pid(self) -> int:
+        return os.getpid()
+
     def abort(self, reason: str) -> None:
         """Release workers waiting for a step that will not complete (another worker failed)."""
         with self._step_done:
@@ -74,7 +85,7 @@ class ServerActor(ParameterServer):
 class WorkerActor(GradientWorker):
     def run_sync(self, servers: list, first_step: int, steps: int, bounds=None) -> list:
         """Run ``steps`` synchronous steps from ``first_step``; returns their metrics."""
-        if first_step == 0 or not hasattr(self, "_param_refs"):
+        if getattr(self, "_next_step", None) != first_step:  # a new start, a resume or a recovery
             self._param_refs = [ray.get(s.published.remote())[0] for s in servers]
         out = []
         for step in range(first_step, first_step + steps):
@@ -82,8 +93,12 @@ class WorkerActor(GradientWorker):
             *grads, metrics = self.compute(*parts, step=step, bounds=bounds)
             replies = ray.get([s.push.remote(self.rank, g, step) for s, g in zip(servers, grads)])
             self._param_refs = [r[0] for r in replies]
+            self._next_step = step + 1
             out.append(metrics)
         return out
+
+    def pid(self) -> int:
+        return os.getpid()
 
 
 ACTORS = {GradientWorker: WorkerActor, ParameterServer: ServerActor}
