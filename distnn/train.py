@@ -32,6 +32,9 @@ from .models import build_model
 from .parallel import GradientWorker, NonFiniteError, ParameterServer, make_backend
 
 
+SLOW_WORKER = 1.5  # a worker this many times slower per batch than the median is reported
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, too few CPUs); the message says why and where."""
 
@@ -131,7 +134,8 @@ class Trainer:
         try:
             return self.backend.get(futures)
         except NonFiniteError as e:  # Ray re-raises the worker's exception type
-            raise TrainingError(str(e).strip().splitlines()[-1].split("NonFiniteError: ")[-1]) from None
+            kept = f"; last good checkpoint {self.last_checkpoint}" if self.last_checkpoint else ""
+            raise TrainingError(str(e).strip().splitlines()[-1].split("NonFiniteError: ")[-1] + kept) from None
 
     def _call_all(self, method, *args, **kw):
         return self._get([self.backend.call(w, method, *args, **kw) for w in self.workers])
@@ -160,7 +164,8 @@ class Trainer:
                  f"{'' if c.staleness is None else f' (staleness {c.staleness})'}, {c.servers} server(s), "
                  f"{c.epochs} epochs of {self.steps_per_epoch} steps -> {self.out}")
         self.bar = tqdm(total=self.total_updates, unit="step", disable=not self.progress, dynamic_ncols=True)
-        self.window = {"loss": 0.0, "correct": 0, "count": 0, "t": time.perf_counter(), "n": 0}
+        self.window = self._new_window(time.perf_counter())
+        self.slow_reported = None
         self.epoch_log = []
         self.timing = {"step": 0.0, "compute": 0.0}
         self.bar.update(self.step)
@@ -198,6 +203,8 @@ class Trainer:
             w["loss"] += m["loss"] * m["count"]
             w["correct"] += m["correct"]
             w["count"] += m["count"]
+            w["compute"][m["rank"]] += m["compute_s"]
+            w["batches"][m["rank"]] += 1
         w["n"] += 1
         self.bar.update(1)
         if step % self.config.log_every == 0 or step == self.total_updates:
@@ -210,9 +217,21 @@ class Trainer:
                 recent = self.staleness[-w["n"]:]
                 rec["staleness"] = float(np.mean(recent))
                 rec["max_staleness"] = int(np.max(recent))
+            per_batch = w["compute"] / np.maximum(w["batches"], 1)
+            rec["worker_compute_ms"] = [round(1e3 * t, 2) for t in per_batch]
+            if self.world > 1 and per_batch.max() > SLOW_WORKER * np.median(per_batch):
+                rec["slow_worker"] = int(per_batch.argmax())
+                if self.slow_reported != rec["slow_worker"]:
+                    self.log(f"worker {rec['slow_worker']} is slow: {1e3 * per_batch.max():.1f} ms per batch "
+                             f"against a median of {1e3 * np.median(per_batch):.1f} ms")
+                self.slow_reported = rec["slow_worker"]
             self.metrics.write(**rec)
             self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", samples_s=f"{rate:.0f}")
-            self.window = {"loss": 0.0, "correct": 0, "count": 0, "t": now, "n": 0}
+            self.window = self._new_window(now)
+
+    def _new_window(self, now):
+        return {"loss": 0.0, "correct": 0, "count": 0, "t": now, "n": 0,
+                "compute": np.zeros(self.world), "batches": np.zeros(self.world)}
 
     def _end_epoch(self, epoch):
         result = self.evaluate()

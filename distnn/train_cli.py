@@ -103,6 +103,36 @@ def _plot(args):
     return 0
 
 
+def _export(args):
+    from .checkpoint import load_model
+    from .interchange import export
+    source = _find_model(args.run)
+    out = Path(args.out) if args.out else source.with_suffix(".pt" if args.format == "torch" else ".npz")
+    try:
+        export(load_model(source), out, args.format)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(f"wrote {out} (PyTorch state-dict names and shapes)")
+    return 0
+
+
+def _import(args):
+    from .checkpoint import save_model
+    from .interchange import from_torch_names, read_state
+    from .models import build_model
+    spec = {"model": args.model, "seed": 0}
+    if args.num_classes:
+        spec["num_classes"] = args.num_classes
+    try:
+        model = build_model(spec)
+        from_torch_names(model, read_state(args.file), source=args.file)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    save_model(model, args.out, spec)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def add_training_commands(sub):
     p = sub.add_parser("train", help="train a zoo model data-parallel (Ray by default)")
     p.add_argument("config", nargs="?", help="a TOML config (see configs/); flags override it")
@@ -141,6 +171,19 @@ def add_training_commands(sub):
     p.add_argument("run", help="a run folder or a model .h5 file")
     p.add_argument("--data", help="the prepared dataset folder (default: the run's)")
     p.set_defaults(handler=_eval)
+
+    p = sub.add_parser("export", help="write a run's model as a PyTorch state dict (.pt) or .npz")
+    p.add_argument("run", help="a run folder or a model .h5 file")
+    p.add_argument("--format", choices=["torch", "npz"], default="npz")
+    p.add_argument("--out", help="the file (default: next to the model, .pt or .npz)")
+    p.set_defaults(handler=_export)
+
+    p = sub.add_parser("import", help="make a distnn model file from a PyTorch state dict (.pt) or .npz")
+    p.add_argument("file", help="a .pt or .npz state dict in PyTorch naming")
+    p.add_argument("--model", required=True, choices=["mlp", "lenet5", "cifar_convnet", "lstm_classifier"])
+    p.add_argument("--num-classes", dest="num_classes", type=int, help="default: the zoo model's")
+    p.add_argument("--out", required=True, help="the model .h5 to write")
+    p.set_defaults(handler=_import)
 
     p = sub.add_parser("plot", help="PNG of a run's loss and accuracy curves")
     p.add_argument("run", help="a run folder")

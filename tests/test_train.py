@@ -201,7 +201,7 @@ def test_non_finite_loss_names_step_and_worker(data_dir, tmp_path, backend, requ
     cfg = config(data_dir, tmp_path, optimizer="sgd", lr=1e30, lr_schedule="constant", model="lenet5",
                  backend=backend)
     handle = request.getfixturevalue("ray_backend") if backend == "ray" else None
-    with pytest.raises(TrainingError, match=r"^non-finite .* at step \d+ on worker \d"):
+    with pytest.raises(TrainingError, match=r"^non-finite .* at step \d+ on worker \d.*last good checkpoint .*step-00000000.h5"):
         train(cfg, backend=handle, log=lambda *a: None, progress=False)
 
 
@@ -221,3 +221,24 @@ def test_server_contribute_equals_apply_mean():
     with pytest.raises(RuntimeError, match="pushed twice"):
         b.contribute(0, grads[0])
         b.contribute(0, grads[0])
+
+
+def test_slow_worker_is_reported(data_dir, tmp_path, monkeypatch):
+    """A worker whose batches take twice as long is named in the metrics."""
+    import time as _time
+    compute = GradientWorker.compute
+
+    def slow_compute(self, *a, **kw):
+        out = compute(self, *a, **kw)
+        if self.rank == 1:
+            _time.sleep(0.02)
+            out[-1]["compute_s"] += 0.02
+        return out
+    monkeypatch.setattr(GradientWorker, "compute", slow_compute)
+    said = []
+    trainer = Trainer(config(data_dir, tmp_path, log_every=4), log=said.append, progress=False)
+    trainer.run()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if r["type"] == "step"]
+    assert all(r["slow_worker"] == 1 for r in steps)
+    assert any("worker 1 is slow" in s for s in said)
