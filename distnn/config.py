@@ -47,10 +47,12 @@ class TrainConfig:
     checkpoint_every: int = 0            # steps between checkpoints (0: only at epoch ends and on stop)
     keep_checkpoints: int = 3            # newest checkpoints kept
     label_smoothing: float = 0.0
+    augment: str | None = None           # none | crop | crop+flip (default: crop+flip for CIFAR, none for MNIST)
+    augment_pad: int = 4                 # pixels of zero padding before the random crop
     model_options: dict = field(default_factory=dict)   # extra zoo options, e.g. {dropout = 0.3}
 
     CHOICES = {"backend": ("ray", "local"), "mode": ("sync", "async"), "dataset": ("mnist", "cifar100"),
-               "labels": (None, "fine", "coarse"),
+               "labels": (None, "fine", "coarse"), "augment": (None, "none", "crop", "crop+flip"),
                "model": ("mlp", "lenet5", "cifar_convnet", "lstm_classifier"),
                "optimizer": ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw"),
                "lr_schedule": ("constant", "step", "exponential", "cosine")}
@@ -63,7 +65,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "servers", "threads", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("workers", "warmup", "max_steps", "checkpoint_every", "keep_checkpoints"):
+        for name in ("workers", "warmup", "max_steps", "checkpoint_every", "keep_checkpoints", "augment_pad"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:

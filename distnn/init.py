@@ -42,6 +42,12 @@ def he_uniform(shape, rng, dtype=np.float32, gain=math.sqrt(2.0)):
     return rng.uniform(-bound, bound, shape).astype(dtype)
 
 
+def lecun_uniform(shape, rng, dtype=np.float32):
+    """U(-b, b) with b = 1 / sqrt(fan_in): PyTorch's default for Linear and Conv2d weights
+    (kaiming_uniform with a = sqrt(5)); smaller than He by sqrt(6)."""
+    return he_uniform(shape, rng, dtype, gain=math.sqrt(1.0 / 3.0))
+
+
 def glorot_normal(shape, rng, dtype=np.float32, gain=1.0):
     """N(0, 2 gain^2 / (fan_in + fan_out)): Glorot and Bengio (2010)."""
     fan_in, fan_out = fans(shape)
@@ -79,8 +85,8 @@ def lstm_bias(hidden_size, forget_bias=1.0, dtype=np.float32):
     return b
 
 
-INITIALIZERS = {f.__name__: f for f in (zeros, ones, he_normal, he_uniform, glorot_normal, glorot_uniform,
-                                        orthogonal)}
+INITIALIZERS = {f.__name__: f for f in (zeros, ones, he_normal, he_uniform, lecun_uniform, glorot_normal,
+                                        glorot_uniform, orthogonal)}
 
 
 def get(name):

@@ -84,7 +84,9 @@ class Trainer:
         self.out = Path(c.out or f"runs/{c.model}-{c.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.out.mkdir(parents=True, exist_ok=True)
         c.out = str(self.out)  # a checkpoint's config names its run
-        data = {"path": str(self.dataset_path), "labels": c.labels, "batch_size": c.batch_size, "seed": c.seed}
+        data = self.data = {"path": str(self.dataset_path), "labels": c.labels, "batch_size": c.batch_size,
+                            "seed": c.seed, "augment": c.augment, "augment_pad": c.augment_pad,
+                            "label_smoothing": c.label_smoothing}
         self.workers = [self.backend.create(GradientWorker, self.spec, data, r, self.world, c.threads, cpus=c.threads)
                         for r in range(self.world)]
         self.steps_per_epoch = min(self.backend.get([self.backend.call(w, "ready") for w in self.workers]))
@@ -175,11 +177,11 @@ class Trainer:
                 self._run_sync()
             else:
                 self._run_async()
+            return self._finish()
         finally:
             restore_signals()
             self.bar.close()
             self.metrics.close()
-        return self._finish()
 
     def _catch_signals(self):
         """Ctrl-C or SIGTERM: finish the steps in flight, save a checkpoint, stop. A second one stops
@@ -369,8 +371,7 @@ class Trainer:
                    if survivors else None)
         # Every worker is replaced, survivors too: one may already be running a chunk queued before
         # the failure, which would push gradients of a step that is no longer next.
-        data = {"path": str(self.dataset_path), "labels": self.config.labels, "batch_size": self.config.batch_size,
-                "seed": self.config.seed}
+        data = self.data
         for r, w in enumerate(self.workers):
             b.kill(w)
             self.workers[r] = b.create(GradientWorker, self.spec, data, r, self.world, self.config.threads,
@@ -454,12 +455,12 @@ class Trainer:
         self.timing["step"] += time.perf_counter() - t0
         if self.stop_requested:
             raise TrainingInterrupted(f"stopped at step {self.step} (async runs keep no checkpoint)")
-        if not self.epoch_log:  # stopped by max_steps before an epoch ended
-            self._end_epoch(epochs_done)
 
     def _finish(self) -> dict:
         c = self.config
         wall = time.perf_counter() - self.start
+        if not self.epoch_log or self.epoch_log[-1]["step"] != self.step:  # stopped by max_steps mid-epoch
+            self._end_epoch(self.step // (self.steps_per_epoch * (self.world if c.mode == "async" else 1)))
         params = self.parameters()
         self.model.set_flat_params(params)
         if getattr(self, "buffers", None) is not None and self.buffers.size:

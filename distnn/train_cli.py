@@ -157,9 +157,14 @@ def add_training_commands(sub):
     p.add_argument("--warmup", type=int, help="linear warmup steps")
     p.add_argument("--scale-lr", dest="scale_lr", action="store_const", const=True,
                    help="multiply lr by the number of workers (sync)")
+    p.add_argument("--augment", choices=["none", "crop", "crop+flip"],
+                   help="training augmentation (default: crop+flip for CIFAR, none for MNIST)")
+    p.add_argument("--augment-pad", dest="augment_pad", type=int, help="padding before the random crop (4)")
+    p.add_argument("--label-smoothing", dest="label_smoothing", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--out", help="run folder (default runs/MODEL-DATASET-TIME)")
     p.add_argument("--log-every", dest="log_every", type=int)
+    p.add_argument("--max-steps", dest="max_steps", type=int, help="stop after this many updates")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
                    help="steps between checkpoints (default: at epoch ends and on Ctrl-C / SIGTERM)")
     p.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=int, help="newest checkpoints kept (3)")

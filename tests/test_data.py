@@ -17,7 +17,7 @@ import pytest
 
 from datagen import idx_bytes, make_cifar100, make_mnist, write_cifar_tar
 from distnn.cli import main as cli
-from distnn.data import DataError, Loader, open_dataset, prepare
+from distnn.data import DataError, Loader, augment, open_dataset, prepare
 from distnn.data.prepare import channel_stats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +156,6 @@ def test_augmentation_is_crop_and_flip(tmp_path, cifar_src):
     train = Loader(ds, "train", batch_size=40, seed=1, prefetch=False)
     test = Loader(ds, "test", batch_size=40, prefetch=False)
     assert train.augment and not test.augment
-    from distnn.data import augment
     x = arrays["train"][0][:50]
     out = augment(x, np.random.default_rng(0), pad=4)
     assert out.shape == x.shape and out.dtype == np.uint8
@@ -456,3 +455,19 @@ def test_prepare_script_runs(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 1
     assert "checksum mismatch" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_crop_only_augmentation_never_mirrors(tmp_path, mnist_src):
+    src, arrays, sources = mnist_src
+    ds = open_dataset(prep("mnist", src, sources, tmp_path / "ds", shards=1))
+    plain = Loader(ds, "train", batch_size=300, shuffle=False, prefetch=False)
+    assert plain.augment is None  # MNIST: off by default
+    loader = Loader(ds, "train", batch_size=300, shuffle=False, prefetch=False, augment="crop", pad=2)
+    x = arrays["train-images-idx3-ubyte"][:, None]
+    out = augment(x, np.random.default_rng(0), pad=2, flip=False)
+    padded = np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)))
+    for i in range(50):
+        assert any(np.array_equal(padded[i, :, dy:dy + 28, dx:dx + 28], out[i]) for dy in range(5) for dx in range(5))
+    assert next(iter(loader.epoch(0)))[0].shape == (300, 1, 28, 28)
+    with pytest.raises(ValueError, match="augment must be"):
+        Loader(ds, "train", augment="rotate")

@@ -18,8 +18,9 @@ class Loader:
     - Epoch e shuffles the part with ``default_rng((seed, rank, e))``; batch b of epoch e augments with
       ``default_rng((seed, rank, e, b))``, so a run resumed at any batch sees the same data.
     - Pixels become (x - mean) / std per channel, with the manifest's statistics.
-    - Augmentation (random crop of the image padded by ``pad`` pixels, horizontal flip) defaults to on
-      for a training split of 3-channel images (CIFAR) and off otherwise.
+    - ``augment``: 'crop+flip' (random crop of the image padded by ``pad`` pixels, then a horizontal
+      flip), 'crop' (digits must not be mirrored) or 'none'; by default 'crop+flip' for a training
+      split of 3-channel images (CIFAR) and 'none' otherwise. True and False mean the default and 'none'.
     - The last, smaller batch is kept unless ``drop_last``.
     The object is picklable; its data cache and thread are not pickled.
     """
@@ -33,7 +34,11 @@ class Loader:
         self.batch_size, self.seed, self.drop_last, self.prefetch, self.pad = batch_size, seed, drop_last, prefetch, pad
         self.labels = self.dataset.label_field(labels)
         self.shuffle = (split == "train") if shuffle is None else shuffle
-        self.augment = (split == "train" and self.dataset.image_shape[0] == 3) if augment is None else augment
+        default = "crop+flip" if split == "train" and self.dataset.image_shape[0] == 3 else "none"
+        augment = {None: default, True: "crop+flip", False: "none"}.get(augment, augment)
+        if augment not in ("none", "crop", "crop+flip"):
+            raise ValueError(f"augment must be 'none', 'crop' or 'crop+flip', got {augment!r}")
+        self.augment = None if augment == "none" else augment
         self.pieces = self.dataset.part(split, rank, world_size)
         self.size = sum(p.stop - p.start for p in self.pieces)
         mean, std = self.dataset.mean, self.dataset.std
@@ -89,15 +94,17 @@ class Loader:
     def transform(self, x: np.ndarray, epoch: int, batch: int) -> np.ndarray:
         """uint8 (B, C, H, W) -> normalised float32, augmented when ``self.augment``."""
         if self.augment:
-            x = augment(x, np.random.default_rng((self.seed, self.rank, epoch, batch)), self.pad)
+            x = augment(x, np.random.default_rng((self.seed, self.rank, epoch, batch)), self.pad,
+                        flip=self.augment == "crop+flip")
         out = x.astype(np.float32)
         out *= self._scale
         out += self._shift
         return out
 
 
-def augment(x: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
-    """Random crop of each image zero-padded by ``pad`` pixels, then a horizontal flip with p = 1/2.
+def augment(x: np.ndarray, rng: np.random.Generator, pad: int = 4, flip: bool = True) -> np.ndarray:
+    """Random crop of each image zero-padded by ``pad`` pixels, then (``flip``) a horizontal flip with
+    p = 1/2.
     x (B, C, H, W) -> (B, C, H, W), vectorised over the batch."""
     b, c, h, w = x.shape
     padded = np.zeros((b, c, h + 2 * pad, w + 2 * pad), x.dtype)
@@ -106,6 +113,7 @@ def augment(x: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray
     dx = rng.integers(0, 2 * pad + 1, b)
     windows = sliding_window_view(padded, (h, w), axis=(2, 3))  # (B, C, 2p+1, 2p+1, H, W)
     out = windows[np.arange(b), :, dy, dx]                     # (B, C, H, W), a copy
-    flip = rng.random(b) < 0.5
-    out[flip] = out[flip, :, :, ::-1]
+    if flip:
+        mirrored = rng.random(b) < 0.5
+        out[mirrored] = out[mirrored, :, :, ::-1]
     return out

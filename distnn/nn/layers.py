@@ -30,7 +30,7 @@ def check_input(layer: Module, x, ndim: int, what: str, dim: int | None = None, 
 class Linear(Module):
     """y = x W^T + b. x (N, in) -> (N, out); W (out, in), b (out,)."""
 
-    def __init__(self, in_features, out_features, bias=True, init_fn="he_uniform", rng=None):
+    def __init__(self, in_features, out_features, bias=True, init_fn="lecun_uniform", rng=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = Parameter(init.get(init_fn)((out_features, in_features), _rng(rng)))
@@ -48,7 +48,7 @@ class Conv2d(Module):
     """x (N, C_in, H, W) -> (N, C_out, Ho, Wo); W (C_out, C_in, kh, kw), b (C_out,)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
-                 init_fn="he_uniform", rng=None):
+                 init_fn="lecun_uniform", rng=None):
         super().__init__()
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         self.in_channels, self.out_channels = in_channels, out_channels

@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 
 
+INLINE_BYTES = 8 << 20
+
+
 class LocalFuture:
     __slots__ = ("value", "error")
 
@@ -86,8 +89,14 @@ class RayBackend:
             kwargs = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
             if address:
                 kwargs["address"] = address
-            elif num_cpus:
-                kwargs["num_cpus"] = num_cpus
+            else:
+                # A cluster started here passes objects up to 8 MB (a flat gradient or parameter vector
+                # of the zoo models) inside the call messages instead of through the shared-memory
+                # store: measured 21.8 -> 18.3 ms per lenet5 step of 2 x 64 on 2 cores.
+                kwargs["_system_config"] = {"max_direct_call_object_size": INLINE_BYTES,
+                                            "task_rpc_inlined_bytes_limit": 4 * INLINE_BYTES}
+                if num_cpus:
+                    kwargs["num_cpus"] = num_cpus
             ray.init(**kwargs)
             self.started = True
         self._classes = {}

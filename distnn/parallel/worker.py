@@ -37,8 +37,10 @@ class GradientWorker:
         self.model = build_model(spec)
         self.dataset = open_dataset(data["path"])
         self.seed = data.get("seed", 0)
+        self.label_smoothing = data.get("label_smoothing", 0.0)
         self.loader = Loader(self.dataset, "train", rank, world_size, data["batch_size"], seed=self.seed,
-                             labels=data.get("labels"), augment=data.get("augment"), drop_last=True)
+                             labels=data.get("labels"), augment=data.get("augment"), pad=data.get("augment_pad", 4),
+                             drop_last=True)
         self.test_loader = Loader(self.dataset, "test", rank, world_size, data.get("eval_batch_size", 500),
                                   labels=data.get("labels"), shuffle=False, augment=False)
         self._dropouts = [m for _, m in self.model.named_modules() if isinstance(m, Dropout)]
@@ -73,7 +75,7 @@ class GradientWorker:
         self.model.zero_grad()
         with train_mode():
             logits = self.model(x)
-            loss = ops.softmax_cross_entropy(logits, y)
+            loss = ops.softmax_cross_entropy(logits, y, self.label_smoothing)
             loss.backward()
         value = float(loss.data)
         grads = self.model.flat_grads
