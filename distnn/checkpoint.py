@@ -132,7 +132,8 @@ def load_checkpoint(path) -> dict:
                                 "optimizer": {key: s["optimizer"][key][()] for key in s["optimizer"]}})
             return {"step": int(f.attrs["step"]), "config": json.loads(f.attrs["config"]),
                     "spec": json.loads(f.attrs["spec"]), "servers": servers,
-                    "worker_buffers": f["workers/buffers"][()], "path": str(path)}
+                    "worker_buffers": f["workers/buffers"][()], "path": str(path),
+                    "done": json.loads(f.attrs["done"]) if "done" in f.attrs else None}
     except (OSError, KeyError) as e:
         raise CheckpointError(f"{path}: unreadable or incomplete checkpoint ({e})") from None
 

@@ -112,9 +112,8 @@ class Trainer:
                         for lo, hi in self.bounds]
         atomic_write_text(self.out / "config.json",
                           json.dumps({"config": c.as_dict(), "spec": self.spec, "workers": self.world}, indent=1))
+        self.async_done = [0] * self.world
         if resume is not None:
-            if c.mode != "sync":
-                raise TrainingError("resuming is supported for sync runs; an async run restarts from its model")
             self._restore(resume)
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.max_gap = 0          # async: the largest lead of a worker over the slowest, when it started a batch
@@ -327,8 +326,9 @@ class Trainer:
                 per_worker[r].append(self._get(o[k]))
         return [b.put(m) for m in per_worker]
 
-    def _checkpoint(self):
-        """Write checkpoints/step-N.h5 (servers' states, workers' buffers, the step) and prune old ones."""
+    def _checkpoint(self, async_done=None):
+        """Write checkpoints/step-N.h5 (servers' states, workers' buffers, the step, and for an async run
+        each worker's count of applied gradients) and prune old ones."""
         if self.last_checkpoint_step == self.step:
             return
         states = self._get([self.backend.call(s, "state") for s in self.servers])
@@ -339,7 +339,8 @@ class Trainer:
         folder = self.out / "checkpoints"
         self.last_checkpoint = folder / f"step-{self.step:08d}.h5"
         save_checkpoint(self.last_checkpoint, self.model, step=self.step, servers=states,
-                        worker_buffers=worker_buffers, config=self.config.as_dict(), spec=self.spec)
+                        worker_buffers=worker_buffers, config=self.config.as_dict(), spec=self.spec,
+                        extra=None if async_done is None else {"done": list(async_done)})
         prune_checkpoints(folder, self.config.keep_checkpoints)
         self.last_checkpoint_step = self.step
 
@@ -351,6 +352,12 @@ class Trainer:
         self._get([self.backend.call(s, "load_state", st) for s, st in zip(self.servers, ckpt["servers"])])
         self._get([self.backend.call(w, "set_buffers", buf) for w, buf in zip(self.workers, ckpt["worker_buffers"])])
         self.step = self.last_checkpoint_step = ckpt["step"]
+        if c.mode == "sync" and ckpt.get("done") is not None:
+            raise TrainingError(f"{ckpt['path']}: made by an async run; resume it with mode = 'async'")
+        if c.mode == "async":
+            if ckpt.get("done") is None:
+                raise TrainingError(f"{ckpt['path']}: made by a sync run; resume it with mode = 'sync'")
+            self.async_done = ckpt["done"]
         self.last_checkpoint = Path(ckpt["path"])
         self.log(f"resuming {c.model} from {ckpt['path']} at step {self.step} of {self.total_updates}")
 
@@ -404,37 +411,48 @@ class Trainer:
         return f"stopped at step {self.step}{where}{again}"
 
     def _run_async(self):
+        """Each gradient is applied as it arrives and its worker goes on from the parameters that
+        update returned. A worker more than ``staleness`` gradients ahead of the slowest is not given a
+        new batch until the slowest catches up. For a checkpoint (epoch ends, every checkpoint_every
+        updates, a stop) no new batch is handed out until the ones in flight are applied, so the saved
+        parameters and every worker's data position agree."""
         b, k, c = self.backend, len(self.servers), self.config
         bounds = self.bounds if k > 1 else None
-        n = self.world
-        parts = [b.put(self.model.flat_params[lo:hi]) for lo, hi in self.bounds]
-        version = 0
-        done = [0] * n              # gradients applied, per worker
-        per_worker = self.steps_per_epoch * c.epochs
-        in_flight = {}              # metrics future -> (worker, version it started from, grad futures)
-        waiting = []                # workers held back by the staleness bound
-        epochs_done = 0
+        n, spe = self.world, self.steps_per_epoch
+        per_worker = spe * c.epochs
+        done = list(self.async_done)  # gradients applied, per worker
+        version = sum(done)
+        parts = [b.call(s, "get") for s in self.servers]
+        in_flight = {}                # metrics future -> (worker, version it started from, grad futures)
+        started = set()
+        epochs_done = min(done) // spe
+        draining = False
 
         def launch(w):
-            epoch, batch = divmod(done[w], self.steps_per_epoch)
-            if batch == 0:
-                self._get(b.call(self.workers[w], "start_epoch", epoch))
+            epoch, batch = divmod(done[w], spe)
+            if batch == 0 or w not in started:
+                self._get(b.call(self.workers[w], "start_epoch", epoch, batch))
+                started.add(w)
             self.max_gap = max(self.max_gap, done[w] - min(done))
             outs = b.call(self.workers[w], "compute", *parts, step=version, bounds=bounds, num_returns=k + 1)
             in_flight[outs[k]] = (w, version, outs[:k])
 
-        def may_start(w):
-            within_bound = c.staleness is None or done[w] - min(done) <= c.staleness
-            return not self.stop_requested and done[w] < per_worker and version + len(in_flight) < self.total_updates and within_bound
+        def launch_idle(first=None):
+            busy = {v for v, _, _ in in_flight.values()}
+            for w in ([first] if first is not None else []) + [v for v in range(n) if v != first]:
+                within_bound = c.staleness is None or done[w] - min(done) <= c.staleness
+                if (w not in busy and not draining and not self.stop_requested and done[w] < per_worker
+                        and version + len(in_flight) < self.total_updates and within_bound):
+                    launch(w)
+                    busy.add(w)
 
+        self._checkpoint(done)
         t0 = time.perf_counter()
-        for w in range(n):
-            launch(w)
+        launch_idle()
         while in_flight:
             ready, _ = b.wait(list(in_flight))
-            fut = ready[0]
-            w, based_on, grads = in_flight.pop(fut)
-            metrics = self._get(fut)
+            w, based_on, grads = in_flight.pop(ready[0])
+            metrics = self._get(ready[0])
             self.timing["compute"] += metrics["compute_s"] / n  # n workers compute side by side
             parts = [b.call(s, "apply_one", g) for s, g in zip(self.servers, grads)]
             self.staleness.append(version - based_on)  # updates applied since its parameters were sent
@@ -442,19 +460,18 @@ class Trainer:
             done[w] += 1
             self.step += 1
             self._record([metrics], self.step)
-            for v in [w] + waiting:
-                if v in waiting:
-                    waiting.remove(v)
-                if may_start(v):
-                    launch(v)
-                elif done[v] < per_worker and v not in waiting:
-                    waiting.append(v)
-            while min(done) >= (epochs_done + 1) * self.steps_per_epoch:
-                self._end_epoch(epochs_done)
-                epochs_done += 1
+            epoch_over = min(done) >= (epochs_done + 1) * spe
+            draining |= epoch_over or self.stop_requested or bool(c.checkpoint_every and version % c.checkpoint_every == 0)
+            if draining and not in_flight:
+                self._checkpoint(done)
+                while min(done) >= (epochs_done + 1) * spe:
+                    self._end_epoch(epochs_done)
+                    epochs_done += 1
+                draining = False
+            launch_idle(first=w)
         self.timing["step"] += time.perf_counter() - t0
         if self.stop_requested:
-            raise TrainingInterrupted(f"stopped at step {self.step} (async runs keep no checkpoint)")
+            raise TrainingInterrupted(self._interrupted_message())
 
     def _finish(self) -> dict:
         c = self.config

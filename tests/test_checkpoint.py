@@ -207,3 +207,15 @@ def test_killed_server_restarts_from_checkpoint(mnist_dir, tmp_path, ray_backend
     assert all(np.array_equal(state[k], reference[1][k]) for k in state)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["type"] == "recovery" for r in lines)
+
+
+def test_async_run_checkpoints_and_resumes(mnist_dir, tmp_path):
+    """An async run saves each worker's position; resumed, every worker finishes its own batches."""
+    config = mlp_cfg(mnist_dir, tmp_path / "run", backend="local", mode="async", staleness=2, workers=3,
+                     checkpoint_every=10)
+    step, summary = interrupted_then_resumed(config, stop_at=25)
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert sum(ckpt["done"]) == ckpt["step"] == summary["steps"] == 3 * 42 * 2
+    assert summary["final"]["test_count"] == 64
+    first = load_checkpoint(sorted((tmp_path / "run" / "checkpoints").glob("step-*.h5"))[0])
+    assert first["step"] > 25 and sum(first["done"]) == first["step"]
