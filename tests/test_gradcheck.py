@@ -85,7 +85,15 @@ CASES = {
                     + ops.lstm_cell(x, h, c, wi, wh, bi, bh)[1],
                     [rand(3, 4), rand(3, 5, seed=1), rand(3, 5, seed=6), rand(20, 4, seed=2) * 0.5,
                      rand(20, 5, seed=3) * 0.5, rand(20, seed=4), rand(20, seed=5)])],
+    ops.LSTMSequence: [(lambda xw, h, c, w: _seq_loss(ops.LSTMSequence()(xw, h, c, w)),
+                        [rand(3, 6, 20, seed=7), rand(3, 5, seed=1), rand(3, 5, seed=6), rand(20, 5, seed=3) * 0.5])],
 }
+
+
+def _seq_loss(outputs):
+    """All three outputs of a sequence operator into one, each with its own weight."""
+    seq, h, c = outputs
+    return ops.sum(seq * seq) + ops.sum(h * 1.5) + ops.sum(c * c * 0.5)
 
 
 def _bn(training):

@@ -6,7 +6,7 @@ import numpy as np
 
 from .. import init, ops
 from ..autograd import Variable
-from ..ops.recurrent import LSTMCell, RNNCell
+from ..ops.recurrent import LSTMSequence, RNNCell
 from .layers import _rng, check_input
 from .module import Module, Parameter
 
@@ -80,10 +80,11 @@ class LSTM(_Recurrent):
         return init.lstm_bias(self.hidden_size)
 
     def forward(self, x, state=None):
-        n, t, xw = self._inputs(x)
-        h, c = (self._zeros(n), self._zeros(n)) if state is None else state
-        hs = []
-        for step in range(t):
-            h, c = LSTMCell()(xw[step], h, c, self.weight_hh)
-            hs.append(h)
-        return self._result(hs, (h, c))
+        x = check_input(self, x, 3, f"(N, T, {self.input_size})", 2, self.input_size)
+        xw = ops.linear(x, self.weight_ih, self.bias_ih + self.bias_hh)  # every step's input projection
+        n = x.shape[0]
+        h0, c0 = (self._zeros(n), self._zeros(n)) if state is None else state
+        seq, h, c = LSTMSequence()(xw, h0, c0, self.weight_hh)
+        if self.output == "last":
+            return h
+        return seq if self.output == "sequence" else (seq, (h, c))

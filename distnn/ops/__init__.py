@@ -10,7 +10,7 @@ from .basic import (Add, Concat, Div, Embedding, Exp, GetItem, Linear, Log, MatM
 from .conv import AvgPool2d, Conv2d, MaxPool2d, avg_pool2d, conv2d, max_pool2d
 from .loss import BCEWithLogits, MSE, SoftmaxCrossEntropy, bce_with_logits, mse, softmax_cross_entropy
 from .norm import BatchNorm, Dropout, batch_norm, dropout, dropout_mask
-from .recurrent import LSTMCell, RNNCell, lstm_cell, rnn_cell
+from .recurrent import LSTMCell, LSTMSequence, RNNCell, lstm_cell, rnn_cell
 
 
 def all_operators():

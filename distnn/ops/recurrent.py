@@ -72,6 +72,89 @@ class LSTMCell(Operator):
         return da, gh_prev, gc_prev, gw
 
 
+class LSTMSequence(Operator):
+    """T LSTM steps in one operator (the same maths as T LSTMCells), for speed: one Python call per
+    sequence and one (T*N, 4H)^T (T*N, H) product for dW_hh instead of T small ones.
+
+    xw (N, T, 4H) = x W_ih^T + b_ih + b_hh for every step, h0 and c0 (N, H), W_hh (4H, H)
+    -> hs (N, T, H), h_T (N, H), c_T (N, H). Backward runs the recursion of LSTMCell from t = T-1 down,
+    carrying dh and dc from step t+1 into step t.
+    """
+
+    def forward(self, xw, h0, c0, w_hh):
+        n, t, g4 = xw.shape
+        hidden = g4 // 4
+        # sigmoid(a) = 0.5 tanh(a / 2) + 0.5, so all four gates are one tanh of the scaled
+        # pre-activations: gates = tanh(a * scale) * scale + shift (scale 1/2, shift 1/2 except for g).
+        scale = np.full(g4, 0.5, xw.dtype)
+        scale[2 * hidden:3 * hidden] = 1
+        shift = scale.copy()
+        shift[2 * hidden:3 * hidden] = 0
+        xs = xw * scale
+        ws = np.ascontiguousarray((w_hh * scale[:, None]).T)
+        gates = np.empty((t, n, g4), xw.dtype)
+        cs = np.empty((t + 1, n, hidden), xw.dtype)   # cs[s] is the cell state entering step s
+        hs = np.empty((t + 1, n, hidden), xw.dtype)   # hs[s] is the hidden state entering step s
+        tcs = np.empty((t, n, hidden), xw.dtype)
+        cs[0], hs[0] = c0, h0
+        for s in range(t):
+            g = gates[s]
+            np.matmul(hs[s], ws, out=g)
+            g += xs[:, s]
+            np.tanh(g, out=g)
+            g *= scale
+            g += shift
+            np.multiply(g[:, hidden:2 * hidden], cs[s], out=cs[s + 1])
+            cs[s + 1] += g[:, :hidden] * g[:, 2 * hidden:3 * hidden]
+            np.tanh(cs[s + 1], out=tcs[s])
+            np.multiply(g[:, 3 * hidden:], tcs[s], out=hs[s + 1])
+        self.gates, self.cs, self.hs, self.tcs, self.w_hh = gates, cs, hs, tcs, w_hh
+        return np.ascontiguousarray(hs[1:].transpose(1, 0, 2)), hs[t].copy(), cs[t].copy()
+
+    def backward(self, g_seq, g_h, g_c):
+        gates, cs, hs, tcs, w_hh = self.gates, self.cs, self.hs, self.tcs, self.w_hh
+        t, n, g4 = gates.shape
+        hidden = g4 // 4
+        da = np.empty_like(gates)
+        dh, dc = g_h.copy(), g_c.copy()
+        tmp = np.empty_like(dc)
+        # In-place on (N, H) slices, so that each step's work stays in cache:
+        #   dc += dh o (1 - tanh(c')^2)
+        #   da_i = dc g i(1-i), da_f = dc c f(1-f), da_g = dc i (1-g^2), da_o = dh tanh(c') o(1-o)
+        #   dh_prev = da W_hh, dc_prev = dc f
+        for s in range(t - 1, -1, -1):
+            dh += g_seq[:, s]
+            i, f, g, o = (gates[s][:, j * hidden:(j + 1) * hidden] for j in range(4))
+            di, df, dg, do = (da[s][:, j * hidden:(j + 1) * hidden] for j in range(4))
+            tc = tcs[s]
+            np.multiply(tc, tc, out=tmp)
+            np.subtract(1, tmp, out=tmp)
+            tmp *= o
+            tmp *= dh
+            dc += tmp
+            np.subtract(1, i, out=di)
+            di *= i
+            di *= g
+            di *= dc
+            np.subtract(1, f, out=df)
+            df *= f
+            df *= cs[s]
+            df *= dc
+            np.multiply(g, g, out=dg)
+            np.subtract(1, dg, out=dg)
+            dg *= i
+            dg *= dc
+            np.subtract(1, o, out=do)
+            do *= o
+            do *= tc
+            do *= dh
+            np.matmul(da[s], w_hh, out=dh)
+            dc *= f
+        gw = da.reshape(-1, g4).T @ hs[:t].reshape(-1, hidden) if self.needs_grad[3] else None
+        return (np.ascontiguousarray(da.transpose(1, 0, 2)), dh if self.needs_grad[1] else None,
+                dc if self.needs_grad[2] else None, gw)
+
+
 def rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh):
     """One Elman step: tanh(x W_ih^T + b_ih + h W_hh^T + b_hh). Shapes as in PyTorch's RNNCell."""
     return RNNCell()(linear(x, w_ih, add(b_ih, b_hh)), h, w_hh)
