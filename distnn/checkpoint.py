@@ -31,15 +31,20 @@ def _atomic_h5(path: Path, write):
             tmp.unlink()
 
 
+def _write_model(f, model):
+    """One dataset per parameter under params/ and per buffer under buffers/, by name."""
+    g = f.create_group("params")
+    for name, p in model.named_parameters():
+        g.create_dataset(name, data=p.data)
+    b = f.create_group("buffers")
+    for name, buf in model.named_buffers():
+        b.create_dataset(name, data=buf)
+
+
 def save_model(model, path, spec: dict | None = None, extra: dict | None = None):
     """Write the model's parameters and buffers (and its spec) to ``path``."""
     def write(f):
-        g = f.create_group("params")
-        for name, p in model.named_parameters():
-            g.create_dataset(name, data=p.data)
-        b = f.create_group("buffers")
-        for name, buf in model.named_buffers():
-            b.create_dataset(name, data=buf)
+        _write_model(f, model)
         if spec is not None:
             f.attrs["spec"] = json.dumps(spec)
         for k, v in (extra or {}).items():
@@ -94,12 +99,7 @@ def save_checkpoint(path, model, *, step: int, servers: list[dict], worker_buffe
     position follows from ``step``, and every random draw from (seed, rank, epoch, batch).
     """
     def write(f):
-        g = f.create_group("params")
-        for name, p in model.named_parameters():
-            g.create_dataset(name, data=p.data)
-        b = f.create_group("buffers")
-        for name, buf in model.named_buffers():
-            b.create_dataset(name, data=buf)
+        _write_model(f, model)
         f.create_dataset("workers/buffers", data=worker_buffers)
         for k, state in enumerate(servers):
             s = f.create_group(f"servers/{k}")
