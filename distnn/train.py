@@ -28,11 +28,9 @@ from .checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint, sav
 from .config import TrainConfig
 from .data import open_dataset, prepare
 from .data.dataset import MANIFEST
+from .metrics import MetricsLog
 from .models import build_model
 from .parallel import GradientWorker, NonFiniteError, ParameterServer, make_backend
-
-
-SLOW_WORKER = 1.5  # a worker this many times slower per batch than the median is reported
 
 
 class TrainingError(RuntimeError):
@@ -47,19 +45,6 @@ def shard_bounds(size: int, k: int) -> list[tuple[int, int]]:
     """K contiguous, nearly equal slices of range(size)."""
     edges = np.linspace(0, size, k + 1).astype(int)
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line, flushed as written."""
-
-    def __init__(self, path: Path):
-        self.file = open(path, "a", buffering=1)
-
-    def write(self, **record):
-        self.file.write(json.dumps(record) + "\n")
-
-    def close(self):
-        self.file.close()
 
 
 class Trainer:
@@ -115,7 +100,7 @@ class Trainer:
         self.async_done = [0] * self.world
         if resume is not None:
             self._restore(resume)
-        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", self.world, log)
         self.max_gap = 0          # async: the largest lead of a worker over the slowest, when it started a batch
         self.staleness = []
 
@@ -164,9 +149,8 @@ class Trainer:
                  f"{c.backend} workers x batch {c.batch_size}, {c.mode}"
                  f"{'' if c.staleness is None else f' (staleness {c.staleness})'}, {c.servers} server(s), "
                  f"{c.epochs} epochs of {self.steps_per_epoch} steps -> {self.out}")
+        self.metrics.new_window(self.start)
         self.bar = tqdm(total=self.total_updates, unit="step", disable=not self.progress, dynamic_ncols=True)
-        self.window = self._new_window(time.perf_counter())
-        self.slow_reported = None
         self.epoch_log = []
         self.timing = {"step": 0.0, "compute": 0.0}
         self.bar.update(self.step)
@@ -199,40 +183,13 @@ class Trainer:
         return lambda: [signal.signal(sig, h) for sig, h in old.items()]
 
     def _record(self, metrics_list, step):
-        w = self.window
-        for m in metrics_list:
-            w["loss"] += m["loss"] * m["count"]
-            w["correct"] += m["correct"]
-            w["count"] += m["count"]
-            w["compute"][m["rank"]] += m["compute_s"]
-            w["batches"][m["rank"]] += 1
-        w["n"] += 1
+        self.metrics.add(metrics_list)
         self.bar.update(1)
         if step % self.config.log_every == 0 or step == self.total_updates:
-            now = time.perf_counter()
-            rate = w["count"] / max(now - w["t"], 1e-9)
-            loss, acc = w["loss"] / w["count"], w["correct"] / w["count"]
-            rec = {"type": "step", "step": step, "epoch": metrics_list[0]["epoch"], "loss": loss,
-                   "accuracy": acc, "samples_per_s": rate, "wall_time": now - self.start}
-            if self.staleness:
-                recent = self.staleness[-w["n"]:]
-                rec["staleness"] = float(np.mean(recent))
-                rec["max_staleness"] = int(np.max(recent))
-            per_batch = w["compute"] / np.maximum(w["batches"], 1)
-            rec["worker_compute_ms"] = [round(1e3 * t, 2) for t in per_batch]
-            if self.world > 1 and per_batch.max() > SLOW_WORKER * np.median(per_batch):
-                rec["slow_worker"] = int(per_batch.argmax())
-                if self.slow_reported != rec["slow_worker"]:
-                    self.log(f"worker {rec['slow_worker']} is slow: {1e3 * per_batch.max():.1f} ms per batch "
-                             f"against a median of {1e3 * np.median(per_batch):.1f} ms")
-                self.slow_reported = rec["slow_worker"]
-            self.metrics.write(**rec)
-            self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", samples_s=f"{rate:.0f}")
-            self.window = self._new_window(now)
-
-    def _new_window(self, now):
-        return {"loss": 0.0, "correct": 0, "count": 0, "t": now, "n": 0,
-                "compute": np.zeros(self.world), "batches": np.zeros(self.world)}
+            rec = self.metrics.write_step(step, metrics_list[0]["epoch"], time.perf_counter() - self.start,
+                                          self.staleness)
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.3f}",
+                                 samples_s=f"{rec['samples_per_s']:.0f}")
 
     def _end_epoch(self, epoch):
         result = self.evaluate()

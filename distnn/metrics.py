@@ -1,0 +1,60 @@
+"""metrics.jsonl: one JSON object per line, flushed as written, and the step metrics gathered
+between two of its lines (loss, accuracy, throughput, staleness, each worker's compute time)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+SLOW_WORKER = 1.5  # a worker this many times slower per batch than the median is reported
+
+
+class MetricsLog:
+    def __init__(self, path: Path, world: int, log=print):
+        self.file = open(path, "a", buffering=1)
+        self.world, self.log = world, log
+        self.slow_reported = None
+        self.new_window(time.perf_counter())
+
+    def new_window(self, now):
+        self.loss, self.correct, self.count, self.steps, self.since = 0.0, 0, 0, 0, now
+        self.compute, self.batches = np.zeros(self.world), np.zeros(self.world)
+
+    def write(self, **record):
+        self.file.write(json.dumps(record) + "\n")
+
+    def add(self, metrics_list):
+        """One step: the metrics of every worker that contributed to it."""
+        for m in metrics_list:
+            self.loss += m["loss"] * m["count"]
+            self.correct += m["correct"]
+            self.count += m["count"]
+            self.compute[m["rank"]] += m["compute_s"]
+            self.batches[m["rank"]] += 1
+        self.steps += 1
+
+    def write_step(self, step, epoch, wall_time, staleness) -> dict:
+        """The line for the steps added since the last one; names a worker that is much slower."""
+        now = time.perf_counter()
+        rec = {"type": "step", "step": step, "epoch": epoch, "loss": self.loss / self.count,
+               "accuracy": self.correct / self.count, "samples_per_s": self.count / max(now - self.since, 1e-9),
+               "wall_time": wall_time}
+        if staleness:
+            recent = staleness[-self.steps:]
+            rec["staleness"], rec["max_staleness"] = float(np.mean(recent)), int(np.max(recent))
+        per_batch = self.compute / np.maximum(self.batches, 1)
+        rec["worker_compute_ms"] = [round(1e3 * t, 2) for t in per_batch]
+        if self.world > 1 and per_batch.max() > SLOW_WORKER * np.median(per_batch):
+            rec["slow_worker"] = int(per_batch.argmax())
+            if self.slow_reported != rec["slow_worker"]:
+                self.log(f"worker {rec['slow_worker']} is slow: {1e3 * per_batch.max():.1f} ms per batch "
+                         f"against a median of {1e3 * np.median(per_batch):.1f} ms")
+            self.slow_reported = rec["slow_worker"]
+        self.write(**rec)
+        self.new_window(now)
+        return rec
+
+    def close(self):
+        self.file.close()
