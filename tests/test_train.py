@@ -51,7 +51,9 @@ def run(cfg, backend=None):
     return trainer, summary, trainer.model.flat_params.copy()
 
 
-def test_sync_local_and_ray_bit_identical(data_dir, tmp_path, ray_backend):
+@pytest.mark.parametrize("params_travel", ["inline", "object_store"])
+def test_sync_local_and_ray_bit_identical(data_dir, tmp_path, ray_backend, params_travel, monkeypatch):
+    monkeypatch.setattr(ray_backend, "inline_bytes", 8 << 20 if params_travel == "inline" else 0)
     _, s_local, p_local = run(config(data_dir, tmp_path / "a"))
     _, s_ray, p_ray = run(config(data_dir, tmp_path / "b", backend="ray"), ray_backend)
     assert s_local["steps"] == s_ray["steps"] == 8

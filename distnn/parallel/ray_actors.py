@@ -3,15 +3,23 @@ needs. Imported by RayBackend, never by the rest of distnn.
 
 In synchronous mode the workers drive the steps themselves: a worker computes its gradient, pushes it
 to each server shard and blocks in that call until the shard has all the step's gradients and has
-applied their mean; the shard then puts its new parameters into the object store once and every
-worker's push returns that one reference. Each step is then one worker -> server -> worker round
-trip with no driver in between; the driver only hands out chunks of steps and reads back metrics.
+applied their mean; every worker's push then returns the new parameters. Each step is one worker ->
+server -> worker round trip with no driver in between; the driver only hands out chunks of steps and
+reads back metrics.
+
+How the parameters travel depends on their size. Up to ``inline_bytes`` (what the cluster passes
+inside call messages) each reply carries a copy: measured on lenet5 (244 kB), this cut the wait per
+step from 6.2 to 3.6 ms against one object-store put that every worker then fetches, because a fetch
+asks the owner (the server) and the store, costing CPU in three processes on a machine whose cores
+the workers need. Larger vectors are put into the object store once per step and every reply
+carries the same reference.
 """
 from __future__ import annotations
 
 import os
 import threading
 
+import numpy as np
 import ray
 
 from .server import ParameterServer
@@ -19,17 +27,23 @@ from .worker import GradientWorker
 
 
 class ServerActor(ParameterServer):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, inline_bytes: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self._step_done = threading.Condition()
         self._aborted = None
-        self._published = ray.put(self.params)
+        self._inline = self.params.nbytes <= inline_bytes
+        self._published = self._publish()
+
+    def _publish(self):
+        """The parameters as the workers will receive them: a copy (sent inside each reply, and kept
+        unchanged by later updates) or one object-store reference."""
+        return self.params.copy() if self._inline else ray.put(self.params)
 
     def push(self, rank: int, grad, step: int) -> list:
-        """Give this worker's gradient of ``step``; returns [reference to the parameters after it]."""
+        """Give this worker's gradient of ``step``; returns [the parameters after it, or a reference]."""
         with self._step_done:
             if self.contribute(rank, grad):
-                self._published = ray.put(self.params)
+                self._published = self._publish()
                 self._step_done.notify_all()
             else:
                 self._step_done.wait_for(lambda: self.version > step or self._aborted)
@@ -59,7 +73,7 @@ class ServerActor(ParameterServer):
     def load_state(self, state):
         with self._step_done:
             super().load_state(state)
-            self._published = ray.put(self.params)
+            self._published = self._publish()
 
     def published(self) -> list:
         return [self._published]
@@ -86,13 +100,13 @@ class WorkerActor(GradientWorker):
     def run_sync(self, servers: list, first_step: int, steps: int, bounds=None) -> list:
         """Run ``steps`` synchronous steps from ``first_step``; returns their metrics."""
         if getattr(self, "_next_step", None) != first_step:  # a new start, a resume or a recovery
-            self._param_refs = [ray.get(s.published.remote())[0] for s in servers]
+            self._param_parts = [ray.get(s.published.remote())[0] for s in servers]
         out = []
         for step in range(first_step, first_step + steps):
-            parts = ray.get(self._param_refs)
+            parts = [p if isinstance(p, np.ndarray) else ray.get(p) for p in self._param_parts]
             *grads, metrics = self.compute(*parts, step=step, bounds=bounds)
             replies = ray.get([s.push.remote(self.rank, g, step) for s, g in zip(servers, grads)])
-            self._param_refs = [r[0] for r in replies]
+            self._param_parts = [r[0] for r in replies]
             self._next_step = step + 1
             out.append(metrics)
         return out
