@@ -36,7 +36,7 @@ class BatchNorm(Operator):
         if self.training:
             if m < 2:
                 raise ValueError(f"batch_norm: training needs more than one value per channel, got input {x.shape}")
-            mean = rows.mean(axis=0)
+            mean = _column_sums(rows) / m
             centered = rows - mean
             var = np.einsum("ij,ij->j", centered, centered) / m
             mom = self.momentum
@@ -49,25 +49,35 @@ class BatchNorm(Operator):
             var = self.running_var.astype(x.dtype, copy=False)
             centered = rows - mean
         invstd = 1.0 / np.sqrt(var + np.asarray(self.eps, x.dtype))
-        xhat = centered
-        xhat *= invstd
-        self.xhat, self.invstd, self.gamma, self.back = xhat, invstd, gamma, back
+        # xhat = centered * invstd is never stored: y and the gradients fold invstd into per-channel
+        # factors, which saves a pass over the activations each way.
+        y = np.multiply(centered, gamma * invstd)
+        y += beta
+        self.centered, self.invstd, self.gamma, self.back = centered, invstd, gamma, back
         self.running_mean = self.running_var = None
-        return back(xhat * gamma + beta)
+        return back(y)
 
     def backward(self, gy):
         g, _ = _as_rows(gy)
-        xhat = self.xhat
-        gbeta = g.sum(axis=0)
-        ggamma = np.einsum("ij,ij->j", g, xhat)
-        scale = self.gamma * self.invstd
+        centered, invstd = self.centered, self.invstd
+        gbeta = _column_sums(g)
+        ggamma = np.einsum("ij,ij->j", g, centered) * invstd
+        scale = self.gamma * invstd
         if self.training:
+            # gx = scale * (g - gbeta / m - xhat * ggamma / m), with xhat = centered * invstd
             m = g.shape[0]
-            gx = g - (gbeta / m + xhat * (ggamma / m))
-            gx *= scale
+            gx = np.multiply(centered, -scale * invstd * ggamma / m)
+            gx -= scale * gbeta / m
+            gx += g * scale
         else:
             gx = g * scale
         return self.back(gx), ggamma, gbeta
+
+
+def _column_sums(rows):
+    """Sum over axis 0 of a C-contiguous (M, C) array, as one matrix-vector product (several times
+    faster than a numpy reduction over the outer axis when C is small)."""
+    return np.ones(rows.shape[0], rows.dtype) @ rows
 
 
 class Dropout(Operator):
