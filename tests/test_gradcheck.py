@@ -72,7 +72,11 @@ CASES = {
     ops.BCEWithLogits: [(ops.bce_with_logits, [rand(3, 4), np.random.default_rng(2).random((3, 4))])],
     ops.Conv2d: [(lambda x, w, b: ops.conv2d(x, w, b, stride=2, padding=1), [rand(2, 3, 7, 7), rand(4, 3, 3, 3, seed=1), rand(4, seed=2)]),
                  (lambda x, w: ops.conv2d(x, w, padding="same"), [rand(2, 2, 5, 6), rand(3, 2, 4, 4, seed=1)]),
-                 (lambda x, w: ops.conv2d(x, w, stride=(1, 2)), [rand(1, 2, 6, 7), rand(2, 2, 3, 2, seed=1)])],
+                 (lambda x, w: ops.conv2d(x, w, stride=(1, 2)), [rand(1, 2, 6, 7), rand(2, 2, 3, 2, seed=1)]),
+                 # channels-last inputs (every conv after the first) take the other im2col path
+                 (lambda xh, w, b: ops.conv2d(_nchw(xh), w, b, stride=2, padding=1),
+                  [rand(2, 7, 7, 3), rand(4, 3, 3, 3, seed=1), rand(4, seed=2)]),
+                 (lambda xh, w: ops.conv2d(_nchw(xh), w, padding="same"), [rand(2, 5, 6, 2), rand(3, 2, 4, 4, seed=1)])],
     ops.MaxPool2d: [(lambda x: ops.max_pool2d(x, 3, 2), [distinct(2, 3, 7, 7)]),
                     (lambda x: ops.max_pool2d(x, 2), [distinct(2, 3, 6, 4)])],
     ops.AvgPool2d: [(lambda x: ops.avg_pool2d(x, 3, 2), [rand(2, 3, 7, 7)]),
@@ -94,6 +98,13 @@ def _seq_loss(outputs):
     """All three outputs of a sequence operator into one, each with its own weight."""
     seq, h, c = outputs
     return ops.sum(seq * seq) + ops.sum(h * 1.5) + ops.sum(c * c * 0.5)
+
+
+def _nchw(xh):
+    """(N, H, W, C) -> the channels-last (N, C, H, W) view that a conv inside a network receives."""
+    v = ops.transpose(xh, (0, 3, 1, 2))
+    assert not v.data.flags.c_contiguous
+    return v
 
 
 def _bn(training):
