@@ -76,7 +76,13 @@ CASES = {
                  # channels-last inputs (every conv after the first) take the other im2col path
                  (lambda xh, w, b: ops.conv2d(_nchw(xh), w, b, stride=2, padding=1),
                   [rand(2, 7, 7, 3), rand(4, 3, 3, 3, seed=1), rand(4, seed=2)]),
-                 (lambda xh, w: ops.conv2d(_nchw(xh), w, padding="same"), [rand(2, 5, 6, 2), rand(3, 2, 4, 4, seed=1)])],
+                 (lambda xh, w: ops.conv2d(_nchw(xh), w, padding="same"), [rand(2, 5, 6, 2), rand(3, 2, 4, 4, seed=1)]),
+                 # 3x3 at stride 1 with >= 8 input channels: Winograd; odd and even outputs, padding 0-2,
+                 # each input layout, and a Winograd conv feeding another (its (H, W, N, C) output)
+                 (lambda x, w, b: ops.conv2d(x, w, b, padding=1), [rand(2, 8, 5, 6), rand(3, 8, 3, 3, seed=1), rand(3, seed=2)]),
+                 (lambda xh, w: ops.conv2d(_nchw(xh), w, padding=(0, 2)), [rand(1, 6, 5, 8), rand(2, 8, 3, 3, seed=1)]),
+                 (lambda x, w1, w2: ops.conv2d(ops.conv2d(x, w1, padding="same"), w2, padding=2),
+                  [rand(2, 8, 4, 3), rand(8, 8, 3, 3, seed=1), rand(2, 8, 3, 3, seed=2)])],
     ops.MaxPool2d: [(lambda x: ops.max_pool2d(x, 3, 2), [distinct(2, 3, 7, 7)]),
                     (lambda x: ops.max_pool2d(x, 2), [distinct(2, 3, 6, 4)])],
     ops.AvgPool2d: [(lambda x: ops.avg_pool2d(x, 3, 2), [rand(2, 3, 7, 7)]),
@@ -115,7 +121,10 @@ def _bn(training):
 
 CASES[ops.BatchNorm] = [(_bn(True), [rand(6, 3), rand(3, seed=1), rand(3, seed=2)]),
                         (_bn(True), [rand(4, 3, 3, 2), rand(3, seed=1), rand(3, seed=2)]),
-                        (_bn(False), [rand(4, 3, 3, 2), rand(3, seed=1), rand(3, seed=2)])]
+                        (_bn(False), [rand(4, 3, 3, 2), rand(3, seed=1), rand(3, seed=2)]),
+                        # an (H, W, N, C)-ordered input, as a Winograd convolution returns
+                        (lambda x, g, b: _bn(True)(ops.transpose(x, (2, 3, 0, 1)), g, b),
+                         [rand(3, 2, 4, 3), rand(3, seed=1), rand(3, seed=2)])]
 
 
 def test_every_operator_has_a_gradient_check():

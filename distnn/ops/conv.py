@@ -13,6 +13,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..autograd import Operator
+from . import winograd
 
 
 def nhwc(x: np.ndarray) -> np.ndarray:
@@ -23,6 +24,27 @@ def nhwc(x: np.ndarray) -> np.ndarray:
 def nchw_view(x: np.ndarray) -> np.ndarray:
     """(N, H, W, C) -> the logical (N, C, H, W) view of the same memory."""
     return x.transpose(0, 3, 1, 2)
+
+
+def channels_last_order(x: np.ndarray) -> tuple:
+    """The axis order, channels last, in which the (N, C, H, W) array x is laid out in memory:
+    (0, 2, 3, 1) for (N, H, W, C), (2, 3, 0, 1) for the (H, W, N, C) of Winograd convolutions, and
+    (0, 2, 3, 1) when x is channels-first (it must then be copied)."""
+    if x.strides[1] == x.itemsize:
+        order = (*sorted((0, 2, 3), key=lambda a: -x.strides[a]), 1)
+        if x.transpose(order).flags.c_contiguous:
+            return order
+    return 0, 2, 3, 1
+
+
+def channel_rows(x: np.ndarray, order: tuple) -> np.ndarray:
+    """(N, C, H, W) -> (M, C) rows in the given axis order: a view when x is laid out that way."""
+    return np.ascontiguousarray(x.transpose(order)).reshape(-1, x.shape[1])
+
+
+def from_channel_rows(rows: np.ndarray, order: tuple, shape: tuple) -> np.ndarray:
+    """Inverse of channel_rows: (M, C) -> the (N, C, H, W) view of the same memory."""
+    return rows.reshape([shape[a] for a in order]).transpose(np.argsort(order))
 
 
 def _pair(v, name):
@@ -86,8 +108,16 @@ def _window(i, j, sh, sw, ho, wo):
     return (slice(None), slice(i, i + sh * (ho - 1) + 1, sh), slice(j, j + sw * (wo - 1) + 1, sw))
 
 
+WINOGRAD_MIN_CHANNELS = 8
+
+
 class Conv2d(Operator):
-    """Cross-correlation. x (N, C, H, W), W (O, C, kh, kw), b (O,) -> (N, O, Ho, Wo)."""
+    """Cross-correlation. x (N, C, H, W), W (O, C, kh, kw), b (O,) -> (N, O, Ho, Wo).
+
+    3x3 kernels at stride 1 with at least WINOGRAD_MIN_CHANNELS input channels run as Winograd
+    F(2x2, 3x3) (ops/winograd.py) and return (H, W, N, C)-ordered memory; every other shape runs as
+    im2col and one matrix product.
+    """
 
     def __init__(self, stride=1, padding=0):
         self.stride = _pair(stride, "stride")
@@ -104,6 +134,9 @@ class Conv2d(Operator):
         pads = conv_padding(self.padding, (kh, kw), self.stride)
         ho = _out_size(h, pads[0] + pads[1], kh, sh, "conv2d")
         wo = _out_size(wd, pads[2] + pads[3], kw, sw, "conv2d")
+        if (kh, kw) == (3, 3) and (sh, sw) == (1, 1) and max(pads) <= 2 and c >= WINOGRAD_MIN_CHANNELS:
+            return self._forward_winograd(x, w, b, pads)
+        self.winograd = False
         wm = w.transpose(0, 2, 3, 1).reshape(o, kh * kw * c)
         if x.flags.c_contiguous:
             # A channels-first input (the images entering a network): gather the columns transposed,
@@ -131,7 +164,35 @@ class Conv2d(Operator):
         self.wm, self.geom = wm, (x.shape, xp_shape, pads, (kh, kw), (ho, wo))
         return nchw_view(y.reshape(n, ho, wo, o))
 
+    def _forward_winograd(self, x, w, b, pads):
+        n, c, h, wd = x.shape
+        t, bottom, l, r = pads
+        xp = np.zeros((h + t + bottom, wd + l + r, n, c), x.dtype)
+        xp[t:t + h, l:l + wd] = x.transpose(2, 3, 0, 1)
+        keep = self.needs_grad[1]
+        y = winograd.conv3x3(xp, w, keep_tiles=keep)
+        if keep:
+            y, self.tiles, self.even_shape = y
+        if b is not None:
+            y += b
+        self.winograd, self.w, self.pads = True, w, pads
+        return y.transpose(2, 3, 0, 1)
+
+    def _backward_winograd(self, gy):
+        g = np.ascontiguousarray(gy.transpose(2, 3, 0, 1))  # (Ho, Wo, N, O): free after a Winograd conv
+        gx = gw = gb = None
+        if self.needs_grad[1]:
+            gw = winograd.filter_grad(self.tiles, g, self.even_shape)
+            self.tiles = None
+        if len(self.needs_grad) == 3 and self.needs_grad[2]:
+            gb = np.ones(g.shape[0] * g.shape[1] * g.shape[2], g.dtype) @ g.reshape(-1, g.shape[3])
+        if self.needs_grad[0]:
+            gx = winograd.input_grad(g, self.w, self.pads).transpose(2, 3, 0, 1)
+        return (gx, gw) if len(self.needs_grad) == 2 else (gx, gw, gb)
+
     def backward(self, gy):
+        if self.winograd:
+            return self._backward_winograd(gy)
         (n, c, h, wd), xp_shape, pads, (kh, kw), (ho, wo) = self.geom
         sh, sw = self.stride
         g2 = nhwc(gy).reshape(-1, gy.shape[1])

@@ -4,16 +4,17 @@ from __future__ import annotations
 import numpy as np
 
 from ..autograd import Operator, as_variable, config
-from .conv import nchw_view, nhwc
+from .conv import channel_rows, channels_last_order, from_channel_rows
 
 
-def _as_rows(x):
-    """(N, C) or (N, C, H, W) -> a (M, C) view (channels-last for images) and how to undo it."""
+def _as_rows(x, order=None):
+    """(N, C) or (N, C, H, W) -> (M, C) rows, how to undo it, and the axis order of the rows (for
+    images the order x is laid out in, so that the rows are a view; ``order`` forces one)."""
     if x.ndim == 2:
-        return x, lambda r: r
+        return x, lambda r: r, None
     if x.ndim == 4:
-        xh = nhwc(x)
-        return xh.reshape(-1, x.shape[1]), lambda r: nchw_view(r.reshape(xh.shape))
+        order = channels_last_order(x) if order is None else order
+        return channel_rows(x, order), lambda r: from_channel_rows(r, order, x.shape), order
     raise ValueError(f"batch_norm: input must be (N, C) or (N, C, H, W), got {x.shape}")
 
 
@@ -31,7 +32,7 @@ class BatchNorm(Operator):
         self.training, self.momentum, self.eps = training, momentum, eps
 
     def forward(self, x, gamma, beta):
-        rows, back = _as_rows(x)
+        rows, back, self.order = _as_rows(x)
         m = rows.shape[0]
         if self.training:
             if m < 2:
@@ -58,7 +59,7 @@ class BatchNorm(Operator):
         return back(y)
 
     def backward(self, gy):
-        g, _ = _as_rows(gy)
+        g, _, _ = _as_rows(gy, self.order)  # rows in the forward's order
         centered, invstd = self.centered, self.invstd
         gbeta = _column_sums(g)
         ggamma = np.einsum("ij,ij->j", g, centered) * invstd
