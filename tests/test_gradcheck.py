@@ -84,9 +84,14 @@ CASES = {
                  (lambda x, w1, w2: ops.conv2d(ops.conv2d(x, w1, padding="same"), w2, padding=2),
                   [rand(2, 8, 4, 3), rand(8, 8, 3, 3, seed=1), rand(2, 8, 3, 3, seed=2)])],
     ops.MaxPool2d: [(lambda x: ops.max_pool2d(x, 3, 2), [distinct(2, 3, 7, 7)]),
-                    (lambda x: ops.max_pool2d(x, 2), [distinct(2, 3, 6, 4)])],
+                    (lambda x: ops.max_pool2d(x, 2), [distinct(2, 3, 6, 4)]),
+                    # (H, W, N, C) and (N, H, W, C) memory, as after a Winograd or an im2col conv
+                    (lambda x: ops.max_pool2d(_hwnc(x), 2), [distinct(6, 4, 2, 3)]),
+                    (lambda x: ops.max_pool2d(_hwnc(x), 3, 2), [distinct(7, 7, 2, 3)]),
+                    (lambda xh: ops.max_pool2d(_nchw(xh), 2), [distinct(2, 6, 4, 3)])],
     ops.AvgPool2d: [(lambda x: ops.avg_pool2d(x, 3, 2), [rand(2, 3, 7, 7)]),
-                    (lambda x: ops.avg_pool2d(x, 2), [rand(2, 3, 4, 4)])],
+                    (lambda x: ops.avg_pool2d(x, 2), [rand(2, 3, 4, 4)]),
+                    (lambda x: ops.avg_pool2d(_hwnc(x), 3, 2), [rand(7, 7, 2, 3)])],
     ops.Dropout: [(lambda x: ops.dropout(x, 0.3, None, training=True, mask=MASK), [rand(4, 5)])],
     ops.RNNCell: [(lambda x, h, wi, wh, bi, bh: ops.rnn_cell(x, h, wi, wh, bi, bh),
                    [rand(3, 4), rand(3, 5, seed=1), rand(5, 4, seed=2) * 0.5, rand(5, 5, seed=3) * 0.5,
@@ -113,6 +118,11 @@ def _nchw(xh):
     return v
 
 
+def _hwnc(x):
+    """(H, W, N, C) -> the (N, C, H, W) view that a layer after a Winograd convolution receives."""
+    return ops.transpose(x, (2, 3, 0, 1))
+
+
 def _bn(training):
     def fn(x, g, b):
         return ops.batch_norm(x, g, b, np.zeros(3), np.ones(3) * 1.5, training=training)
@@ -123,7 +133,7 @@ CASES[ops.BatchNorm] = [(_bn(True), [rand(6, 3), rand(3, seed=1), rand(3, seed=2
                         (_bn(True), [rand(4, 3, 3, 2), rand(3, seed=1), rand(3, seed=2)]),
                         (_bn(False), [rand(4, 3, 3, 2), rand(3, seed=1), rand(3, seed=2)]),
                         # an (H, W, N, C)-ordered input, as a Winograd convolution returns
-                        (lambda x, g, b: _bn(True)(ops.transpose(x, (2, 3, 0, 1)), g, b),
+                        (lambda x, g, b: _bn(True)(_hwnc(x), g, b),
                          [rand(3, 2, 4, 3), rand(3, seed=1), rand(3, seed=2)])]
 
 

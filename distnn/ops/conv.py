@@ -47,6 +47,27 @@ def from_channel_rows(rows: np.ndarray, order: tuple, shape: tuple) -> np.ndarra
     return rows.reshape([shape[a] for a in order]).transpose(np.argsort(order))
 
 
+def image_view(x: np.ndarray):
+    """(N, C, H, W) -> a (B, H, W, K) array over x's memory, where B * K = N * C, and the function that
+    turns a (B, h, w, K) result back into (N, C, h, w). A view for (N, H, W, C) memory (B = N, K = C)
+    and for the (H, W, N, C) of Winograd convolutions (B = 1, K = N * C); otherwise an (N, H, W, C) copy.
+    Pooling reads and writes through it, so it keeps whichever layout it is given."""
+    order = channels_last_order(x)
+    i = order.index(2)
+    if order[i + 1] != 3:
+        order, i = (0, 2, 3, 1), 1
+    pre, post = order[:i], order[i + 2:]
+    b = int(np.prod([x.shape[a] for a in pre]))
+    v = np.ascontiguousarray(x.transpose(order)).reshape(b, x.shape[2], x.shape[3], -1)
+
+    def back(r):
+        h, w = r.shape[1:3]
+        full = r.reshape(*(x.shape[a] for a in pre), h, w, *(x.shape[a] for a in post))
+        return full.transpose(np.argsort(order))
+    back.order = order
+    return v, back
+
+
 def _pair(v, name):
     if isinstance(v, (int, np.integer)):
         return int(v), int(v)
@@ -175,7 +196,7 @@ class Conv2d(Operator):
             y, self.tiles, self.even_shape = y
         if b is not None:
             y += b
-        self.winograd, self.w, self.pads = True, w, pads
+        self.winograd, self.w, self.pads, self.x_order = True, w, pads, channels_last_order(x)
         return y.transpose(2, 3, 0, 1)
 
     def _backward_winograd(self, gy):
@@ -187,7 +208,10 @@ class Conv2d(Operator):
         if len(self.needs_grad) == 3 and self.needs_grad[2]:
             gb = np.ones(g.shape[0] * g.shape[1] * g.shape[2], g.dtype) @ g.reshape(-1, g.shape[3])
         if self.needs_grad[0]:
+            # returned in the input's memory order, so that the backward of the element-wise layers
+            # before (ReLU, batch norm) reads gradient and saved arrays in the same order
             gx = winograd.input_grad(g, self.w, self.pads).transpose(2, 3, 0, 1)
+            gx = from_channel_rows(channel_rows(gx, self.x_order), self.x_order, gx.shape)
         return (gx, gw) if len(self.needs_grad) == 2 else (gx, gw, gb)
 
     def backward(self, gy):
@@ -218,6 +242,12 @@ class Conv2d(Operator):
         return (gx, gw) if len(self.needs_grad) == 2 else (gx, gw, gb)
 
 
+def _rows_like(gy, back, x_shape):
+    """gy (N, C, ho, wo) in the (B, ho, wo, K) layout that ``back`` (from image_view) undoes."""
+    g = np.ascontiguousarray(gy.transpose(back.order))
+    return g.reshape(x_shape[0], gy.shape[2], gy.shape[3], x_shape[3])
+
+
 class _Pool2d(Operator):
     def __init__(self, kernel_size, stride=None):
         self.kernel = _pair(kernel_size, "kernel_size")
@@ -245,12 +275,12 @@ class MaxPool2d(_Pool2d):
 
     def forward(self, x):
         ho, wo = self._geometry(x)
-        xh = nhwc(x)
+        xh, self.back = image_view(x)
         self.x_shape = xh.shape
         self.tiled = self.kernel == self.stride and xh.shape[1] == ho * self.kernel[0] \
             and xh.shape[2] == wo * self.kernel[1]
         if self.tiled:
-            return nchw_view(self._forward_tiled(xh, ho, wo))
+            return self.back(self._forward_tiled(xh, ho, wo))
         offsets = self._offsets(ho, wo)
         best, arg = xh[offsets[0]], np.zeros((xh.shape[0], ho, wo, xh.shape[3]), np.uint8)
         for t, idx in enumerate(offsets[1:], start=1):
@@ -258,7 +288,7 @@ class MaxPool2d(_Pool2d):
             arg = np.where(better, np.uint8(t), arg)
             best = np.maximum(best, xh[idx])
         self.arg = arg
-        return nchw_view(best)
+        return self.back(best)
 
     @staticmethod
     def _argmax_rows(rows):
@@ -280,7 +310,7 @@ class MaxPool2d(_Pool2d):
         return best.reshape(n, ho, wo, c)
 
     def backward(self, gy):
-        gyh = nhwc(gy)
+        gyh = _rows_like(gy, self.back, self.x_shape)
         if self.tiled:
             (kh, kw), (n, _, _, c) = self.kernel, self.x_shape
             ho, wo = gyh.shape[1:3]
@@ -292,11 +322,11 @@ class MaxPool2d(_Pool2d):
             gx = np.empty((n, ho, kh, wo * kw * c), gy.dtype)
             for t in range(kh):
                 np.multiply(g_cols, self.arg_row == t, out=gx[:, :, t])
-            return nchw_view(gx.reshape(self.x_shape))
+            return self.back(gx.reshape(self.x_shape))
         gx = np.zeros(self.x_shape, gy.dtype)
         for t, idx in enumerate(self._offsets(*gyh.shape[1:3])):
             gx[idx] += np.where(self.arg == t, gyh, 0)
-        return nchw_view(gx)
+        return self.back(gx)
 
 
 class AvgPool2d(_Pool2d):
@@ -304,23 +334,23 @@ class AvgPool2d(_Pool2d):
 
     def forward(self, x):
         ho, wo = self._geometry(x)
-        xh = nhwc(x)
+        xh, self.back = image_view(x)
         offsets = self._offsets(ho, wo)
         y = xh[offsets[0]].copy()
         for idx in offsets[1:]:
             y += xh[idx]
         y *= np.asarray(1.0 / len(offsets), y.dtype)
         self.x_shape = xh.shape
-        return nchw_view(y)
+        return self.back(y)
 
     def backward(self, gy):
-        gyh = nhwc(gy)
+        gyh = _rows_like(gy, self.back, self.x_shape)
         offsets = self._offsets(*gyh.shape[1:3])
         share = gyh * np.asarray(1.0 / len(offsets), gy.dtype)
         gx = np.zeros(self.x_shape, gy.dtype)
         for idx in offsets:
             gx[idx] += share
-        return nchw_view(gx)
+        return self.back(gx)
 
 
 def conv2d(x, w, b=None, stride=1, padding=0):
