@@ -14,6 +14,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from ..autograd import Operator
 from . import winograd
+from .basic import column_sums
 
 
 def nhwc(x: np.ndarray) -> np.ndarray:
@@ -206,7 +207,7 @@ class Conv2d(Operator):
             gw = winograd.filter_grad(self.tiles, g, self.even_shape)
             self.tiles = None
         if len(self.needs_grad) == 3 and self.needs_grad[2]:
-            gb = np.ones(g.shape[0] * g.shape[1] * g.shape[2], g.dtype) @ g.reshape(-1, g.shape[3])
+            gb = column_sums(g.reshape(-1, g.shape[3]))
         if self.needs_grad[0]:
             # returned in the input's memory order, so that the backward of the element-wise layers
             # before (ReLU, batch norm) reads gradient and saved arrays in the same order
@@ -226,7 +227,7 @@ class Conv2d(Operator):
             gw = gw.reshape(-1, kh, kw, c).transpose(0, 3, 1, 2)
             self.cols = self.cols_t = None
         if len(self.needs_grad) == 3 and self.needs_grad[2]:
-            gb = g2.sum(axis=0)
+            gb = column_sums(g2)
         if self.needs_grad[0]:
             # col2im one kernel offset at a time: (N*Ho*Wo, O) @ (O, C) lands contiguous and is added
             # into the input positions that offset saw, without the (N*Ho*Wo, kh*kw*C) column gradient.
