@@ -97,6 +97,7 @@ class LSTMSequence(Operator):
         hs = np.empty((t + 1, n, hidden), xw.dtype)   # hs[s] is the hidden state entering step s
         tcs = np.empty((t, n, hidden), xw.dtype)
         cs[0], hs[0] = c0, h0
+        ig = np.empty((n, hidden), xw.dtype)
         for s in range(t):
             g = gates[s]
             np.matmul(hs[s], ws, out=g)
@@ -105,7 +106,8 @@ class LSTMSequence(Operator):
             g *= scale
             g += shift
             np.multiply(g[:, hidden:2 * hidden], cs[s], out=cs[s + 1])
-            cs[s + 1] += g[:, :hidden] * g[:, 2 * hidden:3 * hidden]
+            np.multiply(g[:, :hidden], g[:, 2 * hidden:3 * hidden], out=ig)
+            cs[s + 1] += ig
             np.tanh(cs[s + 1], out=tcs[s])
             np.multiply(g[:, 3 * hidden:], tcs[s], out=hs[s + 1])
         self.gates, self.cs, self.hs, self.tcs, self.w_hh = gates, cs, hs, tcs, w_hh
@@ -115,41 +117,30 @@ class LSTMSequence(Operator):
         gates, cs, hs, tcs, w_hh = self.gates, self.cs, self.hs, self.tcs, self.w_hh
         t, n, g4 = gates.shape
         hidden = g4 // 4
-        da = np.empty_like(gates)
+        gv = gates.reshape(t, n, 4, hidden)
+        i, f, g, o = (gv[:, :, j] for j in range(4))
+        # Everything that does not depend on dh and dc, for all steps at once (a few large array
+        # operations instead of many small ones inside the loop):
+        #   da_i = dc g i(1-i),  da_f = dc c f(1-f),  da_g = dc i (1-g^2),  da_o = dh tanh(c') o(1-o)
+        #   dc += dh o (1 - tanh(c')^2)
+        factor = np.empty_like(gv)
+        np.multiply(g, i * (1 - i), out=factor[:, :, 0])
+        np.multiply(cs[:t], f * (1 - f), out=factor[:, :, 1])
+        np.multiply(i, 1 - g * g, out=factor[:, :, 2])
+        np.multiply(tcs, o * (1 - o), out=factor[:, :, 3])
+        dc_from_dh = o * (1 - tcs * tcs)
+        da = np.empty_like(gv)
         dh, dc = g_h.copy(), g_c.copy()
         tmp = np.empty_like(dc)
-        # In-place on (N, H) slices, so that each step's work stays in cache:
-        #   dc += dh o (1 - tanh(c')^2)
-        #   da_i = dc g i(1-i), da_f = dc c f(1-f), da_g = dc i (1-g^2), da_o = dh tanh(c') o(1-o)
-        #   dh_prev = da W_hh, dc_prev = dc f
         for s in range(t - 1, -1, -1):
             dh += g_seq[:, s]
-            i, f, g, o = (gates[s][:, j * hidden:(j + 1) * hidden] for j in range(4))
-            di, df, dg, do = (da[s][:, j * hidden:(j + 1) * hidden] for j in range(4))
-            tc = tcs[s]
-            np.multiply(tc, tc, out=tmp)
-            np.subtract(1, tmp, out=tmp)
-            tmp *= o
-            tmp *= dh
+            np.multiply(dh, dc_from_dh[s], out=tmp)
             dc += tmp
-            np.subtract(1, i, out=di)
-            di *= i
-            di *= g
-            di *= dc
-            np.subtract(1, f, out=df)
-            df *= f
-            df *= cs[s]
-            df *= dc
-            np.multiply(g, g, out=dg)
-            np.subtract(1, dg, out=dg)
-            dg *= i
-            dg *= dc
-            np.subtract(1, o, out=do)
-            do *= o
-            do *= tc
-            do *= dh
-            np.matmul(da[s], w_hh, out=dh)
-            dc *= f
+            np.multiply(factor[s, :, :3], dc[:, None, :], out=da[s, :, :3])
+            np.multiply(factor[s, :, 3], dh, out=da[s, :, 3])
+            np.matmul(da[s].reshape(n, g4), w_hh, out=dh)   # dh_prev = da W_hh
+            dc *= f[s]                                        # dc_prev = dc f
+        da = da.reshape(t, n, g4)
         gw = da.reshape(-1, g4).T @ hs[:t].reshape(-1, hidden) if self.needs_grad[3] else None
         return (np.ascontiguousarray(da.transpose(1, 0, 2)), dh if self.needs_grad[1] else None,
                 dc if self.needs_grad[2] else None, gw)
