@@ -26,7 +26,7 @@ from distnn.data import prepare  # noqa: E402
 from distnn.data.prepare import _write  # noqa: E402
 from distnn.train import Trainer  # noqa: E402
 
-CASES = {"lenet5": {"dataset": "mnist", "batch_size": 128, "steps": 300},
+CASES = {"lenet5": {"dataset": "mnist", "batch_size": 128, "steps": 600},
          "cifar_convnet": {"dataset": "cifar100", "batch_size": 64, "steps": 40}}
 
 
@@ -43,7 +43,7 @@ def fake_cifar(root: Path, n=8192):
 
 def run(model, case, data, backend, workers, out, backend_obj=None):
     cfg = TrainConfig(model=model, dataset=case["dataset"], labels="coarse" if case["dataset"] == "cifar100" else None,
-                      data=str(data), workers=workers, backend=backend, batch_size=case["batch_size"], epochs=1,
+                      data=str(data), workers=workers, backend=backend, batch_size=case["batch_size"], epochs=100,
                       max_steps=case["steps"], out=str(out), log_every=1000, warmup=0).validate()
     trainer = Trainer(cfg, backend=backend_obj, log=lambda *a: None, progress=False)
     try:
