@@ -101,7 +101,7 @@ CASES = {
                     [rand(3, 4), rand(3, 5, seed=1), rand(3, 5, seed=6), rand(20, 4, seed=2) * 0.5,
                      rand(20, 5, seed=3) * 0.5, rand(20, seed=4), rand(20, seed=5)])],
     ops.LSTMSequence: [(lambda xw, h, c, w: _seq_loss(ops.LSTMSequence()(xw, h, c, w)),
-                        [rand(3, 6, 20, seed=7), rand(3, 5, seed=1), rand(3, 5, seed=6), rand(20, 5, seed=3) * 0.5])],
+                        [rand(6, 3, 20, seed=7), rand(3, 5, seed=1), rand(3, 5, seed=6), rand(20, 5, seed=3) * 0.5])],  # xw time-major (T, N, 4H)
 }
 
 

@@ -76,13 +76,14 @@ class LSTMSequence(Operator):
     """T LSTM steps in one operator (the same maths as T LSTMCells), for speed: one Python call per
     sequence and one (T*N, 4H)^T (T*N, H) product for dW_hh instead of T small ones.
 
-    xw (N, T, 4H) = x W_ih^T + b_ih + b_hh for every step, h0 and c0 (N, H), W_hh (4H, H)
+    xw (T, N, 4H) = x W_ih^T + b_ih + b_hh for every step, time-major so that each step reads and
+    its gradient writes one contiguous block; h0 and c0 (N, H), W_hh (4H, H)
     -> hs (N, T, H), h_T (N, H), c_T (N, H). Backward runs the recursion of LSTMCell from t = T-1 down,
     carrying dh and dc from step t+1 into step t.
     """
 
     def forward(self, xw, h0, c0, w_hh):
-        n, t, g4 = xw.shape
+        t, n, g4 = xw.shape
         hidden = g4 // 4
         # sigmoid(a) = 0.5 tanh(a / 2) + 0.5, so all four gates are one tanh of the scaled
         # pre-activations: gates = tanh(a * scale) * scale + shift (scale 1/2, shift 1/2 except for g).
@@ -101,7 +102,7 @@ class LSTMSequence(Operator):
         for s in range(t):
             g = gates[s]
             np.matmul(hs[s], ws, out=g)
-            g += xs[:, s]
+            g += xs[s]
             np.tanh(g, out=g)
             g *= scale
             g += shift
@@ -142,8 +143,7 @@ class LSTMSequence(Operator):
             dc *= f[s]                                        # dc_prev = dc f
         da = da.reshape(t, n, g4)
         gw = da.reshape(-1, g4).T @ hs[:t].reshape(-1, hidden) if self.needs_grad[3] else None
-        return (np.ascontiguousarray(da.transpose(1, 0, 2)), dh if self.needs_grad[1] else None,
-                dc if self.needs_grad[2] else None, gw)
+        return da, dh if self.needs_grad[1] else None, dc if self.needs_grad[2] else None, gw
 
 
 def rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh):
