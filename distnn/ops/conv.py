@@ -1,11 +1,18 @@
 """Convolution and pooling over images.
 
-Images are (N, C, H, W) at the interface, as PyTorch and the data shards have them. Inside, every
-operator here works on the channels-last view ``x.transpose(0, 2, 3, 1)`` and returns its result as a
-channels-last array seen through the inverse transpose. So a stack of conv / batch norm / relu / pool
-layers keeps its activations channels-last in memory, where im2col is a plain copy of contiguous
-channel runs and the convolution one matrix product (N*Ho*Wo, kh*kw*C) @ (kh*kw*C, O) whose result is
-already the next layer's input; no layer pays for a layout change except the first and the flatten.
+Images are (N, C, H, W) at the interface, as PyTorch and the data shards have them. In memory the
+channel axis is innermost: an operator here returns a channels-last array seen through a transpose
+to (N, C, H, W), so a stack of conv / batch norm / relu / pool layers never pays for a layout change
+except at the first layer and the flatten. Two channels-last orders occur:
+
+- (N, H, W, C) from im2col convolutions: im2col is a copy of contiguous channel runs and the
+  convolution one matrix product (N*Ho*Wo, kh*kw*C) @ (kh*kw*C, O) whose result is the next input.
+- (H, W, N, C) from Winograd convolutions (3x3, stride 1, ops/winograd.py), whose tile transforms
+  copy runs of N*C values.
+
+Batch norm and pooling work in whichever order they are given (``channels_last_order``), and they and
+Winograd convolutions return their input gradient in their input's order, so the element-wise
+backward passes between them read arrays laid out alike.
 """
 from __future__ import annotations
 
