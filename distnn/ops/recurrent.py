@@ -93,6 +93,7 @@ class LSTMSequence(Operator):
         shift[2 * hidden:3 * hidden] = 0
         xs = xw * scale
         ws = np.ascontiguousarray((w_hh * scale[:, None]).T)
+        scale, shift = np.tile(scale, (n, 1)), np.tile(shift, (n, 1))  # (N, 4H): no broadcasting per step
         gates = np.empty((t, n, g4), xw.dtype)
         cs = np.empty((t + 1, n, hidden), xw.dtype)   # cs[s] is the cell state entering step s
         hs = np.empty((t + 1, n, hidden), xw.dtype)   # hs[s] is the hidden state entering step s
@@ -112,7 +113,7 @@ class LSTMSequence(Operator):
             np.tanh(cs[s + 1], out=tcs[s])
             np.multiply(g[:, 3 * hidden:], tcs[s], out=hs[s + 1])
         self.gates, self.cs, self.hs, self.tcs, self.w_hh = gates, cs, hs, tcs, w_hh
-        return np.ascontiguousarray(hs[1:].transpose(1, 0, 2)), hs[t].copy(), cs[t].copy()
+        return hs[1:].transpose(1, 0, 2), hs[t].copy(), cs[t].copy()  # hs: a view, (N, T, H)
 
     def backward(self, g_seq, g_h, g_c):
         gates, cs, hs, tcs, w_hh = self.gates, self.cs, self.hs, self.tcs, self.w_hh
@@ -124,12 +125,17 @@ class LSTMSequence(Operator):
         # operations instead of many small ones inside the loop):
         #   da_i = dc g i(1-i),  da_f = dc c f(1-f),  da_g = dc i (1-g^2),  da_o = dh tanh(c') o(1-o)
         #   dc += dh o (1 - tanh(c')^2)
-        factor = np.empty_like(gv)
-        np.multiply(g, i * (1 - i), out=factor[:, :, 0])
-        np.multiply(cs[:t], f * (1 - f), out=factor[:, :, 1])
-        np.multiply(i, 1 - g * g, out=factor[:, :, 2])
-        np.multiply(tcs, o * (1 - o), out=factor[:, :, 3])
-        dc_from_dh = o * (1 - tcs * tcs)
+        factor = np.subtract(1, gv)
+        factor *= gv                                    # s(1-s) for the sigmoid gates i, f, o
+        np.multiply(g, g, out=factor[:, :, 2])
+        np.subtract(1, factor[:, :, 2], out=factor[:, :, 2])   # 1 - g^2 for the tanh gate
+        factor[:, :, 0] *= g
+        factor[:, :, 1] *= cs[:t]
+        factor[:, :, 2] *= i
+        factor[:, :, 3] *= tcs
+        dc_from_dh = np.multiply(tcs, tcs)
+        np.subtract(1, dc_from_dh, out=dc_from_dh)
+        dc_from_dh *= o
         da = np.empty_like(gv)
         dh, dc = g_h.copy(), g_c.copy()
         tmp = np.empty_like(dc)
@@ -137,7 +143,8 @@ class LSTMSequence(Operator):
             dh += g_seq[:, s]
             np.multiply(dh, dc_from_dh[s], out=tmp)
             dc += tmp
-            np.multiply(factor[s, :, :3], dc[:, None, :], out=da[s, :, :3])
+            for j in range(3):
+                np.multiply(factor[s, :, j], dc, out=da[s, :, j])
             np.multiply(factor[s, :, 3], dh, out=da[s, :, 3])
             np.matmul(da[s].reshape(n, g4), w_hh, out=dh)   # dh_prev = da W_hh
             dc *= f[s]                                        # dc_prev = dc f
