@@ -21,7 +21,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from ..autograd import Operator
 from . import winograd
-from .basic import column_sums
+from .basic import add_row_vector, column_sums
 
 
 def nhwc(x: np.ndarray) -> np.ndarray:
@@ -189,7 +189,7 @@ class Conv2d(Operator):
             self.cols, self.cols_t = cols if self.needs_grad[1] else None, None
             xp_shape = xp.shape
         if b is not None:
-            y += b
+            add_row_vector(y, b)
         self.wm, self.geom = wm, (x.shape, xp_shape, pads, (kh, kw), (ho, wo))
         return nchw_view(y.reshape(n, ho, wo, o))
 
@@ -203,7 +203,10 @@ class Conv2d(Operator):
         if keep:
             y, self.tiles, self.even_shape = y
         if b is not None:
-            y += b
+            if y.flags.c_contiguous:
+                add_row_vector(y.reshape(-1, y.shape[-1]), b)
+            else:  # cropped to an odd size
+                y += b
         self.winograd, self.w, self.pads, self.x_order = True, w, pads, channels_last_order(x)
         return y.transpose(2, 3, 0, 1)
 

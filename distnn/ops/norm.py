@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..autograd import Operator, as_variable, config
-from .basic import column_sums
+from .basic import add_row_vector, column_sums
 from .conv import channel_rows, channels_last_order, from_channel_rows
 
 
@@ -54,7 +54,7 @@ class BatchNorm(Operator):
         # xhat = centered * invstd is never stored: y and the gradients fold invstd into per-channel
         # factors, which saves a pass over the activations each way.
         y = np.multiply(centered, gamma * invstd)
-        y += beta
+        add_row_vector(y, beta)
         self.centered, self.invstd, self.gamma, self.back = centered, invstd, gamma, back
         self.running_mean = self.running_var = None
         return back(y)
