@@ -91,3 +91,55 @@ def read_state(path) -> dict:
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a state dict")
     return {k: v.detach().numpy() for k, v in state.items()}
+
+
+_PLAIN = ("ReLU", "Sigmoid", "Tanh", "Softplus", "GELU", "SELU", "ELU", "Flatten")
+
+
+def torch_twin(spec: dict):
+    """The network of a model spec in PyTorch: an ``nn.Sequential`` whose state dict has the names and
+    shapes of ``to_torch_names(build_model(spec))``, so one model's weights load into the other. For
+    checks and benchmarks against PyTorch; needs PyTorch. Recurrent layers take batch-first input."""
+    try:
+        import torch
+    except ImportError:
+        raise ValueError("a PyTorch twin needs PyTorch (pip install torch==2.13.0)") from None
+    from .models import layer_specs
+    nn = torch.nn
+
+    class Reshape(nn.Module):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape = tuple(shape)
+
+        def forward(self, x):
+            return x.reshape(x.shape[0], *self.shape)
+
+    def recurrent(kind, input_size, hidden_size, output="all"):
+        base = getattr(nn, kind)
+
+        class Layer(base):  # nn.LSTM / nn.RNN itself, so its parameters keep PyTorch's names
+            def forward(self, x):
+                seq, state = super().forward(x)
+                if output == "last":
+                    return (state[0] if kind == "LSTM" else state)[-1]
+                return seq if output == "sequence" else (seq, state)
+        return Layer(input_size, hidden_size, batch_first=True)
+
+    layers = []
+    for i, layer in enumerate(layer_specs(spec)):
+        kind, kw = layer["type"], {k: v for k, v in layer.items() if k not in ("type", "init_fn")}
+        if kind in ("Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "BatchNorm1d", "BatchNorm2d", "Dropout",
+                    "Embedding"):
+            layers.append(getattr(nn, kind)(**kw))
+        elif kind == "LeakyReLU":
+            layers.append(nn.LeakyReLU(kw.get("slope", 0.01)))
+        elif kind in _PLAIN and not kw:
+            layers.append(getattr(nn, kind)())
+        elif kind == "Reshape":
+            layers.append(Reshape(kw["shape"]))
+        elif kind in ("LSTM", "RNN"):
+            layers.append(recurrent(kind, **kw))
+        else:
+            raise ValueError(f"layer {i}: no PyTorch twin for {kind!r} with options {kw}")
+    return nn.Sequential(*layers)

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distnn._io import atomic_write_text  # noqa: E402
 
 from distnn import ops  # noqa: E402
+from distnn.interchange import torch_twin  # noqa: E402
 from distnn.models import build_model, input_shape  # noqa: E402
 from distnn.optim import Adam  # noqa: E402
 
@@ -61,34 +62,7 @@ def torch_stepper(name, n):
     import torch
     from torch import nn
 
-    nc = spec_for(name)["num_classes"]
-    if name == "mlp":
-        net = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
-                            nn.Linear(128, nc))
-    elif name == "lenet5":
-        net = nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5),
-                            nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(),
-                            nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, nc))
-    elif name == "cifar_convnet":
-        layers, c = [], 3
-        for w in (32, 64):
-            for _ in range(2):
-                layers += [nn.Conv2d(c, w, 3, padding="same", bias=False), nn.BatchNorm2d(w), nn.ReLU()]
-                c = w
-            layers.append(nn.MaxPool2d(2))
-        net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(64 * 8 * 8, 256), nn.ReLU(), nn.Dropout(0.5),
-                            nn.Linear(256, nc))
-    else:
-        class LSTMClassifier(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.lstm = nn.LSTM(28, 128, batch_first=True)
-                self.fc = nn.Linear(128, nc)
-
-            def forward(self, x):
-                out, (h, c) = self.lstm(x.reshape(x.shape[0], 28, 28))
-                return self.fc(h[-1])
-        net = LSTMClassifier()
+    net = torch_twin(spec_for(name))
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     x, y = batch(name, n, np.random.default_rng(0))

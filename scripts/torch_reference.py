@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distnn._io import atomic_write_text  # noqa: E402
 from distnn.data import Loader, open_dataset  # noqa: E402
+from distnn.interchange import torch_twin  # noqa: E402
 
 
 def main(argv=None):
@@ -41,9 +42,7 @@ def main(argv=None):
     ds = open_dataset(args.data)
     train = Loader(ds, "train", batch_size=args.batch_size, seed=args.seed, drop_last=True)
     test = Loader(ds, "test", batch_size=1000, shuffle=False)
-    net = nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(),
-                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
-                        nn.Linear(84, 10))
+    net = torch_twin({"model": "lenet5"})
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     total = len(train) * args.epochs
 

@@ -5,7 +5,7 @@ import pytest
 from distnn.autograd import eval_mode
 from distnn.checkpoint import load_model, save_model
 from distnn.cli import main as cli
-from distnn.interchange import from_torch_names, read_state, to_torch_names
+from distnn.interchange import from_torch_names, read_state, to_torch_names, torch_twin
 from distnn.models import build_model, input_shape
 
 SPECS = [{"model": "mlp"}, {"model": "lenet5"}, {"model": "cifar_convnet", "num_classes": 20},
@@ -27,37 +27,6 @@ def test_npz_round_trip_through_cli(spec, tmp_path):
     np.testing.assert_array_equal(load_model(tmp_path / "back.h5").flat_params, model.flat_params)
 
 
-def _torch_twin(name, torch):
-    nn = torch.nn
-    if name == "mlp":
-        return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
-                             nn.Linear(128, 10))
-    if name == "lenet5":
-        return nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5),
-                             nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(),
-                             nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
-    if name == "cifar_convnet":
-        layers, c = [], 3
-        for w in (32, 64):
-            for _ in range(2):
-                layers += [nn.Conv2d(c, w, 3, padding="same", bias=False), nn.BatchNorm2d(w), nn.ReLU()]
-                c = w
-            layers.append(nn.MaxPool2d(2))
-        return nn.Sequential(*layers, nn.Flatten(), nn.Linear(4096, 256), nn.ReLU(), nn.Dropout(0.5),
-                             nn.Linear(256, 20))
-
-    class LSTMClassifier(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.add_module("1", nn.LSTM(28, 128, batch_first=True))
-            self.add_module("2", nn.Linear(128, 10))
-
-        def forward(self, x):
-            out, _ = getattr(self, "1")(x.reshape(x.shape[0], 28, 28))
-            return getattr(self, "2")(out[:, -1])
-    return LSTMClassifier()
-
-
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s["model"])
 def test_same_outputs_as_pytorch(spec, tmp_path):
     torch = pytest.importorskip("torch")
@@ -65,7 +34,7 @@ def test_same_outputs_as_pytorch(spec, tmp_path):
     rng = np.random.default_rng(0)
     for _, b in model.named_buffers():  # non-trivial running statistics
         b[...] = rng.uniform(0.5, 1.5, b.shape)
-    twin = _torch_twin(spec["model"], torch).eval()
+    twin = torch_twin(spec).eval()
     twin.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in to_torch_names(model).items()})
     x = rng.standard_normal((4, *input_shape(spec))).astype(np.float32)
     with eval_mode():
