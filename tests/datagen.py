@@ -39,6 +39,15 @@ def make_mnist(folder: Path, n_train=300, n_test=60, seed=0, gz=True):
     return arrays, Source("mnist", files, [])
 
 
+def prepared_mnist(folder: Path, n_train, n_test, seed, shards) -> Path:
+    """Generated MNIST files under folder/raw, prepared into folder/datasets (returned)."""
+    from distnn.data import prepare
+    _, source = make_mnist(folder / "raw", n_train=n_train, n_test=n_test, seed=seed)
+    prepare("mnist", out=folder / "datasets", source=folder / "raw", sources={"mnist": source}, shards=shards,
+            progress=False, log=lambda *a: None)
+    return folder / "datasets"
+
+
 def make_cifar100(folder: Path, n_train=120, n_test=40, seed=0):
     """Write cifar-100-python.tar.gz with train/test/meta pickles of the real keys and channel-planar
     rows; returns (dict of arrays, a Source whose checksums match)."""

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from datagen import make_cifar100, make_mnist
+from datagen import make_cifar100, prepared_mnist
 from distnn.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model
 from distnn.cli import main as cli
 from distnn.config import TrainConfig
@@ -107,11 +107,9 @@ def test_checkpoint_is_a_model_file_and_refuses_wrong_files(cifar_dir, tmp_path)
 def test_sigterm_saves_checkpoint_and_cli_resumes(tmp_path):
     """A real SIGTERM to `distnn train`: exit 130 with a checkpoint; --resume finishes the run with the
     parameters an uninterrupted run ends with."""
-    _, source = make_mnist(tmp_path / "raw", n_train=2048, n_test=64, seed=1)
-    prepare("mnist", out=tmp_path / "ds", source=tmp_path / "raw", sources={"mnist": source}, shards=2,
-            progress=False, log=lambda *a: None)
+    data = prepared_mnist(tmp_path, n_train=2048, n_test=64, seed=1, shards=2)
     args = ["train", "--model", "mlp", "--backend", "local", "--workers", "2", "--batch-size", "8",
-            "--epochs", "6", "--data", str(tmp_path / "ds"), "--log-every", "1", "--quiet"]
+            "--epochs", "6", "--data", str(data), "--log-every", "1", "--quiet"]
     assert cli(args + ["--out", str(tmp_path / "whole")]) == 0
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "distnn.cli", *args, "--out", str(tmp_path / "cut")],
@@ -142,11 +140,7 @@ def test_resume_refuses_changed_settings(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def mnist_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fail-data")
-    _, source = make_mnist(tmp / "raw", n_train=2048, n_test=64, seed=3)
-    prepare("mnist", out=tmp / "datasets", source=tmp / "raw", sources={"mnist": source}, shards=2,
-            progress=False, log=lambda *a: None)
-    return tmp / "datasets"
+    return prepared_mnist(tmp_path_factory.mktemp("fail-data"), n_train=2048, n_test=64, seed=3, shards=2)
 
 
 def mlp_cfg(data, out, **kw):

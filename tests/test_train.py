@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datagen import make_mnist
+from datagen import prepared_mnist
 from distnn import ops
 from distnn.cli import main as cli
 from distnn.config import ConfigError, TrainConfig, load_config
-from distnn.data import prepare
 from distnn.models import build_model
 from distnn.parallel import GradientWorker, LocalBackend
 from distnn.train import Trainer, TrainingError, shard_bounds, train
@@ -23,11 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("train-data")
-    arrays, source = make_mnist(tmp / "raw", n_train=512, n_test=128, seed=4)
-    prepare("mnist", out=tmp / "datasets", source=tmp / "raw", sources={"mnist": source}, shards=4,
-            progress=False, log=lambda *a: None)
-    return tmp / "datasets"
+    return prepared_mnist(tmp_path_factory.mktemp("train-data"), n_train=512, n_test=128, seed=4, shards=4)
 
 
 @pytest.fixture(scope="session")
