@@ -139,8 +139,8 @@ def column_sums(rows: np.ndarray) -> np.ndarray:
 
 def add_row_vector(y: np.ndarray, b: np.ndarray) -> None:
     """y (M, C) += b (C,) in place. A C-contiguous y with few columns is seen as (M/k, k*C) rows and b
-    tiled k times, so that numpy's inner loop adds runs of k*C values instead of C (0.49 -> 0.2 ms for
-    LeNet-5's first convolution at batch 128, C = 6)."""
+    tiled k times, so that numpy's inner loop adds runs of k*C values instead of C (0.56 -> 0.15 ms for
+    the output of LeNet-5's first convolution at batch 128, (100352, 6))."""
     m, c = y.shape
     k = math.gcd(m, max(1, 256 // c)) if y.flags.c_contiguous else 1
     if k > 1:

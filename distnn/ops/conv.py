@@ -170,7 +170,8 @@ class Conv2d(Operator):
         if x.flags.c_contiguous:
             # A channels-first input (the images entering a network): gather the columns transposed,
             # (kh*kw*C, N*Ho*Wo), whose rows copy runs of Wo pixels; channels-last columns would copy
-            # runs of C, as short as one pixel for a grey image (measured 4.7x slower for LeNet-5's conv1).
+            # runs of C, as short as one pixel for a grey image (LeNet-5's conv1 at batch 64: 1.3 ms
+            # against 0.3 ms).
             xp = _pad_nchw(x, pads)
             windows = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]  # (N, C, Ho, Wo, kh, kw)
             cols_t = np.empty((kh, kw, c, n, ho, wo), x.dtype)

@@ -17,9 +17,10 @@ flipped, transposed filter; the filter gradient is G^T [ sum over tiles V^T dM ]
 
 Layout and blocking, both measured on cifar_convnet's convolutions: arrays are (H, W, N, C), so each
 image position is one contiguous run of N * C values and the strided tile slices copy long runs
-((N, H, W, C) copies runs of C and was 3-5 times slower); and the work goes one band of tile rows
-at a time (transform, multiply, transform back), so that a band's arrays stay in cache. Transformed
-tiles are (16, T, C) with T = Ho/2 * Wo/2 * N, tile-row major.
+((N, H, W, C) copies runs of C: its transforms took 1.2-2x as long); and the work goes one band of
+tile rows at a time (transform, multiply, transform back), so that a band's arrays stay in cache
+(the 32x32x32 layer's forward 24 -> 16 ms, its input gradient 28 -> 15 ms). Transformed tiles are
+(16, T, C) with T = Ho/2 * Wo/2 * N, tile-row major.
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
 Both expose the same small interface, so the training loop is written once:
 ``create(cls, *args, cpus)`` -> handle, ``call(handle, method, *args, num_returns=1, **kw)`` -> future(s),
 ``get(futures)``, ``put(value)``, ``wait(futures)``, ``settle(futures)``, ``kill(handle)``. The Ray
-backend also runs synchronous steps worker-driven (``ray_actors``), which the local backend cannot. Futures of the local backend are values computed
-on the spot, in call order: the debug mode, usable under pdb.
+backend also runs synchronous steps worker-driven (``ray_actors``), which the local backend cannot.
+Futures of the local backend are values computed on the spot, in call order: the debug mode, usable
+under pdb.
 """
 from __future__ import annotations
 
