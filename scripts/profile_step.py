@@ -22,22 +22,13 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distnn._io import atomic_write_text  # noqa: E402
-from distnn.autograd import Operator  # noqa: E402
+from distnn import ops  # noqa: E402
 from scripts.benchmark_core import MODELS, distnn_stepper  # noqa: E402
-
-
-def _operator_classes():
-    found, todo = set(), list(Operator.__subclasses__())
-    while todo:
-        cls = todo.pop()
-        found.add(cls)
-        todo.extend(cls.__subclasses__())
-    return found
 
 
 def instrument(totals: dict) -> None:
     """Make every operator class add the time of its forward and backward to ``totals``."""
-    for cls in _operator_classes():
+    for cls in ops.all_operators():
         for name in ("forward", "backward"):
             if name not in cls.__dict__:
                 continue
