@@ -1,12 +1,10 @@
 """distnn: a numpy neural-network library whose training runs data-parallel on Ray.
 
-Importing distnn does not import Ray; only ``distnn.parallel.ray_backend`` does.
+Importing distnn imports no Ray and changes nothing in the host process: the allocator tuning
+(``tune_allocator``) is a call that the ``distnn`` command and the Ray worker processes make.
 """
+from . import init, nn, ops, optim
 from ._memory import tune_allocator
-
-tune_allocator()
-
-from . import init, nn, ops, optim  # noqa: E402
 from .autograd import Operator, Variable, eval_mode, is_training, no_grad, train_mode
 from .gradcheck import gradcheck, gradcheck_module
 from .models import build_model

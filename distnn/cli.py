@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._memory import tune_allocator
 from .checkpoint import CheckpointError
 from .data.errors import DataError
+from .data.sources import SOURCES
 from .train_cli import UsageError, add_training_commands
 
 
@@ -34,7 +36,7 @@ def build_parser():
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="turn MNIST / CIFAR-100 into verified HDF5 shards")
-    p.add_argument("dataset", choices=["mnist", "cifar100"])
+    p.add_argument("dataset", choices=list(SOURCES))
     p.add_argument("--source", help="folder with the raw files (default: download them)")
     p.add_argument("--out", default="datasets", help="where datasets go (default: datasets)")
     p.add_argument("--shards", type=int, default=8, help="shards per split (default: 8)")
@@ -53,6 +55,7 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    tune_allocator()  # this process is the command's own (DISTNN_KEEP_MALLOC=1 leaves it alone)
     try:
         return args.handler(args)
     except (DataError, UsageError, CheckpointError) as e:

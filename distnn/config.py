@@ -1,11 +1,18 @@
-"""Training configuration: defaults, a TOML file, command-line overrides, validation."""
+"""Training configuration: the one list of options. Each field of ``TrainConfig`` carries its help
+text and, where it has them, its choices (from the registries: the model zoo, the optimizers, the
+schedules, the dataset sources); the TOML keys, the ``distnn train`` flags and their ``--help`` all
+come from here. ``validate`` rejects values out of range and options that do not apply to the chosen
+optimizer or mode, with a message that names them."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .data.sources import SOURCES
+from .models import ZOO
+from .optim import OPTIMIZERS, SCHEDULES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -17,66 +24,91 @@ class ConfigError(ValueError):
     """A config key, type or value that is wrong; the message names it."""
 
 
+def option(default, help: str, choices=None, **kw):
+    """A config field with its help text and choices (None among them: the option may be unset)."""
+    return field(default=default, metadata={"help": help, "choices": choices}, **kw)
+
+
+MOMENTUM_OPTIMIZERS = ("momentum", "nesterov")
+
+
 @dataclass
 class TrainConfig:
-    model: str = "lenet5"
-    dataset: str = "mnist"
-    labels: str | None = None            # cifar100: fine | coarse
-    data: str = "datasets"               # folder holding prepared datasets
-    source: str | None = None            # raw files for preparing a missing dataset
-    workers: int = 0                     # 0: one per CPU of the cluster
-    threads: int = 1                     # BLAS threads per worker
-    backend: str = "ray"                 # ray | local
-    address: str | None = None           # Ray cluster: auto | HOST:PORT (default RAY_ADDRESS or local)
-    mode: str = "sync"                   # sync | async
-    staleness: int | None = None         # async: bound on how far a worker may run ahead
-    servers: int = 1                     # parameter-server shards
-    epochs: int = 3
-    batch_size: int = 64                 # per worker
-    optimizer: str = "adam"
-    lr: float = 0.006
-    momentum: float = 0.9                # for momentum / nesterov
-    weight_decay: float = 0.0
-    lr_schedule: str = "cosine"          # constant | step | exponential | cosine
-    warmup: int = 100                    # linear warmup steps
-    scale_lr: bool = False               # multiply lr by the number of workers (sync)
-    seed: int = 0
-    out: str | None = None               # run folder (default runs/<model>-<dataset>-<time>)
-    log_every: int = 20                  # steps between metrics lines
-    max_steps: int = 0                   # stop after this many updates (0: run all epochs)
-    checkpoint_every: int = 0            # steps between checkpoints (0: only at epoch ends and on stop)
-    keep_checkpoints: int = 3            # newest checkpoints kept
-    label_smoothing: float = 0.0
-    augment: str | None = None           # none | crop | crop+flip (default: crop+flip for CIFAR, none for MNIST)
-    augment_pad: int = 4                 # pixels of zero padding before the random crop
-    model_options: dict = field(default_factory=dict)   # extra zoo options, e.g. {dropout = 0.3}
-
-    CHOICES = {"backend": ("ray", "local"), "mode": ("sync", "async"), "dataset": ("mnist", "cifar100"),
-               "labels": (None, "fine", "coarse"), "augment": (None, "none", "crop", "crop+flip"),
-               "model": ("mlp", "lenet5", "cifar_convnet", "lstm_classifier"),
-               "optimizer": ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw"),
-               "lr_schedule": ("constant", "step", "exponential", "cosine")}
+    model: str = option("lenet5", "the network: a zoo model", tuple(ZOO))
+    dataset: str = option("mnist", "the dataset (a folder under --data)", tuple(SOURCES))
+    labels: str | None = option(None, "CIFAR-100 label set (default: fine)", (None, "fine", "coarse"))
+    data: str = option("datasets", "folder holding prepared datasets")
+    source: str | None = option(None, "raw files to prepare a missing dataset from (default: download)")
+    workers: int = option(0, "gradient workers (0: one per CPU of the cluster)")
+    threads: int = option(1, "BLAS threads per worker")
+    backend: str = option("ray", "where workers run: a Ray cluster, or one process (debugging)", ("ray", "local"))
+    address: str | None = option(None, "Ray cluster to join: auto or HOST:PORT (default: RAY_ADDRESS, "
+                                       "else a local cluster)")
+    mode: str = option("sync", "sync: one update from all workers' gradients; async: one per gradient",
+                       ("sync", "async"))
+    staleness: int | None = option(None, "async: how far a worker may run ahead of the slowest (default: no bound)")
+    servers: int = option(1, "parameter-server shards")
+    epochs: int = option(3, "passes over the training data")
+    batch_size: int = option(64, "examples per worker per step")
+    optimizer: str = option("adam", "the servers' optimizer", tuple(OPTIMIZERS))
+    lr: float = option(0.006, "base learning rate")
+    momentum: float | None = option(None, "momentum / nesterov only (default: 0.9)")
+    weight_decay: float = option(0.0, "L2 (decoupled for adamw), masked off biases and norm parameters")
+    lr_schedule: str = option("cosine", "learning-rate schedule after warmup", tuple(SCHEDULES))
+    warmup: int = option(100, "linear warmup steps")
+    scale_lr: bool = option(False, "sync: multiply lr by the number of workers")
+    seed: int = option(0, "seeds initialisation, data order, augmentation and dropout")
+    out: str | None = option(None, "run folder (default: runs/MODEL-DATASET-TIME)")
+    log_every: int = option(20, "steps between metrics lines")
+    max_steps: int = option(0, "stop after this many updates (0: run all epochs)")
+    checkpoint_every: int = option(0, "steps between checkpoints (0: only at epoch ends and on Ctrl-C / SIGTERM)")
+    keep_checkpoints: int = option(3, "newest checkpoints kept")
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy")
+    augment: str | None = option(None, "training augmentation (default: crop+flip for 3-channel images, else none)",
+                                 (None, "none", "crop", "crop+flip"))
+    augment_pad: int | None = option(None, "pixels of zero padding before the random crop (default: 4)")
+    model_options: dict = option(dataclasses.MISSING, "zoo model options as a TOML inline table, e.g. '{dropout = 0.3}'",
+                                 default_factory=dict)
 
     def validate(self) -> "TrainConfig":
-        for name, allowed in self.CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} = {getattr(self, name)!r} is not one of "
+        for f in dataclasses.fields(self):
+            allowed = f.metadata["choices"]
+            if allowed and getattr(self, f.name) not in allowed:
+                raise ConfigError(f"{f.name} = {getattr(self, f.name)!r} is not one of "
                                   f"{', '.join(str(a) for a in allowed if a is not None)}")
         for name in ("epochs", "batch_size", "servers", "threads", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("workers", "warmup", "max_steps", "checkpoint_every", "keep_checkpoints", "augment_pad"):
-            if getattr(self, name) < 0:
+        for name in ("workers", "warmup", "max_steps", "checkpoint_every", "keep_checkpoints", "augment_pad",
+                     "weight_decay", "label_smoothing"):
+            if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if self.staleness is not None and (self.staleness < 0 or self.mode != "async"):
-            raise ConfigError("staleness must be >= 0 and goes with mode = 'async'")
-        if self.dataset == "mnist" and self.labels not in (None,):
-            raise ConfigError("labels (fine | coarse) applies to cifar100 only")
-        if self.address is None and self.backend == "ray":
-            self.address = os.environ.get("RAY_ADDRESS") or None
+        self._check_applies()
         return self
+
+    def _check_applies(self):
+        """Options set where they would be ignored."""
+        rules = [("staleness", self.staleness is not None, self.mode == "async", "mode = 'async'"),
+                 ("momentum", self.momentum is not None, self.optimizer in MOMENTUM_OPTIMIZERS,
+                  "optimizer = 'momentum' or 'nesterov'"),
+                 ("scale_lr", self.scale_lr, self.mode == "sync", "mode = 'sync'"),
+                 ("address", self.address is not None, self.backend == "ray", "backend = 'ray'"),
+                 ("labels", self.labels is not None, self.dataset == "cifar100", "dataset = 'cifar100'"),
+                 ("augment_pad", self.augment_pad is not None, self.augment != "none",
+                  "augment = 'crop' or 'crop+flip'")]
+        for name, given, applies, needs in rules:
+            if given and not applies:
+                raise ConfigError(f"{name} = {getattr(self, name)!r} applies only with {needs}; drop it "
+                                  f"(here {self._context(name)})")
+        if self.momentum is not None and not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+
+    def _context(self, name):
+        key = {"staleness": "mode", "momentum": "optimizer", "scale_lr": "mode", "address": "backend",
+               "labels": "dataset", "augment_pad": "augment"}[name]
+        return f"{key} = {getattr(self, key)!r}"
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -85,19 +117,23 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def _check_type(key, value):
-    default = getattr(TrainConfig(), key) if key != "model_options" else {}
-    kind = FIELDS[key].type
+def field_kind(name: str) -> tuple[str, bool]:
+    """('int' | 'float' | 'bool' | 'str' | 'dict', whether None is allowed) of a config field."""
+    kind = str(FIELDS[name].type)
+    return kind.split("|")[0].strip(), "None" in kind
+
+
+def check_type(key, value):
+    """``value`` of config key ``key`` as its field's type (an int is a float too); ConfigError else."""
+    base, optional = field_kind(key)
+    if value is None and optional:
+        return value
     ok = {"int": isinstance(value, int) and not isinstance(value, bool),
           "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-          "bool": isinstance(value, bool), "dict": isinstance(value, dict),
-          "str": isinstance(value, str)}
-    base = kind.split("|")[0].strip() if isinstance(kind, str) else type(default).__name__
-    if value is None and "None" in str(kind):
-        return value
-    if base in ok and not ok[base]:
-        raise ConfigError(f"{key} must be {'a number' if base == 'float' else 'an integer' if base == 'int' else 'a ' + base}, "
-                          f"got {value!r} ({type(value).__name__})")
+          "bool": isinstance(value, bool), "dict": isinstance(value, dict), "str": isinstance(value, str)}[base]
+    if not ok:
+        what = {"float": "a number", "int": "an integer", "bool": "true or false", "dict": "a table"}.get(base, "a " + base)
+        raise ConfigError(f"{key} must be {what}, got {value!r} ({type(value).__name__})")
     return float(value) if base == "float" else value
 
 
@@ -117,10 +153,13 @@ def load_config(path=None, overrides: dict | None = None) -> TrainConfig:
             if key not in FIELDS:
                 raise ConfigError(f"{path}: unknown key {key!r}; known keys: {', '.join(FIELDS)}")
         try:
-            values = {k: _check_type(k, v) for k, v in values.items()}
+            values = {k: check_type(k, v) for k, v in values.items()}
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = value
-    return TrainConfig(**values).validate()
+    try:
+        return TrainConfig(**values).validate()
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None

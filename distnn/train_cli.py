@@ -1,11 +1,13 @@
 """The training commands of ``distnn``: train, eval, plot."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
-from .config import FIELDS, ConfigError
+from .config import FIELDS, ConfigError, TrainConfig, field_kind, tomllib
+from .models import ZOO
 
 
 class UsageError(Exception):
@@ -17,7 +19,7 @@ RESUME_OVERRIDES = ("backend", "address", "log_every", "checkpoint_every", "keep
 
 def _train(args):
     from .checkpoint import latest_checkpoint, load_checkpoint
-    from .config import TrainConfig, load_config
+    from .config import load_config
     from .train import TrainingError, TrainingInterrupted, train
     overrides = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
     try:
@@ -133,41 +135,39 @@ def _import(args):
     return 0
 
 
+def parse_table(text: str) -> dict:
+    """A TOML inline table given on the command line, e.g. '{dropout = 0.3, widths = [16, 32]}'."""
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except (tomllib.TOMLDecodeError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a TOML inline table: {text!r} (e.g. '{{dropout = 0.3}}')") from None
+
+
+def add_config_flags(p) -> None:
+    """One flag per TrainConfig field, its help, choices and default taken from the field."""
+    defaults = TrainConfig()
+    for name, f in FIELDS.items():
+        kind, _ = field_kind(name)
+        default = getattr(defaults, name)
+        shown = "" if "(default" in f.metadata["help"] else f" (default: {'none' if default in (None, {}) else default})"
+        kw = {"dest": name, "default": None, "help": f.metadata["help"] + shown}
+        if kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = {"int": int, "float": float, "str": str, "dict": parse_table}[kind]
+            if f.metadata["choices"]:
+                kw["choices"] = [c for c in f.metadata["choices"] if c is not None]
+            if kind == "dict":
+                kw["metavar"] = "TABLE"
+        p.add_argument("--" + name.replace("_", "-"), **kw)
+
+
 def add_training_commands(sub):
-    p = sub.add_parser("train", help="train a zoo model data-parallel (Ray by default)")
+    p = sub.add_parser("train", help="train a model data-parallel (Ray by default)",
+                       description="Train a model data-parallel. Every option is also a key of a TOML config; "
+                                   "flags override the file.")
     p.add_argument("config", nargs="?", help="a TOML config (see configs/); flags override it")
-    p.add_argument("--model", choices=["mlp", "lenet5", "cifar_convnet", "lstm_classifier"])
-    p.add_argument("--dataset", choices=["mnist", "cifar100"])
-    p.add_argument("--labels", choices=["fine", "coarse"], help="CIFAR-100 label set")
-    p.add_argument("--data", help="folder of prepared datasets (default datasets)")
-    p.add_argument("--source", help="raw files to prepare a missing dataset from (default: download)")
-    p.add_argument("--workers", type=int, help="gradient workers (default: one per CPU)")
-    p.add_argument("--threads", type=int, help="BLAS threads per worker (default 1)")
-    p.add_argument("--backend", choices=["ray", "local"])
-    p.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT (default RAY_ADDRESS, else a local cluster)")
-    p.add_argument("--mode", choices=["sync", "async"])
-    p.add_argument("--staleness", type=int, help="async: max lead of a worker over the slowest")
-    p.add_argument("--servers", type=int, help="parameter-server shards")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int, help="per worker")
-    p.add_argument("--optimizer", choices=["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw"])
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", dest="weight_decay", type=float)
-    p.add_argument("--lr-schedule", dest="lr_schedule", choices=["constant", "step", "exponential", "cosine"])
-    p.add_argument("--warmup", type=int, help="linear warmup steps")
-    p.add_argument("--scale-lr", dest="scale_lr", action="store_const", const=True,
-                   help="multiply lr by the number of workers (sync)")
-    p.add_argument("--augment", choices=["none", "crop", "crop+flip"],
-                   help="training augmentation (default: crop+flip for CIFAR, none for MNIST)")
-    p.add_argument("--augment-pad", dest="augment_pad", type=int, help="padding before the random crop (4)")
-    p.add_argument("--label-smoothing", dest="label_smoothing", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", help="run folder (default runs/MODEL-DATASET-TIME)")
-    p.add_argument("--log-every", dest="log_every", type=int)
-    p.add_argument("--max-steps", dest="max_steps", type=int, help="stop after this many updates")
-    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
-                   help="steps between checkpoints (default: at epoch ends and on Ctrl-C / SIGTERM)")
-    p.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=int, help="newest checkpoints kept (3)")
+    add_config_flags(p)
     p.add_argument("--resume", metavar="RUN_OR_CHECKPOINT", help="continue a run from its newest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_train)
@@ -185,7 +185,7 @@ def add_training_commands(sub):
 
     p = sub.add_parser("import", help="make a distnn model file from a PyTorch state dict (.pt) or .npz")
     p.add_argument("file", help="a .pt or .npz state dict in PyTorch naming")
-    p.add_argument("--model", required=True, choices=["mlp", "lenet5", "cifar_convnet", "lstm_classifier"])
+    p.add_argument("--model", required=True, choices=list(ZOO))
     p.add_argument("--num-classes", dest="num_classes", type=int, help="default: the zoo model's")
     p.add_argument("--out", required=True, help="the model .h5 to write")
     p.set_defaults(handler=_import)

@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distnn._io import atomic_write_text  # noqa: E402
 
-from distnn import ops  # noqa: E402
+from distnn import ops, tune_allocator  # noqa: E402
 from distnn.interchange import torch_twin  # noqa: E402
-from distnn.models import build_model, input_shape  # noqa: E402
+from distnn.models import ZOO, build_model, input_shape  # noqa: E402
 from distnn.optim import Adam  # noqa: E402
 
-MODELS = ["mlp", "lenet5", "cifar_convnet", "lstm_classifier"]
+MODELS = list(ZOO)
 
 
 def spec_for(name):
@@ -94,7 +94,8 @@ def measure(step, n, seconds):
 def peak_memory_mb(name, n):
     """Peak RSS of a fresh process that builds the model and runs 3 training steps."""
     code = (f"import sys, resource; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r});"
-            f"from scripts.benchmark_core import distnn_stepper; s = distnn_stepper({name!r}, {n});"
+            f"from scripts.benchmark_core import distnn_stepper, tune_allocator; tune_allocator();"
+            f"s = distnn_stepper({name!r}, {n});"
             "[s() for _ in range(3)];"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -111,6 +112,7 @@ def main(argv=None):
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     args = ap.parse_args(argv)
+    tune_allocator()  # as the distnn command and its workers run
 
     torch = None
     if not args.no_torch:

@@ -50,8 +50,8 @@ def run(model, case, data, backend, workers, out, backend_obj=None):
         summary = trainer.run()
     finally:
         trainer.close()
-    samples = trainer.step * case["batch_size"] * workers
-    return {"samples_per_s": round(samples / trainer.timing["step"], 1), **summary["per_step_ms"]}
+    samples = summary["steps"] * case["batch_size"] * workers
+    return {"samples_per_s": round(samples / summary["train_seconds"], 1), **summary["per_step_ms"]}
 
 
 def torch_rate(model, global_batch, threads, seconds=4.0):

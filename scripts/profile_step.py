@@ -22,7 +22,7 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distnn._io import atomic_write_text  # noqa: E402
-from distnn import ops  # noqa: E402
+from distnn import ops, tune_allocator  # noqa: E402
 from scripts.benchmark_core import MODELS, distnn_stepper  # noqa: E402
 
 
@@ -53,6 +53,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default=None, help="JSON output (default benchmarks/profile-MODEL.json)")
     args = ap.parse_args(argv)
+    tune_allocator()  # as the distnn command and its workers run
 
     totals = collections.defaultdict(float)
     instrument(totals)

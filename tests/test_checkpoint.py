@@ -44,14 +44,10 @@ def final_state(run):
 
 
 def interrupted_then_resumed(config, stop_at, backend=None):
-    trainer = Trainer(config, backend=backend, log=lambda *a: None, progress=False)
-    record = trainer._record
-
-    def stop_later(metrics, step):
-        record(metrics, step)
+    def stop_later(trainer, step):
         if step == stop_at:
-            trainer.stop_requested = True
-    trainer._record = stop_later
+            trainer.request_stop()
+    trainer = Trainer(config, backend=backend, log=lambda *a: None, progress=False, on_step=stop_later)
     with pytest.raises(TrainingInterrupted, match="continue with: distnn train --resume"):
         trainer.run()
     trainer.close()
@@ -152,17 +148,16 @@ def mlp_cfg(data, out, **kw):
 
 def run_with_kill(config, backend, victim, at_step=22):
     """Train, SIGKILL one actor's process (a worker rank or 'server') once the run reaches ``at_step``."""
-    trainer = Trainer(config, backend=backend, log=lambda *a: None, progress=False)
-    handle = trainer.servers[0] if victim == "server" else trainer.workers[victim]
-    pid = backend.get(backend.call(handle, "pid"))
-    record, killed = trainer._record, []
+    killed = []
 
-    def kill_once(metrics, step):
-        record(metrics, step)
+    def kill_once(trainer, step):
         if step == at_step and not killed:  # a redone step 22 is not killed again
             os.kill(pid, signal.SIGKILL)
             killed.append(step)
-    trainer._record = kill_once
+    trainer = Trainer(config, backend=backend, log=lambda *a: None, progress=False, on_step=kill_once)
+    fleet = trainer.fleet
+    handle = fleet.servers[0] if victim == "server" else fleet.workers[victim]
+    pid = backend.get(backend.call(handle, "pid"))
     summary = trainer.run()
     trainer.close()
     return summary

@@ -15,6 +15,7 @@ from distnn.cli import main as cli
 from distnn.config import ConfigError, TrainConfig, load_config
 from distnn.models import build_model
 from distnn.parallel import GradientWorker, LocalBackend
+from distnn.parallel.specs import DataSpec, OptimizerSpec, ScheduleSpec
 from distnn.train import Trainer, TrainingError, shard_bounds, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def test_sync_local_and_ray_bit_identical(data_dir, tmp_path, ray_backend, param
 
 def test_sync_gradient_equals_gradient_of_concatenated_batch(data_dir):
     spec = {"model": "mlp", "num_classes": 10, "seed": 0}
-    data = {"path": str(data_dir / "mnist"), "batch_size": 16, "seed": 1}
+    data = DataSpec(path=str(data_dir / "mnist"), batch_size=16, seed=1)
     workers = [GradientWorker(spec, data, r, 3) for r in range(3)]
     params = build_model(spec).flat_params.copy()
     batches = [next(iter(w.loader.epoch(0))) for w in workers]
@@ -90,12 +91,12 @@ class RunAheadBackend(LocalBackend):
 def test_staleness_bound_holds(data_dir, tmp_path):
     trainer, summary, _ = run(config(data_dir, tmp_path / "a", mode="async", staleness=2, workers=3),
                               RunAheadBackend())
-    assert trainer.max_gap <= 2
-    assert trainer.max_gap == 2          # the bound was reached, so it was what held the worker
-    assert summary["steps"] == 3 * trainer.steps_per_epoch
-    assert max(trainer.staleness) >= 1
+    assert trainer.max_lead <= 2
+    assert trainer.max_lead == 2          # the bound was reached, so it was what held the worker
+    assert summary["steps"] == 3 * trainer.length.steps_per_epoch
+    assert max(trainer.report.staleness) >= 1
     unbounded, _, _ = run(config(data_dir, tmp_path / "b", mode="async", workers=3), RunAheadBackend())
-    assert unbounded.max_gap > 2         # without a bound the same schedule runs further ahead
+    assert unbounded.max_lead > 2         # without a bound the same schedule runs further ahead
 
 
 def test_async_on_ray_respects_bound(data_dir, tmp_path, ray_backend):
@@ -208,7 +209,7 @@ def test_server_contribute_equals_apply_mean():
     rng = np.random.default_rng(0)
     p0 = rng.standard_normal(20).astype(np.float32)
     grads = [rng.standard_normal(20).astype(np.float32) for _ in range(3)]
-    opt, sched = {"name": "adam", "lr": 0.01}, {"name": "constant", "total_steps": 1}
+    opt, sched = OptimizerSpec("adam", 0.01), ScheduleSpec("constant", 1)
     a = ParameterServer(p0, opt, sched, world=3)
     b = ParameterServer(p0, opt, sched, world=3)
     a.apply_mean(*grads)

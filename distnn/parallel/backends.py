@@ -2,10 +2,12 @@
 
 Both expose the same small interface, so the training loop is written once:
 ``create(cls, *args, cpus)`` -> handle, ``call(handle, method, *args, num_returns=1, **kw)`` -> future(s),
-``get(futures)``, ``put(value)``, ``wait(futures)``, ``settle(futures)``, ``kill(handle)``. The Ray
-backend also runs synchronous steps worker-driven (``ray_actors``), which the local backend cannot.
-Futures of the local backend are values computed on the spot, in call order: the debug mode, usable
-under pdb.
+``get(futures)``, ``put(value)``, ``wait(futures)``, ``kill(handle)``, ``alive(handle)``,
+``sync_steps(workers, servers, first, n)`` (a run of synchronous steps), and for errors ``cause(error)``
+(the exception behind a backend's wrapper), ``is_failure(error)`` (a process died) and
+``describe(error)`` (one line). Futures of the local backend are values computed on the spot, in call
+order: the debug mode, usable under pdb. On Ray the workers drive synchronous steps themselves
+(``ray_actors``); the local backend runs the same steps from the driver, in rank order.
 """
 from __future__ import annotations
 
@@ -60,13 +62,23 @@ class LocalBackend:
     def put(self, value):
         return LocalFuture(value)
 
-    def settle(self, futures):
-        """Wait until the futures are computed without fetching their values."""
-        self.get(list(futures))
-
     def wait(self, futures):
         """The first future (all are complete) and the rest."""
         return futures[:1], futures[1:]
+
+    def sync_steps(self, workers, servers, first: int, n: int, bounds=None) -> list:
+        """``n`` synchronous steps from ``first``: each step every worker's gradient (K parts for K
+        shards), then one update per shard from the workers' parts in rank order. Returns one future
+        per worker of its list of step metrics, as the Ray backend's worker-driven steps do."""
+        k = len(servers)
+        parts = [self.call(s, "get") for s in servers]
+        per_worker = [[] for _ in workers]
+        for step in range(first, first + n):
+            outs = [self.call(w, "compute", *parts, step=step, bounds=bounds, num_returns=k + 1) for w in workers]
+            parts = [self.call(s, "apply_mean", *[o[i] for o in outs]) for i, s in enumerate(servers)]
+            for r, o in enumerate(outs):
+                per_worker[r].append(self.get(o[k]))
+        return [self.put(m) for m in per_worker]
 
     def cpus(self) -> int:
         return os.cpu_count() or 1
@@ -74,8 +86,17 @@ class LocalBackend:
     def kill(self, handle):
         pass
 
+    def alive(self, handle) -> bool:
+        return True
+
+    def cause(self, error):
+        return error
+
     def is_failure(self, error) -> bool:
         return False
+
+    def describe(self, error) -> str:
+        return describe(error)
 
     def shutdown(self):
         pass
@@ -94,6 +115,7 @@ class RayBackend:
         if not ray.is_initialized():
             _started_here.clear()
             kwargs = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
+            address = address or os.environ.get("RAY_ADDRESS")
             if address:
                 kwargs["address"] = address
             else:
@@ -127,6 +149,10 @@ class RayBackend:
     def call(self, handle, method, *args, num_returns=1, **kwargs):
         return getattr(handle, method).options(num_returns=num_returns).remote(*args, **kwargs)
 
+    def sync_steps(self, workers, servers, first: int, n: int, bounds=None) -> list:
+        """Worker-driven steps (``WorkerActor.run_sync``): one future per worker of its step metrics."""
+        return [self.call(w, "run_sync", servers, first, n, bounds) for w in workers]
+
     def get(self, futures):
         """Values of the futures; the first failure is raised as soon as it is known, not after the
         others (which may wait forever for the one that failed)."""
@@ -146,18 +172,26 @@ class RayBackend:
         except (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError):
             return False
 
+    def cause(self, error):
+        """The exception a remote call raised (``RayTaskError.cause``, through every hop: a worker's
+        call that failed in a server), or ``error`` itself."""
+        while isinstance(error, self.ray.exceptions.RayTaskError) and error.cause is not None:
+            error = error.cause
+        return error
+
     def is_failure(self, error) -> bool:
         """True for errors that mean a process died (as opposed to an error in distnn's code)."""
         e = self.ray.exceptions
-        return isinstance(error, (e.RayActorError, e.ObjectLostError)) or (
-            isinstance(error, e.RayTaskError) and isinstance(error.cause, (e.RayActorError, e.ObjectLostError)))
+        return isinstance(self.cause(error), (e.RayActorError, e.ObjectLostError))
+
+    def describe(self, error) -> str:
+        cause = self.cause(error)
+        if isinstance(cause, self.ray.exceptions.RayActorError):
+            return "an actor's process died"
+        return describe(cause)
 
     def put(self, value):
         return self.ray.put(value)
-
-    def settle(self, futures):
-        futures = list(futures)
-        self.ray.wait(futures, num_returns=len(futures), fetch_local=False)
 
     def wait(self, futures):
         return self.ray.wait(futures, num_returns=1)
@@ -171,6 +205,12 @@ class RayBackend:
     def shutdown(self):
         if self.started:
             self.ray.shutdown()
+
+
+def describe(error) -> str:
+    """One line for an exception: its type and the first line of its message."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
 
 
 def make_backend(name: str, address=None, num_cpus=None):

@@ -23,12 +23,14 @@ import threading
 import numpy as np
 import ray
 
+from .._memory import tune_allocator
 from .server import ParameterServer
 from .worker import GradientWorker
 
 
 class ServerActor(ParameterServer):
     def __init__(self, *args, inline_bytes: int = 0, **kwargs):
+        tune_allocator()  # this process is the actor's own
         super().__init__(*args, **kwargs)
         self._step_done = threading.Condition()
         self._aborted = None
@@ -98,6 +100,10 @@ class ServerActor(ParameterServer):
 
 
 class WorkerActor(GradientWorker):
+    def __init__(self, *args, **kwargs):
+        tune_allocator()  # this process is the actor's own
+        super().__init__(*args, **kwargs)
+
     def run_sync(self, servers: list, first_step: int, steps: int, bounds=None) -> list:
         """Run ``steps`` synchronous steps from ``first_step``; returns their metrics."""
         if getattr(self, "_next_step", None) != first_step:  # a new start, a resume or a recovery

@@ -8,25 +8,23 @@ import time
 
 import numpy as np
 
-from ..optim import make_optimizer, make_schedule
+from .specs import OptimizerSpec, ScheduleSpec
 
 
 class ParameterServer:
     """Holds parameters[lo:hi] and applies optimizer updates.
 
-    ``optimizer``: dict with ``name``, ``lr`` and the optimizer's options; ``schedule``: dict with
-    ``name``, ``total_steps``, ``warmup_steps``. ``decay_mask``: the slice of the model's mask.
-    ``world``: the number of workers whose gradients make one synchronous step.
+    ``params`` (P,): this shard's slice of the flat parameters; ``decay_mask`` (P,): the same slice of
+    the model's weight-decay mask. ``world``: the number of workers whose gradients make one
+    synchronous step.
     """
 
-    def __init__(self, params: np.ndarray, optimizer: dict, schedule: dict, decay_mask=None, world: int = 1):
+    def __init__(self, params: np.ndarray, optimizer: OptimizerSpec, schedule: ScheduleSpec, decay_mask=None,
+                 world: int = 1):
         self.params = np.array(params, np.float32, copy=True)
-        options = {k: v for k, v in optimizer.items() if k != "name"}
-        if options.get("weight_decay"):
-            options["decay_mask"] = decay_mask
-        self.optimizer = make_optimizer(optimizer["name"], self.params.size, **options)
+        self.optimizer = optimizer.make(self.params.size, decay_mask)
         self.base_lr = self.optimizer.lr
-        self.schedule = make_schedule(**schedule)
+        self.schedule = schedule.make()
         self.version = 0          # updates applied
         self.update_seconds = 0.0
         self.world = world

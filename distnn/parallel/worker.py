@@ -8,13 +8,14 @@ import math
 import time
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from .. import ops
 from ..autograd import train_mode
 from ..data import Loader, open_dataset
 from ..models import build_model, evaluate
 from ..nn import Dropout
+from .specs import DataSpec
 
 
 class NonFiniteError(RuntimeError):
@@ -24,25 +25,24 @@ class NonFiniteError(RuntimeError):
 class GradientWorker:
     """Computes the mean gradient of the loss over its next minibatch at given parameters.
 
-    ``data``: dict with ``path`` (a prepared dataset folder), ``labels`` (None, 'fine', 'coarse'),
-    ``batch_size`` (per worker), ``seed``, and optionally ``augment``. Every random draw (data order,
-    augmentation, dropout masks) comes from generators seeded by (seed, rank, epoch).
+    ``spec``: the model (``models.build_model``); ``data``: what to read (``DataSpec``); ``threads``:
+    BLAS threads while it computes (the host's own limit is put back after each call). Every random
+    draw (data order, augmentation, dropout masks) comes from generators seeded by (seed, rank, epoch).
     """
 
-    def __init__(self, spec: dict, data: dict, rank: int, world_size: int, threads: int = 1):
+    def __init__(self, spec: dict, data: DataSpec, rank: int, world_size: int, threads: int = 1):
         self.rank, self.world_size = rank, world_size
         self.threads = threads
-        self._limits = threadpool_limits(limits=threads, user_api="blas")
+        self._blas = ThreadpoolController()
         self.spec = spec
         self.model = build_model(spec)
-        self.dataset = open_dataset(data["path"])
-        self.seed = data.get("seed", 0)
-        self.label_smoothing = data.get("label_smoothing", 0.0)
-        self.loader = Loader(self.dataset, "train", rank, world_size, data["batch_size"], seed=self.seed,
-                             labels=data.get("labels"), augment=data.get("augment"), pad=data.get("augment_pad", 4),
-                             drop_last=True)
-        self.test_loader = Loader(self.dataset, "test", rank, world_size, data.get("eval_batch_size", 500),
-                                  labels=data.get("labels"), shuffle=False, augment=False)
+        self.dataset = open_dataset(data.path)
+        self.seed = data.seed
+        self.label_smoothing = data.label_smoothing
+        self.loader = Loader(self.dataset, "train", rank, world_size, data.batch_size, seed=self.seed,
+                             labels=data.labels, augment=data.augment, pad=data.augment_pad, drop_last=True)
+        self.test_loader = Loader(self.dataset, "test", rank, world_size, data.eval_batch_size,
+                                  labels=data.labels, shuffle=False, augment=False)
         self._dropouts = [m for _, m in self.model.named_modules() if isinstance(m, Dropout)]
         self._batches = None
         self.position = (0, 0)  # (epoch, next batch index)
@@ -62,6 +62,10 @@ class GradientWorker:
         shard; K = 1 for one server). Returns the K matching gradient parts, then the metrics:
         loss (mean over the batch), correct, count, rank, step and the data position.
         """
+        with self._blas.limit(limits=self.threads, user_api="blas"):
+            return self._compute(param_parts, step, bounds)
+
+    def _compute(self, param_parts, step, bounds):
         params = param_parts[0] if len(param_parts) == 1 else np.concatenate(param_parts)
         if self._batches is None:
             self.start_epoch(0)
@@ -100,6 +104,10 @@ class GradientWorker:
 
     def evaluate(self, params, buffers=None) -> dict:
         """Loss sum, correct and count over this worker's part of the test split."""
+        with self._blas.limit(limits=self.threads, user_api="blas"):
+            return self._evaluate(params, buffers)
+
+    def _evaluate(self, params, buffers):
         self.model.set_flat_params(params)
         saved = self.model.buffers_vector()
         if buffers is not None and buffers.size:

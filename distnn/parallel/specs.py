@@ -1,0 +1,58 @@
+"""The settings a worker and a server receive, as typed, picklable records (what crosses to a Ray
+actor is one of these, never a dict read with ``.get`` defaults)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..optim import Optimizer, make_optimizer, make_schedule
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a GradientWorker reads and how.
+
+    ``path``: a prepared dataset folder; ``batch_size``: per worker; ``labels``: the label field
+    (None: the dataset's default; CIFAR-100: 'fine' or 'coarse'); ``seed``: seeds data order,
+    augmentation and dropout with (seed, rank, epoch, batch); ``augment``: None (the dataset's default),
+    'none', 'crop' or 'crop+flip'; ``augment_pad``: zero padding before the random crop.
+    """
+    path: str
+    batch_size: int
+    labels: str | None = None
+    seed: int = 0
+    augment: str | None = None
+    augment_pad: int = 4
+    label_smoothing: float = 0.0
+    eval_batch_size: int = 500
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """An optimizer by name with its base learning rate; ``momentum`` only for momentum / nesterov
+    (None: the optimizer's default), ``weight_decay`` masked off biases and norm parameters."""
+    name: str
+    lr: float
+    momentum: float | None = None
+    weight_decay: float = 0.0
+
+    def make(self, size: int, decay_mask: np.ndarray | None = None) -> Optimizer:
+        options = {"lr": self.lr}
+        if self.momentum is not None:
+            options["momentum"] = self.momentum
+        if self.weight_decay:
+            options.update(weight_decay=self.weight_decay, decay_mask=decay_mask)
+        return make_optimizer(self.name, size, **options)
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """A learning-rate schedule over ``total_steps`` updates with ``warmup_steps`` of linear warmup."""
+    name: str = "constant"
+    total_steps: int = 1
+    warmup_steps: int = 0
+
+    def make(self):
+        """step -> multiplier of the base learning rate."""
+        return make_schedule(self.name, self.total_steps, self.warmup_steps)

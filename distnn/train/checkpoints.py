@@ -1,0 +1,85 @@
+"""A run's checkpoints (``RUN/checkpoints/step-N.h5``) and its recovery from lost processes.
+
+A checkpoint holds every shard's state (parameters, optimizer slots, update count), every worker's
+batch-norm statistics and the step; an async run's adds each worker's count of applied gradients.
+The data position follows from those counts, and every random draw from (seed, rank, epoch, batch),
+so a restored run continues exactly as the unbroken one would have.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from .errors import TrainingError
+
+
+class Checkpoints:
+    def __init__(self, folder: Path, keep: int, model, spec: dict, config: dict):
+        """``model``: a replica the parameters are gathered into for writing (the file is also a model
+        file); ``spec`` and ``config`` are stored so that ``--resume`` rebuilds the run."""
+        self.folder, self.keep, self.model, self.spec, self.config = Path(folder), keep, model, spec, config
+        self.last: Path | None = None
+        self.last_step = -1
+        self.recoveries: list[dict] = []
+
+    def save(self, fleet, step: int, done: list[int] | None = None) -> None:
+        """Checkpoint the fleet's state after ``step`` (``done``: an async run's per-worker counts);
+        keep the newest ``keep``. Saving the same step twice writes once."""
+        if step == self.last_step:
+            return
+        states = fleet.call_servers("state")
+        worker_buffers = fleet.worker_buffers()
+        self.model.set_flat_params(np.concatenate([st["params"] for st in states]))
+        if worker_buffers.shape[1]:
+            self.model.set_buffers_vector(worker_buffers.mean(axis=0).astype(worker_buffers.dtype))
+        path = self.folder / f"step-{step:08d}.h5"
+        save_checkpoint(path, self.model, step=step, servers=states, worker_buffers=worker_buffers,
+                        config=self.config, spec=self.spec, extra=None if done is None else {"done": list(done)})
+        prune_checkpoints(self.folder, self.keep)
+        self.last, self.last_step = path, step
+
+    def restore(self, fleet, ckpt: dict, mode: str) -> tuple[int, list[int] | None]:
+        """Load a checkpoint (``checkpoint.load_checkpoint``) into the fleet; returns (step, done)."""
+        if len(ckpt["servers"]) != len(fleet.servers) or len(ckpt["worker_buffers"]) != fleet.world:
+            raise TrainingError(f"{ckpt['path']}: made with {len(ckpt['worker_buffers'])} workers and "
+                                f"{len(ckpt['servers'])} servers; resume with the same numbers")
+        made_by = "sync" if ckpt.get("done") is None else "async"
+        if made_by != mode:
+            raise TrainingError(f"{ckpt['path']}: made by a {made_by} run; resume it with mode = '{made_by}'")
+        fleet.get([fleet.backend.call(s, "load_state", st) for s, st in zip(fleet.servers, ckpt["servers"])])
+        fleet.set_worker_buffers(ckpt["worker_buffers"])
+        self.last, self.last_step = Path(ckpt["path"]), ckpt["step"]
+        return ckpt["step"], ckpt.get("done")
+
+    def recover(self, fleet, error, step: int) -> dict:
+        """A worker or server process died during ``step``'s chunk. Every worker is replaced (given
+        the survivors' mean batch-norm statistics) and the interrupted step is redone: the shards
+        drop its partial gradients, so it is never applied with one missing. A dead shard (or shards
+        that disagree on the step) means every shard restarts from the newest checkpoint and the
+        steps since are redone. Returns the event, with the step to continue from."""
+        b = fleet.backend
+        if len(self.recoveries) >= 3 * (fleet.world + len(fleet.servers)):
+            raise TrainingError(f"giving up after {len(self.recoveries)} recoveries; last failure: {b.describe(error)}")
+        started = time.perf_counter()
+        lost_workers, lost_servers = fleet.lost()
+        survivors = [w for r, w in enumerate(fleet.workers) if r not in lost_workers]
+        buffers = (np.mean(fleet.get([b.call(w, "buffers") for w in survivors]), axis=0).astype(np.float32)
+                   if survivors else None)
+        fleet.replace_workers()
+        versions = [] if lost_servers else fleet.call_servers("recover")
+        if lost_servers or len(set(versions)) > 1 or buffers is None:
+            ckpt = load_checkpoint(self.last)
+            fleet.restart_servers(ckpt["servers"])
+            fleet.set_worker_buffers(ckpt["worker_buffers"])
+            restart = ckpt["step"]
+        else:
+            fleet.set_worker_buffers([buffers] * fleet.world)
+            restart = versions[0]
+        event = {"type": "recovery", "after_step": step, "restart_step": restart, "lost_workers": lost_workers,
+                 "lost_servers": lost_servers, "error": b.describe(error),
+                 "seconds": round(time.perf_counter() - started, 3)}
+        self.recoveries.append(event)
+        return event

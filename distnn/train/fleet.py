@@ -1,0 +1,140 @@
+"""The processes of one run: ``world`` gradient workers and K parameter-server shards behind a
+backend (``parallel.backends``). The fleet starts them, calls them, replaces dead ones and closes
+them; if starting fails half-way, what was started is closed.
+
+Shard k owns the contiguous slice ``bounds[k]`` of the flat parameter vector; a worker's gradient
+travels as the K matching slices.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..parallel import GradientWorker, ParameterServer
+from ..parallel.specs import DataSpec, OptimizerSpec, ScheduleSpec
+
+
+def shard_bounds(size: int, k: int) -> list[tuple[int, int]]:
+    """K contiguous, nearly equal slices of range(size)."""
+    edges = np.linspace(0, size, k + 1).astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+class Fleet:
+    def __init__(self, backend, spec: dict, data: DataSpec, world: int, threads: int = 1, owns_backend=False):
+        """Start the workers and read their data; ``steps_per_epoch`` is the smallest worker's count
+        of batches. ``owns_backend``: ``close`` shuts the backend down too."""
+        self.backend, self.spec, self.data = backend, spec, data
+        self.world, self.threads, self.owns_backend = world, threads, owns_backend
+        self.workers, self.servers, self.bounds = [], [], []
+        try:
+            self.workers = [self._new_worker(r) for r in range(world)]
+            self.steps_per_epoch = min(self.call_workers("ready"))
+        except BaseException:
+            self.close()
+            raise
+
+    def _new_worker(self, rank):
+        return self.backend.create(GradientWorker, self.spec, self.data, rank, self.world, self.threads,
+                                   cpus=self.threads)
+
+    def start_servers(self, params: np.ndarray, decay_mask: np.ndarray, optimizer: OptimizerSpec,
+                      schedule: ScheduleSpec, k: int = 1) -> None:
+        """K shards, each given its slice of ``params`` (P,) and of ``decay_mask`` (P,)."""
+        self.bounds = shard_bounds(params.size, k)
+        self._server_args = (decay_mask, optimizer, schedule)
+        self.servers = [self._new_server(i, params[lo:hi]) for i, (lo, hi) in enumerate(self.bounds)]
+
+    def _new_server(self, k, params):
+        mask, optimizer, schedule = self._server_args
+        lo, hi = self.bounds[k]
+        return self.backend.create(ParameterServer, params, optimizer, schedule, mask[lo:hi], world=self.world, cpus=0)
+
+    @property
+    def shard_bounds(self):
+        """The bounds workers cut their gradients at (None for one shard: no cut)."""
+        return self.bounds if len(self.servers) > 1 else None
+
+    # -- calls ------------------------------------------------------------------------------------
+    def get(self, futures):
+        return self.backend.get(futures)
+
+    def call_workers(self, method, *args):
+        """``method(*args)`` on every worker; their results in rank order."""
+        return self.get([self.backend.call(w, method, *args) for w in self.workers])
+
+    def call_servers(self, method, *args):
+        return self.get([self.backend.call(s, method, *args) for s in self.servers])
+
+    def server_parts(self) -> list:
+        """Futures of each shard's current parameters."""
+        return [self.backend.call(s, "get") for s in self.servers]
+
+    def compute(self, rank: int, parts: list, step: int) -> list:
+        """Worker ``rank``'s gradient at ``parts``: futures of its K gradient slices, then its metrics."""
+        return self.backend.call(self.workers[rank], "compute", *parts, step=step, bounds=self.shard_bounds,
+                                 num_returns=len(self.servers) + 1)
+
+    def apply_one(self, grads: list) -> list:
+        """Apply one worker's gradient slices (async); futures of the shards' new parameters."""
+        return [self.backend.call(s, "apply_one", g) for s, g in zip(self.servers, grads)]
+
+    def sync_steps(self, first: int, n: int) -> list:
+        """``n`` synchronous steps from ``first``: one future per worker of its list of step metrics."""
+        return self.backend.sync_steps(self.workers, self.servers, first, n, self.shard_bounds)
+
+    def collect(self, futures) -> list:
+        """The values of ``sync_steps``; on a failure the shards drop the step they were collecting
+        (releasing workers that wait in it) before the error is raised."""
+        try:
+            return self.get(futures)
+        except Exception as e:
+            for s in self.servers:
+                self.backend.call(s, "abort", self.backend.describe(e))
+            raise
+
+    def parameters(self) -> np.ndarray:
+        """The flat parameters (P,), joined from the shards."""
+        return np.concatenate(self.call_servers("get"))
+
+    def worker_buffers(self) -> np.ndarray:
+        """(world, B): each worker's batch-norm running statistics (B = 0 without batch norm)."""
+        return np.stack(self.call_workers("buffers"))
+
+    def set_worker_buffers(self, rows) -> None:
+        self.get([self.backend.call(w, "set_buffers", b) for w, b in zip(self.workers, rows)])
+
+    def evaluate(self, params: np.ndarray, buffers: np.ndarray) -> dict:
+        """Test loss and accuracy of ``params`` with ``buffers``, each worker over its part."""
+        parts = self.call_workers("evaluate", self.backend.put(params), buffers)
+        count = sum(p["count"] for p in parts)
+        return {"test_loss": sum(p["loss_sum"] for p in parts) / count,
+                "test_accuracy": sum(p["correct"] for p in parts) / count, "test_count": count}
+
+    # -- failures and the end ---------------------------------------------------------------------
+    def lost(self) -> tuple[list[int], list[int]]:
+        """Ranks of the workers and indices of the shards whose processes are gone."""
+        alive = self.backend.alive
+        return ([r for r, w in enumerate(self.workers) if not alive(w)],
+                [k for k, s in enumerate(self.servers) if not alive(s)])
+
+    def replace_workers(self) -> None:
+        """Fresh replicas of every rank, survivors too: one may already be running a chunk queued
+        before a failure, which would push gradients of a step that is no longer next."""
+        for r, w in enumerate(self.workers):
+            self.backend.kill(w)
+            self.workers[r] = self._new_worker(r)
+        self.call_workers("ready")
+
+    def restart_servers(self, states: list[dict]) -> None:
+        """New shard processes holding ``states`` (``ParameterServer.state()`` of each)."""
+        for k, (s, state) in enumerate(zip(self.servers, states)):
+            self.backend.kill(s)
+            self.servers[k] = self._new_server(k, state["params"])
+        self.get([self.backend.call(s, "load_state", st) for s, st in zip(self.servers, states)])
+
+    def close(self) -> None:
+        for handle in self.workers + self.servers:
+            self.backend.kill(handle)
+        self.workers, self.servers = [], []
+        if self.owns_backend:
+            self.backend.shutdown()

@@ -1,0 +1,103 @@
+"""What a run tells its user: the progress bar, ``metrics.jsonl`` (steps, epochs, recoveries), the
+console lines and ``summary.json``.
+
+Timing: ``train_seconds`` is the wall time of the training loop less the time spent in evaluations
+and recoveries (``paused``); per-step figures divide it by the steps run (redone steps included),
+so compute + server + wait always add up to the total.
+"""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .._io import atomic_write_text
+from .metrics import MetricsLog
+
+
+class RunReport:
+    def __init__(self, out: Path, world: int, total_updates: int, log=print, progress=True, log_every: int = 20):
+        self.out, self.world, self.total, self.log, self.log_every = Path(out), world, total_updates, log, log_every
+        self.progress = progress
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", world, log)
+        self.epochs: list[dict] = []
+        self.staleness: list[int] = []      # async: of every applied gradient
+        self.steps_run = 0
+        self.compute_seconds = 0.0
+        self.paused_seconds = 0.0
+        self.bar = None
+
+    def start(self, step: int) -> None:
+        self.started = time.perf_counter()
+        self.metrics.new_window(self.started)
+        self.bar = tqdm(total=self.total, initial=step, unit="step", disable=not self.progress, dynamic_ncols=True)
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.started
+
+    @contextmanager
+    def paused(self):
+        """Time inside is not training time (evaluation, recovery)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.perf_counter() - t0
+
+    def step(self, metrics_list: list[dict], step: int, compute: float, staleness: int | None = None) -> None:
+        """One update: the metrics of every worker that contributed, the compute time on its critical
+        path, and (async) the staleness of the gradient applied."""
+        self.metrics.add(metrics_list)
+        self.steps_run += 1
+        self.compute_seconds += compute
+        if staleness is not None:
+            self.staleness.append(staleness)
+        self.bar.update(1)
+        if step % self.log_every == 0 or step == self.total:
+            rec = self.metrics.write_step(step, metrics_list[0]["epoch"], self.wall(), self.staleness)
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.3f}",
+                                 samples_s=f"{rec['samples_per_s']:.0f}")
+
+    def epoch(self, epoch: int, epochs: int, step: int, result: dict) -> None:
+        rec = {"type": "epoch", "epoch": epoch, "step": step, "wall_time": self.wall(), **result}
+        self.metrics.write(**rec)
+        self.epochs.append(rec)
+        self.log(f"epoch {epoch + 1}/{epochs}: test accuracy {result['test_accuracy']:.4f}, "
+                 f"test loss {result['test_loss']:.4f} ({rec['wall_time']:.1f} s)")
+
+    def recovery(self, event: dict) -> None:
+        self.metrics.write(**event, wall_time=self.wall())
+        redone = max(0, event["after_step"] - event["restart_step"])
+        self.log(f"recovered: lost workers {event['lost_workers'] or 'none'}, servers "
+                 f"{event['lost_servers'] or 'none'}; continuing from step {event['restart_step']} "
+                 f"({redone} steps redone)")
+
+    def summary(self, fields: dict, server_seconds: float, samples: int, recoveries: list[dict]) -> dict:
+        """Write ``summary.json``: ``fields`` plus throughput, the per-step breakdown and recoveries."""
+        wall = self.wall()
+        train = max(wall - self.paused_seconds, 1e-9)
+        summary = {**fields, "wall_time_s": round(wall, 2), "train_seconds": round(train, 2),
+                   "samples_per_s": round(samples / wall, 1), "server_update_s": round(server_seconds, 3),
+                   "final": self.epochs[-1] if self.epochs else None, "run": str(self.out)}
+        if self.steps_run:
+            ms = {"total": train, "compute": self.compute_seconds, "server_update": server_seconds}
+            ms["wait_and_transfer"] = max(0.0, train - self.compute_seconds - server_seconds)
+            summary["per_step_ms"] = {k: round(1e3 * v / self.steps_run, 2) for k, v in ms.items()}
+        if recoveries:
+            summary["recoveries"] = recoveries
+            summary["steps_redone"] = sum(max(0, r["after_step"] - r["restart_step"]) for r in recoveries)
+        if fields.get("mode") == "async":
+            summary["max_staleness"] = int(max(self.staleness, default=0))
+            summary["mean_staleness"] = float(np.mean(self.staleness)) if self.staleness else 0.0
+        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
+        return summary
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if not self.metrics.file.closed:
+            self.metrics.close()

@@ -1,0 +1,60 @@
+"""From a TrainConfig to what a run starts with: the prepared dataset, the model spec, the worker
+and server specs, the number of workers and the run folder."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..config import TrainConfig
+from ..data import prepare
+from ..data.dataset import MANIFEST
+from ..parallel.specs import DataSpec, OptimizerSpec, ScheduleSpec
+from .errors import TrainingError
+
+
+def prepared_dataset(c: TrainConfig, log=print, progress=True) -> Path:
+    """The dataset folder, prepared first when it is missing (from ``c.source``, or by download into
+    the default folder)."""
+    path = Path(c.data) / c.dataset
+    if not (path / MANIFEST).is_file():
+        if c.source is None and Path(c.data) != Path("datasets"):
+            raise TrainingError(f"{path}: dataset not prepared; run `python scripts/prepare_data.py {c.dataset} "
+                                f"--out {c.data} --source RAW_FOLDER` (or pass --source to distnn train)")
+        log(f"{path}: not prepared yet; preparing it now")
+        prepare(c.dataset, out=c.data, source=c.source, progress=progress, log=log)
+    return path
+
+
+def model_spec(c: TrainConfig, num_classes: int) -> dict:
+    return {"model": c.model, "num_classes": num_classes, "seed": c.seed, **c.model_options}
+
+
+def data_spec(c: TrainConfig, path: Path) -> DataSpec:
+    return DataSpec(path=str(path), batch_size=c.batch_size, labels=c.labels, seed=c.seed, augment=c.augment,
+                    augment_pad=4 if c.augment_pad is None else c.augment_pad, label_smoothing=c.label_smoothing)
+
+
+def optimizer_spec(c: TrainConfig, world: int) -> OptimizerSpec:
+    """The servers' optimizer; with ``scale_lr`` (sync) the base rate times the number of workers."""
+    lr = c.lr * (world if c.scale_lr and c.mode == "sync" else 1)
+    return OptimizerSpec(name=c.optimizer, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay)
+
+
+def schedule_spec(c: TrainConfig, total_updates: int) -> ScheduleSpec:
+    return ScheduleSpec(name=c.lr_schedule, total_steps=total_updates, warmup_steps=c.warmup)
+
+
+def world_size(c: TrainConfig, cpus: int) -> int:
+    """``c.workers``, or one per ``c.threads`` CPUs of the cluster; refuses more than a Ray cluster has."""
+    world = c.workers or max(1, cpus // c.threads)
+    if c.backend == "ray" and world * c.threads > cpus:
+        raise TrainingError(f"--workers {world} x {c.threads} threads needs {world * c.threads} CPUs; "
+                            f"the Ray cluster has {cpus}: use fewer workers or add nodes")
+    return world
+
+
+def run_folder(c: TrainConfig) -> Path:
+    """``c.out``, or runs/MODEL-DATASET-TIME; created."""
+    out = Path(c.out or f"runs/{c.model}-{c.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    return out

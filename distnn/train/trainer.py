@@ -1,0 +1,173 @@
+"""Trainer: one run, orchestrated. The jobs live in their own modules: ``setup`` (config -> specs),
+``fleet`` (the processes), ``schedule`` with ``sync`` and ``asynchronous`` (which step runs when),
+``checkpoints`` (save, restore, recover) and ``report`` (progress, metrics, summary)."""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+
+from .._io import atomic_write_text
+from ..config import TrainConfig
+from ..checkpoint import save_model
+from ..data import open_dataset
+from ..models import build_model
+from ..parallel import NonFiniteError, make_backend
+from . import setup
+from .asynchronous import run_async
+from .checkpoints import Checkpoints
+from .errors import TrainingError, TrainingInterrupted
+from .fleet import Fleet
+from .report import RunReport
+from .schedule import RunLength
+from .sync import run_sync
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, backend=None, log=print, progress=True, resume: dict | None = None,
+                 on_step=None):
+        """``backend``: a backend to use (default: made from the config, and shut down by ``close``);
+        ``resume``: a loaded checkpoint (``checkpoint.load_checkpoint``) to continue from;
+        ``on_step(trainer, step)``: called after every update (tests stop or kill processes there)."""
+        c = self.config = config
+        self.log, self.on_step = log, on_step
+        self.step, self.stop_requested, self.max_lead = 0, False, 0
+        self.fleet = self.report = None
+        path = setup.prepared_dataset(c, log, progress)
+        self.spec = setup.model_spec(c, open_dataset(path).num_classes(c.labels))
+        self.model = build_model(self.spec)
+        try:
+            owns = backend is None
+            backend = backend or make_backend(c.backend, c.address)
+            world = setup.world_size(c, backend.cpus())
+            self.out = setup.run_folder(c)
+            c.out = str(self.out)  # a checkpoint's config names its run
+            self.fleet = Fleet(backend, self.spec, setup.data_spec(c, path), world, c.threads, owns_backend=owns)
+            self.length = RunLength(self.fleet.steps_per_epoch, c.epochs, world, c.mode, c.max_steps)
+            if self.length.steps_per_epoch < 1:
+                raise TrainingError(f"batch size {c.batch_size} is larger than a worker's part of the training data")
+            self.fleet.start_servers(self.model.flat_params, self.model.decay_mask(), setup.optimizer_spec(c, world),
+                                     setup.schedule_spec(c, self.length.total_updates), c.servers)
+            atomic_write_text(self.out / "config.json",
+                              json.dumps({"config": c.as_dict(), "spec": self.spec, "workers": world}, indent=1))
+            self.checkpoints = Checkpoints(self.out / "checkpoints", c.keep_checkpoints, self.model, self.spec,
+                                           c.as_dict())
+            self.done = [0] * world  # async: gradients applied per worker
+            if resume is not None:
+                self.step, done = self.checkpoints.restore(self.fleet, resume, c.mode)
+                self.done = done or self.done
+                log(f"resuming {c.model} from {resume['path']} at step {self.step} of {self.length.total_updates}")
+            self.report = RunReport(self.out, world, self.length.total_updates, log, progress, c.log_every)
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self) -> dict:
+        c, n = self.config, self.length
+        self.log(f"training {c.model} on {c.dataset}: {n.world} {c.backend} workers x batch {c.batch_size}, {c.mode}"
+                 f"{'' if c.staleness is None else f' (staleness {c.staleness})'}, {c.servers} server(s), "
+                 f"{c.epochs} epochs of {n.steps_per_epoch} steps -> {self.out}")
+        self.report.start(self.step)
+        try:
+            self._loop()
+            if self.stop_requested:
+                raise TrainingInterrupted(f"stopped at step {self.step}{self._last_checkpoint('; checkpoint ')}"
+                                          + (f"; continue with: distnn train --resume {self.out}"
+                                             if self.checkpoints.last else ""))
+            return self._finish()
+        finally:
+            self.report.close()
+
+    def _loop(self) -> None:
+        restore_signals = self._catch_signals()
+        try:
+            (run_sync if self.config.mode == "sync" else run_async)(self)
+        except Exception as e:
+            cause = self.fleet.backend.cause(e)
+            if isinstance(cause, NonFiniteError):
+                raise TrainingError(f"{cause}{self._last_checkpoint('; last good checkpoint ')}") from None
+            raise
+        finally:
+            restore_signals()
+
+    def request_stop(self) -> None:
+        """Finish the steps in flight, save a checkpoint and stop (what Ctrl-C and SIGTERM do)."""
+        self.stop_requested = True
+
+    def recorded(self, metrics_list: list[dict], compute: float, staleness: int | None = None) -> None:
+        """The loops report each update here."""
+        self.step += 1
+        self.report.step(metrics_list, self.step, compute, staleness)
+        if self.on_step is not None:
+            self.on_step(self, self.step)
+
+    def evaluate(self) -> dict:
+        """Test loss and accuracy of the servers' parameters with the workers' mean statistics."""
+        buffers = self.fleet.worker_buffers()
+        self.buffers = buffers.mean(axis=0).astype(buffers.dtype)
+        return self.fleet.evaluate(self.fleet.parameters(), self.buffers)
+
+    def end_epoch(self, epoch: int) -> None:
+        with self.report.paused():
+            self.report.epoch(epoch, self.config.epochs, self.step, self.evaluate())
+
+    def recover(self, error) -> None:
+        """A process died (Ray): replace it and go back to the step to redo (see Checkpoints.recover)."""
+        with self.report.paused():
+            event = self.checkpoints.recover(self.fleet, error, self.step)
+        self.step = event["restart_step"]
+        self.report.recovery(event)
+
+    def _finish(self) -> dict:
+        c, report = self.config, self.report
+        if not report.epochs or report.epochs[-1]["step"] != self.step:  # stopped by max_steps mid-epoch
+            self.end_epoch(self.step // self.length.updates_per_epoch)
+        self.model.set_flat_params(self.fleet.parameters())
+        if self.buffers.size:
+            self.model.set_buffers_vector(self.buffers)
+        save_model(self.model, self.out / "model.h5", self.spec)
+        server = max(s["update_seconds"] for s in self.fleet.call_servers("stats"))
+        fields = {"model": c.model, "dataset": c.dataset, "backend": c.backend, "mode": c.mode,
+                  "workers": self.length.world, "servers": c.servers, "epochs": c.epochs, "steps": self.step}
+        if c.mode == "async":
+            fields["max_worker_lead"] = self.max_lead
+        samples = self.step * c.batch_size * (self.length.world if c.mode == "sync" else 1)
+        summary = report.summary(fields, server, samples, self.checkpoints.recoveries)
+        self.log(f"done: {self.step} steps in {summary['wall_time_s']:.1f} s ({summary['samples_per_s']:.0f} "
+                 f"samples/s); test accuracy {summary['final']['test_accuracy']:.4f}; model saved to "
+                 f"{self.out / 'model.h5'}")
+        return summary
+
+    def _last_checkpoint(self, prefix: str) -> str:
+        return f"{prefix}{self.checkpoints.last}" if self.checkpoints.last else ""
+
+    def _catch_signals(self):
+        """Ctrl-C or SIGTERM: ``request_stop``; a second one stops at once. Returns the function that
+        puts the old handlers back."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def handler(signum, frame):
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.request_stop()
+            self.log(f"{signal.Signals(signum).name}: stopping after the steps in flight and saving a checkpoint "
+                     "(again to stop at once)")
+
+        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return lambda: [signal.signal(sig, h) for sig, h in old.items()]
+
+    def close(self) -> None:
+        if self.report is not None:
+            self.report.close()
+        if self.fleet is not None:
+            self.fleet.close()
+
+
+def train(config: TrainConfig, backend=None, log=print, progress=True, resume: dict | None = None) -> dict:
+    """Run a training to its end (or its stop) and close its processes; returns the summary."""
+    trainer = Trainer(config, backend, log, progress, resume)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
