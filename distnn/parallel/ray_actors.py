@@ -18,7 +18,6 @@ in every reply (three A/B pairs), as copying megabytes per worker outweighs the 
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy as np
 import ray
@@ -29,34 +28,24 @@ from .worker import GradientWorker
 
 
 class ServerActor(ParameterServer):
+    """Adds what crossing processes needs: publishing large vectors through the object store, and
+    copies made under the lock (Ray serialises a return value after the method has returned, while
+    pushes of the next step may already run in other threads)."""
+
     def __init__(self, *args, inline_bytes: int = 0, **kwargs):
         tune_allocator()  # this process is the actor's own
+        self._inline_bytes = inline_bytes
         super().__init__(*args, **kwargs)
-        self._step_done = threading.Condition()
-        self._aborted = None
-        self._inline = self.params.nbytes <= inline_bytes
-        self._published = self._publish()
 
     def _publish(self):
-        """The parameters as the workers will receive them: a copy (sent inside each reply, and kept
-        unchanged by later updates) or one object-store reference."""
-        return self.params.copy() if self._inline else ray.put(self.params)
+        return self.params.copy() if self.params.nbytes <= self._inline_bytes else ray.put(self.params)
 
     def push(self, rank: int, grad, step: int) -> list:
-        """Give this worker's gradient of ``step``; returns [the parameters after it, or a reference]."""
-        with self._step_done:
-            if self.contribute(rank, grad):
-                self._published = self._publish()
-                self._step_done.notify_all()
-            else:
-                self._step_done.wait_for(lambda: self.version > step or self._aborted)
-                if self.version <= step:
-                    raise RuntimeError(f"step {step} abandoned: {self._aborted}")
-            return [self._published]
+        return [super().push(rank, grad, step)]  # a list, so that a reference is passed on, not resolved
 
-    # The actor runs calls in several threads (pushes of one step wait for each other), so every call
-    # that reads or changes the parameters holds the lock, and returns a copy made under it: Ray
-    # serialises a return value after the method has returned.
+    def published(self) -> list:
+        return [super().published()]
+
     def apply_one(self, grad):
         with self._step_done:
             return super().apply_one(grad).copy()
@@ -73,30 +62,8 @@ class ServerActor(ParameterServer):
         with self._step_done:
             return super().state()
 
-    def load_state(self, state):
-        with self._step_done:
-            super().load_state(state)
-            self._published = self._publish()
-
-    def published(self) -> list:
-        return [self._published]
-
-    def recover(self) -> int:
-        """Forget a step abandoned by a failure; returns the number of updates applied."""
-        with self._step_done:
-            self._aborted = None
-            self._pending.clear()
-            return self.version
-
     def pid(self) -> int:
         return os.getpid()
-
-    def abort(self, reason: str) -> None:
-        """Release workers waiting for a step that will not complete (another worker failed)."""
-        with self._step_done:
-            self._aborted = reason
-            self._pending.clear()
-            self._step_done.notify_all()
 
 
 class WorkerActor(GradientWorker):
@@ -105,18 +72,17 @@ class WorkerActor(GradientWorker):
         super().__init__(*args, **kwargs)
 
     def run_sync(self, servers: list, first_step: int, steps: int, bounds=None) -> list:
-        """Run ``steps`` synchronous steps from ``first_step``; returns their metrics."""
-        if getattr(self, "_next_step", None) != first_step:  # a new start, a resume or a recovery
-            self._param_parts = [ray.get(s.published.remote())[0] for s in servers]
-        out = []
-        for step in range(first_step, first_step + steps):
-            parts = [p if isinstance(p, np.ndarray) else ray.get(p) for p in self._param_parts]
-            *grads, metrics = self.compute(*parts, step=step, bounds=bounds)
-            replies = ray.get([s.push.remote(self.rank, g, step) for s, g in zip(servers, grads)])
-            self._param_parts = [r[0] for r in replies]
-            self._next_step = step + 1
-            out.append(metrics)
-        return out
+        """Run ``steps`` synchronous steps from ``first_step`` against the shard actors ``servers``;
+        returns their metrics."""
+        def fetch(replies):
+            return [p if isinstance(p, np.ndarray) else ray.get(p) for p in (r[0] for r in ray.get(replies))]
+
+        def push(grads, step):
+            return fetch([s.push.remote(self.rank, g, step) for s, g in zip(servers, grads)])
+
+        if self.next_step != first_step:  # a new start, a resume or a recovery
+            self.params = fetch([s.published.remote() for s in servers])
+        return self.run_steps(push, first_step, steps, bounds)
 
     def pid(self) -> int:
         return os.getpid()

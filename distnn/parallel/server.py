@@ -4,11 +4,16 @@ Plain Python: the Ray backend wraps it as an actor, the local backend calls it d
 """
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
 
 from .specs import OptimizerSpec, ScheduleSpec
+
+
+class StepAbandoned(RuntimeError):
+    """A synchronous step that will not complete: another worker failed (``ParameterServer.abort``)."""
 
 
 class ParameterServer:
@@ -29,6 +34,9 @@ class ParameterServer:
         self.update_seconds = 0.0
         self.world = world
         self._pending = {}        # rank -> gradient of the step being collected
+        self._step_done = threading.Condition()   # pushes of one step wait on it for each other
+        self._aborted = None
+        self._published = self._publish()
 
     def get(self) -> np.ndarray:
         return self.params
@@ -64,6 +72,44 @@ class ParameterServer:
         self.apply_mean(*grads)
         return True
 
+    # -- worker-driven synchronous steps: each worker's thread pushes and waits for the update ---------
+    def _publish(self):
+        """The parameters as the workers receive them after a step: a copy, kept unchanged by later
+        updates (the Ray actor may publish an object-store reference instead)."""
+        return self.params.copy()
+
+    def push(self, rank: int, grad: np.ndarray, step: int):
+        """Give worker ``rank``'s gradient of ``step`` and wait until all ``world`` gradients of it are
+        applied (``contribute``); returns the published parameters after it. Raises StepAbandoned if
+        the step is aborted while waiting."""
+        with self._step_done:
+            if self.contribute(rank, grad):
+                self._published = self._publish()
+                self._step_done.notify_all()
+            else:
+                self._step_done.wait_for(lambda: self.version > step or self._aborted)
+                if self.version <= step:
+                    raise StepAbandoned(f"step {step} abandoned: {self._aborted}")
+            return self._published
+
+    def published(self):
+        """The parameters as the last step published them (where a worker-driven run starts)."""
+        return self._published
+
+    def abort(self, reason: str) -> None:
+        """Release the workers waiting in a step that will not complete; drop its gradients."""
+        with self._step_done:
+            self._aborted = reason
+            self._pending.clear()
+            self._step_done.notify_all()
+
+    def recover(self) -> int:
+        """Forget a step abandoned by a failure; returns the number of updates applied."""
+        with self._step_done:
+            self._aborted = None
+            self._pending.clear()
+            return self.version
+
     def apply_one(self, grad: np.ndarray) -> np.ndarray:
         """Asynchronous step: apply one worker's gradient as it is; return the new parameters."""
         self._apply(grad)
@@ -77,6 +123,8 @@ class ParameterServer:
         return {"params": self.params.copy(), "version": self.version, "optimizer": self.optimizer.state_dict()}
 
     def load_state(self, state: dict) -> None:
-        self.params[...] = state["params"]
-        self.version = int(state["version"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        with self._step_done:
+            self.params[...] = state["params"]
+            self.version = int(state["version"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self._published = self._publish()

@@ -46,6 +46,7 @@ class GradientWorker:
         self._dropouts = [m for _, m in self.model.named_modules() if isinstance(m, Dropout)]
         self._batches = None
         self.position = (0, 0)  # (epoch, next batch index)
+        self.params, self.next_step = None, None  # worker-driven sync steps: where they go on from
 
     def ready(self) -> int:
         """Touch the data (read this worker's part) and return the number of batches per epoch."""
@@ -94,6 +95,19 @@ class GradientWorker:
         if bounds is None:
             return grads, metrics
         return (*(grads[lo:hi] for lo, hi in bounds), metrics)
+
+    def run_steps(self, push, first_step: int, steps: int, bounds=None) -> list:
+        """Synchronous steps driven by this worker, from the parameter parts in ``self.params``:
+        compute the gradient of the next batch, ``push(grad_parts, step)`` it to the shards, which
+        returns once the step's update is applied, with the new parameter parts. Returns the steps'
+        metrics. (On Ray ``push`` is a call to the server actors; the tests use threads.)"""
+        out = []
+        for step in range(first_step, first_step + steps):
+            *grads, metrics = self.compute(*self.params, step=step, bounds=bounds)
+            self.params = push(grads, step)
+            self.next_step = step + 1
+            out.append(metrics)
+        return out
 
     def buffers(self) -> np.ndarray:
         """Batch-norm running statistics (flat; empty when the model has none)."""

@@ -27,7 +27,8 @@ class Fleet:
         self.world, self.threads, self.owns_backend = world, threads, owns_backend
         self.workers, self.servers, self.bounds = [], [], []
         try:
-            self.workers = [self._new_worker(r) for r in range(world)]
+            for rank in range(world):
+                self.workers.append(self._new_worker(rank))
             self.steps_per_epoch = min(self.call_workers("ready"))
         except BaseException:
             self.close()
