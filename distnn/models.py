@@ -118,7 +118,7 @@ def build_model(spec: dict) -> Sequential:
         except TypeError as e:
             raise ValueError(f"layer {i} ({kind}): {e}") from None
     model = Sequential(*layers)
-    model.flatten(np.float32)
+    model.pack_parameters(np.float32)
     return model
 
 

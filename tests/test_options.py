@@ -146,3 +146,21 @@ def test_trainer_that_cannot_start_leaks_nothing(tmp_path):
         Trainer(cfg, backend=backend, log=lambda *a: None, progress=False)
     assert len(backend.created) == 2 and backend.killed == backend.created
     assert not backend.shut           # a backend passed in belongs to the caller
+
+
+def test_one_public_name_per_thing_with_docstrings():
+    """distnn.ops exports the lower-case functions (operator classes stay in their modules), so no
+    public name means one thing in ops and another in nn; every public function and class says what
+    it does."""
+    import inspect
+    import types
+
+    from distnn import nn, ops
+    public = {n: v for n, v in vars(ops).items() if not n.startswith("_") and not isinstance(v, types.ModuleType)}
+    classes = {n for n, v in public.items() if inspect.isclass(v)}
+    assert classes == {"Operator"}
+    assert not set(public) & set(vars(nn))
+    for name, fn in public.items():
+        assert fn.__doc__ and fn.__doc__.strip(), f"ops.{name} has no docstring"
+    for name in nn.LAYERS:
+        assert nn.LAYERS[name].__doc__, f"nn.{name} has no docstring"

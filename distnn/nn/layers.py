@@ -53,7 +53,7 @@ class Conv2d(Module):
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = (kh, kw), stride, padding
-        ops.conv.conv_padding(padding, (kh, kw), ops.conv._pair(stride, "stride"))  # validate early
+        ops.conv.conv_padding(padding, (kh, kw), ops.conv.pair(stride, "stride"))  # validate early
         self.weight = Parameter(init.get(init_fn)((out_channels, in_channels, kh, kw), _rng(rng)))
         self.bias = Parameter(init.zeros(out_channels)) if bias else None
 
@@ -67,6 +67,8 @@ class Conv2d(Module):
 
 
 class MaxPool2d(Module):
+    """Max over kernel_size windows moved by ``stride`` (default: the kernel size): (N, C, H, W) -> (N, C, Ho, Wo)."""
+
     def __init__(self, kernel_size, stride=None):
         super().__init__()
         self.kernel_size, self.stride = kernel_size, stride
@@ -79,6 +81,8 @@ class MaxPool2d(Module):
 
 
 class AvgPool2d(MaxPool2d):
+    """Mean over kernel_size windows moved by ``stride`` (default: the kernel size): (N, C, H, W) -> (N, C, Ho, Wo)."""
+
     def forward(self, x):
         return ops.avg_pool2d(check_input(self, x, 4, "(N, C, H, W)"), self.kernel_size, self.stride)
 

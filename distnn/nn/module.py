@@ -1,6 +1,6 @@
 """Module, Parameter and Sequential, with one flat parameter buffer per model.
 
-Once packed (``model.flat_params``, ``flatten`` or ``astype``), every Parameter's ``data`` is a view
+Once packed (``model.flat_params``, ``pack_parameters`` or ``astype``), every Parameter's ``data`` is a view
 into one contiguous vector and its ``grad`` a view into a second one, in the fixed order of
 ``named_parameters()``. A gradient step is then a few numpy expressions over the whole model, and a
 model's state travels between processes as one array.
@@ -82,7 +82,7 @@ class Module:
         return f"{type(self).__name__} {self._path!r}" if self._path else type(self).__name__
 
     # -- the flat buffers ---------------------------------------------------------------------------
-    def flatten(self, dtype=None):
+    def pack_parameters(self, dtype=None):
         """Pack all parameters into one vector (and their gradients into a second one), as ``dtype``
         (default: the first parameter's). Buffers are converted to ``dtype`` too. Returns self."""
         params = self.parameters()
@@ -114,7 +114,7 @@ class Module:
         flat = self._flat
         if flat is None or any(p.data.base is not flat[0] or p.grad is None or p.grad.base is not flat[1]
                                for p in self.parameters()):
-            self.flatten()
+            self.pack_parameters()
         return self._flat
 
     @property
@@ -129,7 +129,7 @@ class Module:
 
     def astype(self, dtype):
         """Convert parameters and buffers to ``dtype`` (float64 for gradient checks). Returns self."""
-        return self.flatten(dtype)
+        return self.pack_parameters(dtype)
 
     @property
     def dtype(self):

@@ -6,7 +6,7 @@ import numpy as np
 
 from .. import init, ops
 from ..autograd import Variable
-from ..ops.recurrent import LSTMSequence, RNNCell
+from ..ops.recurrent import RNNCell
 from .layers import _rng, check_input
 from .module import Module, Parameter
 
@@ -85,7 +85,7 @@ class LSTM(_Recurrent):
         xw = ops.linear(ops.transpose(x, (1, 0, 2)), self.weight_ih, self.bias_ih + self.bias_hh)
         n = x.shape[0]
         h0, c0 = (self._zeros(n), self._zeros(n)) if state is None else state
-        seq, h, c = LSTMSequence()(xw, h0, c0, self.weight_hh)
+        seq, h, c = ops.lstm_sequence(xw, h0, c0, self.weight_hh)
         if self.output == "last":
             return h
         return seq if self.output == "sequence" else (seq, (h, c))

@@ -1,16 +1,22 @@
-"""Operators on Variables: each a small class with ``forward``/``backward`` on ndarrays, and a
-lower-case function that makes one and calls it."""
+"""Operators on Variables. The public names are the lower-case functions (``conv2d``, ``relu``,
+``softmax_cross_entropy`` ...), one per operator; the operator classes behind them (small classes
+with ``forward``/``backward`` on ndarrays) stay in their modules (``distnn.ops.conv.Conv2d``) so that
+no name here means something else in ``distnn.nn``, where ``Conv2d`` is the layer.
+
+Modules: basic (arithmetic, matmul, linear), shape (reshape ... embedding), layout (memory orders of
+images), conv, winograd, pool, norm (batch norm, dropout), activation, loss, recurrent.
+"""
 from ..autograd import Operator
-from .activation import (ELU, GELU, LeakyReLU, LogSoftmax, PReLU, ReLU, SELU, Sigmoid, Softmax, Softplus,
-                         Tanh, elu, gelu, leaky_relu, log_softmax, prelu, relu, selu, sigmoid, softmax,
-                         softplus, tanh)
-from .basic import (Add, Concat, Div, Embedding, Exp, GetItem, Linear, Log, MatMul, Mean, Mul, Neg, Pow,
-                    Reshape, Stack, Sub, Sum, Transpose, Unstack, add, concat, div, embedding, exp, flatten, getitem, linear,
-                    log, matmul, mean, mul, neg, pow, reshape, stack, sub, sum, transpose, unstack)
-from .conv import AvgPool2d, Conv2d, MaxPool2d, avg_pool2d, conv2d, max_pool2d
-from .loss import BCEWithLogits, MSE, SoftmaxCrossEntropy, bce_with_logits, mse, softmax_cross_entropy
-from .norm import BatchNorm, Dropout, batch_norm, dropout, dropout_mask
-from .recurrent import LSTMCell, LSTMSequence, RNNCell, lstm_cell, rnn_cell
+from . import activation, basic, conv, layout, loss, norm, pool, recurrent, shape, winograd  # noqa: F401
+from .activation import (elu, gelu, leaky_relu, log_softmax, prelu, relu, selu, sigmoid, softmax, softplus,
+                         tanh)
+from .basic import add, div, exp, linear, log, matmul, mul, neg, pow, sub
+from .conv import conv2d
+from .loss import bce_with_logits, mse, softmax_cross_entropy
+from .norm import batch_norm, dropout, dropout_mask
+from .pool import avg_pool2d, max_pool2d
+from .recurrent import lstm_cell, lstm_sequence, rnn_cell
+from .shape import concat, embedding, flatten, getitem, mean, reshape, stack, sum, transpose, unstack
 
 
 def all_operators():

@@ -181,44 +181,55 @@ def softmax_array(x, axis=-1):
 # -- functional API ------------------------------------------------------------------------------
 
 def relu(x):
+    """max(x, 0) element-wise; any shape."""
     return ReLU()(x)
 
 
 def leaky_relu(x, slope=0.01):
+    """x where x > 0, else slope * x; any shape."""
     return LeakyReLU(slope)(x)
 
 
 def elu(x, alpha=1.0):
+    """x where x > 0, else alpha * (e^x - 1); any shape."""
     return ELU(alpha)(x)
 
 
 def selu(x):
+    """scale * elu(x, alpha) with the self-normalising constants of Klambauer et al. (2017); any shape."""
     return SELU()(x)
 
 
 def prelu(x, a):
+    """x where x > 0, else a * x, with a learned slope per channel: x (N, C, ...), a (C,)."""
     return PReLU()(x, a)
 
 
 def sigmoid(x):
+    """1 / (1 + e^-x) element-wise; any shape."""
     return Sigmoid()(x)
 
 
 def tanh(x):
+    """tanh(x) element-wise; any shape."""
     return Tanh()(x)
 
 
 def softplus(x):
+    """log(1 + e^x) element-wise, computed without overflow; any shape."""
     return Softplus()(x)
 
 
 def gelu(x):
+    """x * Phi(x) (the tanh approximation, as PyTorch's approximate='tanh'); any shape."""
     return GELU()(x)
 
 
 def softmax(x, axis=-1):
+    """e^x / sum(e^x) along ``axis``; any shape."""
     return Softmax(axis)(x)
 
 
 def log_softmax(x, axis=-1):
+    """x - log(sum(e^x)) along ``axis``, computed stably; any shape."""
     return LogSoftmax(axis)(x)

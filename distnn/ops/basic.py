@@ -1,4 +1,4 @@
-"""Arithmetic, matrix products and shape operators.
+"""Arithmetic and matrix products (shape operators are in ``shape.py``).
 
 Binary arithmetic broadcasts like numpy; backward sums each gradient back to its input's shape.
 """
@@ -169,190 +169,66 @@ class Linear(Operator):
         return gx, gw, column_sums(g2) if self.needs_grad[2] else None
 
 
-class Reshape(Operator):
-    def __init__(self, shape):
-        self.shape = tuple(shape)
-
-    def forward(self, x):
-        self.x_shape = x.shape
-        return x.reshape(self.shape)
-
-    def backward(self, gy):
-        return gy.reshape(self.x_shape)
-
-
-class Transpose(Operator):
-    def __init__(self, axes=None):
-        self.axes = None if axes is None else tuple(axes)
-
-    def forward(self, x):
-        self.ndim = x.ndim
-        return np.transpose(x, self.axes)
-
-    def backward(self, gy):
-        if self.axes is None:
-            return np.transpose(gy)
-        return np.transpose(gy, np.argsort(self.axes))
-
-
-class Sum(Operator):
-    def __init__(self, axis=None, keepdims=False):
-        self.axis, self.keepdims = axis, keepdims
-
-    def forward(self, x):
-        self.x_shape = x.shape
-        return np.asarray(x.sum(axis=self.axis, keepdims=self.keepdims))
-
-    def backward(self, gy):
-        if not self.keepdims and self.axis is not None:
-            gy = np.expand_dims(gy, self.axis)
-        return np.broadcast_to(gy, self.x_shape)
-
-
-class Mean(Operator):
-    def __init__(self, axis=None, keepdims=False):
-        self.axis, self.keepdims = axis, keepdims
-
-    def forward(self, x):
-        self.x_shape = x.shape
-        y = np.asarray(x.mean(axis=self.axis, keepdims=self.keepdims))
-        self.count = x.size // max(y.size, 1)
-        return y
-
-    def backward(self, gy):
-        if not self.keepdims and self.axis is not None:
-            gy = np.expand_dims(gy, self.axis)
-        return np.broadcast_to(gy / np.asarray(self.count, gy.dtype), self.x_shape)
-
-
-class Concat(Operator):
-    def __init__(self, axis=0):
-        self.axis = axis
-
-    def forward(self, *xs):
-        self.splits = np.cumsum([x.shape[self.axis] for x in xs])[:-1]
-        return np.concatenate(xs, axis=self.axis)
-
-    def backward(self, gy):
-        return tuple(np.split(gy, self.splits, axis=self.axis))
-
-
-class Stack(Operator):
-    """k arrays of one shape -> one array with a new axis of length k."""
-
-    def __init__(self, axis=0):
-        self.axis = axis
-
-    def forward(self, *xs):
-        return np.stack(xs, axis=self.axis)
-
-    def backward(self, gy):
-        return tuple(np.moveaxis(gy, self.axis, 0))
-
-
-class Unstack(Operator):
-    """One array -> the tuple of its slices along ``axis`` (views; the inverse of Stack)."""
-
-    def __init__(self, axis=0):
-        self.axis = axis
-
-    def forward(self, x):
-        return tuple(np.moveaxis(x, self.axis, 0))
-
-    def backward(self, *gys):
-        return np.stack(gys, axis=self.axis)
-
-
-def _is_basic_index(index):
-    items = index if isinstance(index, tuple) else (index,)
-    return all(i is None or i is Ellipsis or isinstance(i, (slice, int, np.integer)) for i in items)
-
-
-class GetItem(Operator):
-    """x[index] for basic and advanced numpy indices; repeated indices accumulate in backward."""
-
-    def __init__(self, index):
-        self.index = index
-
-    def forward(self, x):
-        self.x_shape, self.x_dtype = x.shape, x.dtype
-        return x[self.index]
-
-    def backward(self, gy):
-        gx = np.zeros(self.x_shape, self.x_dtype)
-        if _is_basic_index(self.index):
-            gx[self.index] += gy
-        else:
-            np.add.at(gx, self.index, gy)
-        return gx
-
-
-class Embedding(Operator):
-    """Rows of a table: ids (...) integer, W (V, D) -> (..., D). The ids get no gradient."""
-
-    def forward(self, ids, w):
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"embedding: ids must be integers, got dtype {ids.dtype}")
-        if ids.size and (ids.min() < 0 or ids.max() >= w.shape[0]):
-            raise ValueError(f"embedding: ids must lie in [0, {w.shape[0]}), got [{ids.min()}, {ids.max()}]")
-        self.ids, self.w_shape, self.w_dtype = ids, w.shape, w.dtype
-        return w[ids]
-
-    def backward(self, gy):
-        gw = np.zeros(self.w_shape, self.w_dtype)
-        np.add.at(gw, self.ids.reshape(-1), gy.reshape(-1, self.w_shape[1]))
-        return None, gw
-
-
 # -- functional API ------------------------------------------------------------------------------
 
 def add(a, b):
+    """a + b, broadcast like numpy (b may be a number or array, taken in a's dtype)."""
     a = as_variable(a)
     return Add()(a, _const(b, a.data))
 
 
 def sub(a, b):
+    """a - b, broadcast like numpy."""
     a = as_variable(a)
     return Sub()(a, _const(b, a.data))
 
 
 def rsub(a, b):
+    """b - a (for ``number - Variable``)."""
     a = as_variable(a)
     return Sub()(_const(b, a.data), a)
 
 
 def mul(a, b):
+    """a * b element-wise, broadcast like numpy."""
     a = as_variable(a)
     return Mul()(a, _const(b, a.data))
 
 
 def div(a, b):
+    """a / b element-wise, broadcast like numpy."""
     a = as_variable(a)
     return Div()(a, _const(b, a.data))
 
 
 def rdiv(a, b):
+    """b / a (for ``number / Variable``)."""
     a = as_variable(a)
     return Div()(_const(b, a.data), a)
 
 
 def neg(x):
+    """-x."""
     return Neg()(x)
 
 
 def pow(x, p):
+    """x ** p element-wise, p a constant number."""
     return Pow(p)(x)
 
 
 def exp(x):
+    """e ** x element-wise."""
     return Exp()(x)
 
 
 def log(x):
+    """Natural logarithm element-wise (x > 0)."""
     return Log()(x)
 
 
 def matmul(a, b):
+    """a @ b: (..., N, K) @ (..., K, M) -> (..., N, M), batch axes broadcast; (K,) operands as in numpy."""
     return MatMul()(a, b)
 
 
@@ -361,52 +237,7 @@ def linear(x, w, b=None):
     return Linear()(x, w) if b is None else Linear()(x, w, b)
 
 
-def reshape(x, *shape):
-    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-        shape = shape[0]
-    return Reshape(shape)(x)
-
-
-def flatten(x):
-    """(N, ...) -> (N, prod(...)) in C order of the logical shape."""
-    x = as_variable(x)
-    return Reshape((x.shape[0], -1))(x)
-
-
-def transpose(x, *axes):
-    if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
-        axes = axes[0]
-    return Transpose(axes or None)(x)
-
-
-def sum(x, axis=None, keepdims=False):
-    return Sum(axis, keepdims)(x)
-
-
-def mean(x, axis=None, keepdims=False):
-    return Mean(axis, keepdims)(x)
-
-
-def concat(xs, axis=0):
-    return Concat(axis)(*xs)
-
-
-def stack(xs, axis=0):
-    return Stack(axis)(*xs)
-
-
-def unstack(x, axis=0):
-    return Unstack(axis)(x)
-
-
-def getitem(x, index):
-    if isinstance(index, Variable):
-        index = index.data
-    return GetItem(index)(x)
-
-
-def embedding(ids, w):
-    return Embedding()(ids, w)
+from .shape import getitem, mean, reshape, sum, transpose  # noqa: E402  (the overloads below)
 
 
 def _install_overloads():

@@ -81,12 +81,17 @@ class BCEWithLogits(Operator):
 
 
 def softmax_cross_entropy(logits, labels, label_smoothing=0.0):
+    """Mean cross-entropy of logits (N, K) against integer labels (N,), from the log-softmax (stable);
+    ``label_smoothing`` mixes the one-hot target with the uniform one. Returns a scalar."""
     return SoftmaxCrossEntropy(label_smoothing)(logits, labels)
 
 
 def mse(x, t):
+    """Mean of (x - t)^2 over all elements; x and t of one shape. Returns a scalar."""
     return MSE()(x, t)
 
 
 def bce_with_logits(x, t):
+    """Mean binary cross-entropy of logits x against targets t in [0, 1], computed stably; x and t
+    of one shape. Returns a scalar."""
     return BCEWithLogits()(x, t)

@@ -5,7 +5,7 @@ import numpy as np
 
 from ..autograd import Operator, as_variable, config
 from .basic import add_row_vector, column_sums
-from .conv import channel_rows, channels_last_order, from_channel_rows
+from .layout import channel_rows, channels_last_order, from_channel_rows
 
 
 def _as_rows(x, order=None):
@@ -88,18 +88,22 @@ class Dropout(Operator):
 
 
 def batch_norm(x, gamma, beta, running_mean, running_var, training=None, momentum=0.1, eps=1e-5):
+    """(x - mean) / sqrt(var + eps) * gamma + beta per channel: x (N, C) or (N, C, H, W); gamma, beta,
+    running_mean, running_var (C,). Training uses the batch's statistics and updates the running ones
+    (momentum as in PyTorch); evaluation uses the running ones."""
     training = config.train if training is None else training
     return BatchNorm(running_mean, running_var, training, momentum, eps)(x, gamma, beta)
 
 
 def dropout_mask(shape, p, rng: np.random.Generator, dtype=np.float32) -> np.ndarray:
-    """Bernoulli(1 - p) keep mask scaled by 1 / (1 - p)."""
+    """A keep mask of ``shape``: Bernoulli(1 - p) entries scaled by 1 / (1 - p)."""
     keep = rng.random(shape, dtype=np.float32) >= p
     return keep.astype(dtype) * np.asarray(1.0 / (1.0 - p), dtype)
 
 
 def dropout(x, p, rng: np.random.Generator, training=None, mask=None):
-    """Inverted dropout: identity in evaluation, x * mask in training."""
+    """Inverted dropout: identity in evaluation, x * mask in training (mask: ``dropout_mask``, of x's
+    shape, drawn from ``rng`` unless given)."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     training = config.train if training is None else training

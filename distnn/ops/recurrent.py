@@ -161,3 +161,9 @@ def rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh):
 def lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh):
     """One LSTM step -> (h', c'). x (N, F), h and c (N, H), W_ih (4H, F), W_hh (4H, H), biases (4H,)."""
     return LSTMCell()(linear(x, w_ih, add(b_ih, b_hh)), h, c, w_hh)
+
+
+def lstm_sequence(xw, h0, c0, w_hh):
+    """T LSTM steps in one operator -> (hs (N, T, H), h_T (N, H), c_T (N, H)). xw (T, N, 4H) =
+    x W_ih^T + b_ih + b_hh for every step (time-major), h0 and c0 (N, H), W_hh (4H, H)."""
+    return LSTMSequence()(xw, h0, c0, w_hh)
