@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .data.sources import SOURCES
 from .models import ZOO
+from .models.builders import is_reference
 from .optim import OPTIMIZERS, SCHEDULES
 
 if sys.version_info >= (3, 11):
@@ -34,9 +35,13 @@ MOMENTUM_OPTIMIZERS = ("momentum", "nesterov")
 
 @dataclass
 class TrainConfig:
-    model: str = option("lenet5", "the network: a zoo model", tuple(ZOO))
-    dataset: str = option("mnist", "the dataset (a folder under --data)", tuple(SOURCES))
-    labels: str | None = option(None, "CIFAR-100 label set (default: fine)", (None, "fine", "coarse"))
+    model: str | None = option(None, f"the network: a zoo model ({', '.join(ZOO)}; default: lenet5) or a builder "
+                                     "FILE.py:FUNCTION or package.module:FUNCTION")
+    layers: list | None = option(None, "the network as a layer list (TOML [[layers]] tables) instead of a model")
+    dataset: str = option("mnist", f"a prepared dataset: a folder under --data or a path; {', '.join(SOURCES)} "
+                                   "are prepared when missing")
+    labels: str | None = option(None, "which label field, for datasets with several (CIFAR-100: fine, coarse; "
+                                      "default: the first)")
     data: str = option("datasets", "folder holding prepared datasets")
     source: str | None = option(None, "raw files to prepare a missing dataset from (default: download)")
     workers: int = option(0, "gradient workers (0: one per CPU of the cluster)")
@@ -67,8 +72,8 @@ class TrainConfig:
     augment: str | None = option(None, "training augmentation (default: crop+flip for 3-channel images, else none)",
                                  (None, "none", "crop", "crop+flip"))
     augment_pad: int | None = option(None, "pixels of zero padding before the random crop (default: 4)")
-    model_options: dict = option(dataclasses.MISSING, "zoo model options as a TOML inline table, e.g. '{dropout = 0.3}'",
-                                 default_factory=dict)
+    model_options: dict = option(dataclasses.MISSING, "options of the zoo model or the builder, a TOML inline table, "
+                                 "e.g. '{dropout = 0.3}'", default_factory=dict)
 
     def validate(self) -> "TrainConfig":
         for f in dataclasses.fields(self):
@@ -85,6 +90,14 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.model is not None and self.model not in ZOO and not is_reference(self.model):
+            raise ConfigError(f"model = {self.model!r} is not a zoo model ({', '.join(ZOO)}) nor a builder "
+                              "FILE.py:FUNCTION or package.module:FUNCTION")
+        if self.model is not None and self.layers is not None:
+            raise ConfigError("give either model or layers, not both")
+        if self.layers is not None and (not isinstance(self.layers, list) or not self.layers
+                                        or not all(isinstance(layer, dict) for layer in self.layers)):
+            raise ConfigError("layers must be a non-empty list of tables ([[layers]] in TOML)")
         self._check_applies()
         return self
 
@@ -95,7 +108,6 @@ class TrainConfig:
                   "optimizer = 'momentum' or 'nesterov'"),
                  ("scale_lr", self.scale_lr, self.mode == "sync", "mode = 'sync'"),
                  ("address", self.address is not None, self.backend == "ray", "backend = 'ray'"),
-                 ("labels", self.labels is not None, self.dataset == "cifar100", "dataset = 'cifar100'"),
                  ("augment_pad", self.augment_pad is not None, self.augment != "none",
                   "augment = 'crop' or 'crop+flip'")]
         for name, given, applies, needs in rules:
@@ -107,8 +119,15 @@ class TrainConfig:
 
     def _context(self, name):
         key = {"staleness": "mode", "momentum": "optimizer", "scale_lr": "mode", "address": "backend",
-               "labels": "dataset", "augment_pad": "augment"}[name]
+               "augment_pad": "augment"}[name]
         return f"{key} = {getattr(self, key)!r}"
+
+    @property
+    def model_name(self) -> str:
+        """A short name of the network for run folders and messages."""
+        if self.layers is not None:
+            return "layers"
+        return (self.model or "lenet5").rpartition(":")[2]
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -118,7 +137,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def field_kind(name: str) -> tuple[str, bool]:
-    """('int' | 'float' | 'bool' | 'str' | 'dict', whether None is allowed) of a config field."""
+    """('int' | 'float' | 'bool' | 'str' | 'dict' | 'list', whether None is allowed) of a config field."""
     kind = str(FIELDS[name].type)
     return kind.split("|")[0].strip(), "None" in kind
 
@@ -130,9 +149,11 @@ def check_type(key, value):
         return value
     ok = {"int": isinstance(value, int) and not isinstance(value, bool),
           "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-          "bool": isinstance(value, bool), "dict": isinstance(value, dict), "str": isinstance(value, str)}[base]
+          "bool": isinstance(value, bool), "dict": isinstance(value, dict), "str": isinstance(value, str),
+          "list": isinstance(value, list)}[base]
     if not ok:
-        what = {"float": "a number", "int": "an integer", "bool": "true or false", "dict": "a table"}.get(base, "a " + base)
+        what = {"float": "a number", "int": "an integer", "bool": "true or false", "dict": "a table",
+                "list": "a list"}.get(base, "a " + base)
         raise ConfigError(f"{key} must be {what}, got {value!r} ({type(value).__name__})")
     return float(value) if base == "float" else value
 

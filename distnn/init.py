@@ -6,6 +6,7 @@ fan_out = out * prod(kernel).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -87,6 +88,26 @@ def lstm_bias(hidden_size, forget_bias=1.0, dtype=np.float32):
 
 INITIALIZERS = {f.__name__: f for f in (zeros, ones, he_normal, he_uniform, lecun_uniform, glorot_normal,
                                         glorot_uniform, orthogonal)}
+
+
+_SEEDED: list = []
+
+
+@contextmanager
+def seeded(seed):
+    """Inside the block, layers built without an ``rng`` draw their initial weights from one
+    ``numpy.random.default_rng(seed)`` in the order they are built, so a user's builder function gives
+    the same network every time (``models.build_model`` uses it)."""
+    _SEEDED.append(np.random.default_rng(seed))
+    try:
+        yield
+    finally:
+        _SEEDED.pop()
+
+
+def default_rng() -> np.random.Generator:
+    """The generator of the innermost ``seeded`` block, else a fresh unseeded one."""
+    return _SEEDED[-1] if _SEEDED else np.random.default_rng()
 
 
 def get(name):

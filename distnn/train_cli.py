@@ -137,10 +137,25 @@ def _import(args):
 
 def parse_table(text: str) -> dict:
     """A TOML inline table given on the command line, e.g. '{dropout = 0.3, widths = [16, 32]}'."""
+    value = _toml_value(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a TOML inline table: {text!r} (e.g. '{{dropout = 0.3}}')")
+    return value
+
+
+def parse_array(text: str) -> list:
+    """A TOML array given on the command line, e.g. '[{type = "Flatten"}, {type = "ReLU"}]'."""
+    value = _toml_value(text)
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"not a TOML array: {text!r} (e.g. '[{{type = \"Flatten\"}}]')")
+    return value
+
+
+def _toml_value(text: str):
     try:
         return tomllib.loads(f"value = {text}")["value"]
     except (tomllib.TOMLDecodeError, KeyError):
-        raise argparse.ArgumentTypeError(f"not a TOML inline table: {text!r} (e.g. '{{dropout = 0.3}}')") from None
+        raise argparse.ArgumentTypeError(f"not a TOML value: {text!r}") from None
 
 
 def add_config_flags(p) -> None:
@@ -154,11 +169,11 @@ def add_config_flags(p) -> None:
         if kind == "bool":
             kw["action"] = argparse.BooleanOptionalAction
         else:
-            kw["type"] = {"int": int, "float": float, "str": str, "dict": parse_table}[kind]
+            kw["type"] = {"int": int, "float": float, "str": str, "dict": parse_table, "list": parse_array}[kind]
             if f.metadata["choices"]:
                 kw["choices"] = [c for c in f.metadata["choices"] if c is not None]
-            if kind == "dict":
-                kw["metavar"] = "TABLE"
+            if kind in ("dict", "list"):
+                kw["metavar"] = "TABLE" if kind == "dict" else "ARRAY"
         p.add_argument("--" + name.replace("_", "-"), **kw)
 
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distnn._io import atomic_write_text  # noqa: E402
 
 from distnn.data import Loader, open_dataset, prepare  # noqa: E402
-from distnn.data.prepare import FORMAT_VERSION, _write  # noqa: E402
+from distnn.data.writer import FORMAT_VERSION, _write  # noqa: E402
 
 
 def stream(loader, seconds=3.0):

@@ -23,7 +23,7 @@ from distnn._io import atomic_write_text  # noqa: E402
 
 from distnn.config import TrainConfig  # noqa: E402
 from distnn.data import prepare  # noqa: E402
-from distnn.data.prepare import _write  # noqa: E402
+from distnn.data.writer import _write  # noqa: E402
 from distnn.train import Trainer  # noqa: E402
 
 CASES = {"lenet5": {"dataset": "mnist", "batch_size": 128, "steps": 600},

@@ -18,7 +18,7 @@ import pytest
 from datagen import idx_bytes, make_cifar100, make_mnist, write_cifar_tar
 from distnn.cli import main as cli
 from distnn.data import DataError, Loader, augment, open_dataset, prepare
-from distnn.data.prepare import channel_stats
+from distnn.data.writer import channel_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -214,12 +214,13 @@ import sys, time, pickle
 sys.path.insert(0, {str(ROOT)!r})
 import distnn.data
 p = sys.modules["distnn.data.prepare"]
-real = p._write_shard
+w = sys.modules["distnn.data.writer"]
+real = w._write_shard
 def slow(*a, **k):
     real(*a, **k)
     print("shard", flush=True)
     time.sleep(0.3)
-p._write_shard = slow
+w._write_shard = slow
 src = pickle.loads({pickle.dumps({'mnist': source})!r})
 p.prepare("mnist", out={str(tmp_path / 'ds')!r}, source={str(tmp_path / 'raw')!r}, sources=src, shards=8, progress=False)
 """

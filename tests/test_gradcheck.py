@@ -186,6 +186,7 @@ LAYER_CASES = {
     nn.Conv2d: lambda r: (nn.Conv2d(3, 4, 3, stride=2, padding=1, rng=r), rand(2, 3, 7, 7)),
     nn.MaxPool2d: lambda r: (nn.MaxPool2d(3, 2), distinct(2, 2, 7, 7)),
     nn.AvgPool2d: lambda r: (nn.AvgPool2d(3, 2), rand(2, 2, 7, 7)),
+    nn.GlobalAvgPool2d: lambda r: (nn.GlobalAvgPool2d(), rand(2, 3, 4, 5)),
     nn.BatchNorm1d: lambda r: (nn.BatchNorm1d(3), rand(6, 3)),
     nn.BatchNorm2d: lambda r: (nn.BatchNorm2d(3), rand(4, 3, 3, 3)),
     nn.Dropout: lambda r: (_seeded_dropout(nn.Dropout(0.4)), rand(5, 6)),

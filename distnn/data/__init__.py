@@ -2,5 +2,5 @@
 from .dataset import Piece, ShardedDataset, open_dataset
 from .errors import DataError
 from .loader import Loader, augment
-from .prepare import prepare
+from .prepare import FORMATS, prepare, prepare_from
 from .sources import SOURCES, RawFile, Source

@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import DataError
 from .formats import file_digest
-from .prepare import FORMAT_VERSION, MANIFEST
+from .writer import FORMAT_VERSION, MANIFEST
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,12 @@ class ShardedDataset:
         self.verify = verify
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
-            name = self.path.name if self.path.name in ("mnist", "cifar100") else "mnist|cifar100"
-            raise DataError(f"{manifest_path}: no prepared dataset here; run "
-                            f"`python scripts/prepare_data.py {name} --out {self.path.parent}`")
+            from .sources import SOURCES
+            how = (f"`python scripts/prepare_data.py {self.path.name} --out {self.path.parent}`"
+                   if self.path.name in SOURCES else
+                   f"`distnn prepare idx|npz|folder|hdf5 --source YOUR_DATA --name {self.path.name} "
+                   f"--out {self.path.parent}`")
+            raise DataError(f"{manifest_path}: no prepared dataset here; run {how}")
         try:
             self.manifest = json.loads(manifest_path.read_text())
         except ValueError as e:
@@ -50,8 +53,19 @@ class ShardedDataset:
         return self.manifest.get("dataset", self.path.name)
 
     @property
+    def kind(self) -> str:
+        """'images' (uint8 (N, C, H, W) in the shards) or 'features' (float32 (N, D))."""
+        return self.manifest.get("kind", "images")
+
+    @property
     def image_shape(self) -> tuple:
+        """The shape of one example: (C, H, W) images or (D,) features."""
         return tuple(self.manifest["image_shape"])
+
+    input_shape = image_shape
+
+    def class_names(self, labels: str | None = None) -> list[str]:
+        return self.manifest["label_fields"][self.label_field(labels)]["names"]
 
     @property
     def mean(self) -> np.ndarray:
@@ -103,10 +117,12 @@ class ShardedDataset:
         return pieces
 
     def read(self, split: str, pieces: list[Piece], labels: str | None = None):
-        """(images uint8 (N, C, H, W), labels int64 (N,)) of the given pieces, checked against the manifest."""
+        """(x, labels int64 (N,)) of the given pieces, checked against the manifest: x uint8 images
+        (N, C, H, W) or float32 features (N, D)."""
         field = self.label_field(labels)
         entries = {s["file"]: s for s in self.split(split)["shards"]}
         k = self.num_classes(labels)
+        dtype = np.uint8 if self.kind == "images" else np.float32
         xs, ys = [], []
         for piece in pieces:
             path = self.path / piece.file
@@ -118,13 +134,13 @@ class ShardedDataset:
                                 "prepare the dataset again with --force")
             try:
                 with h5py.File(path, "r") as f:
-                    images, y = f["images"], f[field]
+                    images, y = f[self.kind], f[field]
                     if len(images) != entry["count"] or len(y) != entry["count"]:
                         raise DataError(f"{path}: holds {len(images)} images and {len(y)} labels, the manifest "
                                         f"says {entry['count']}; prepare the dataset again with --force")
-                    if images.shape[1:] != self.image_shape or images.dtype != np.uint8:
-                        raise DataError(f"{path}: images are {images.dtype} {images.shape[1:]}, the manifest says "
-                                        f"uint8 {self.image_shape}")
+                    if images.shape[1:] != self.image_shape or images.dtype != dtype:
+                        raise DataError(f"{path}: {self.kind} are {images.dtype} {images.shape[1:]}, the manifest "
+                                        f"says {np.dtype(dtype)} {self.image_shape}")
                     xs.append(images[piece.start:piece.stop])
                     ys.append(y[piece.start:piece.stop].astype(np.int64))
             except (OSError, KeyError) as e:
@@ -132,7 +148,7 @@ class ShardedDataset:
             if ys[-1].size and (ys[-1].min() < 0 or ys[-1].max() >= k):
                 raise DataError(f"{path}: label {int(ys[-1].max())} out of range [0, {k}); prepare the dataset again")
         if not xs:
-            return np.zeros((0,) + self.image_shape, np.uint8), np.zeros(0, np.int64)
+            return np.zeros((0,) + self.image_shape, dtype), np.zeros(0, np.int64)
         return np.concatenate(xs), np.concatenate(ys)
 
 

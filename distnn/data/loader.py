@@ -11,13 +11,13 @@ from .dataset import ShardedDataset
 
 
 class Loader:
-    """Iterate minibatches ``(x float32 (B, C, H, W), y int64 (B,))`` for worker ``rank`` of
+    """Iterate minibatches ``(x float32 (B, C, H, W) or (B, D), y int64 (B,))`` for worker ``rank`` of
     ``world_size``.
 
     - Each worker reads only its part (``ShardedDataset.part``), once, into memory, on first use.
     - Epoch e shuffles the part with ``default_rng((seed, rank, e))``; batch b of epoch e augments with
       ``default_rng((seed, rank, e, b))``, so a run resumed at any batch sees the same data.
-    - Pixels become (x - mean) / std per channel, with the manifest's statistics.
+    - Pixels become (x - mean) / std per channel, features per feature, with the manifest's statistics.
     - ``augment``: 'crop+flip' (random crop of the image padded by ``pad`` pixels, then a horizontal
       flip), 'crop' (digits must not be mirrored) or 'none'; by default 'crop+flip' for a training
       split of 3-channel images (CIFAR) and 'none' otherwise. True and False mean the default and 'none'.
@@ -34,16 +34,20 @@ class Loader:
         self.batch_size, self.seed, self.drop_last, self.prefetch, self.pad = batch_size, seed, drop_last, prefetch, pad
         self.labels = self.dataset.label_field(labels)
         self.shuffle = (split == "train") if shuffle is None else shuffle
-        default = "crop+flip" if split == "train" and self.dataset.image_shape[0] == 3 else "none"
+        images = self.dataset.kind == "images"
+        default = "crop+flip" if split == "train" and images and self.dataset.image_shape[0] == 3 else "none"
         augment = {None: default, True: "crop+flip", False: "none"}.get(augment, augment)
         if augment not in ("none", "crop", "crop+flip"):
             raise ValueError(f"augment must be 'none', 'crop' or 'crop+flip', got {augment!r}")
+        if augment != "none" and not images:
+            raise ValueError(f"augment {augment!r} applies to images; {self.dataset.path} holds features")
         self.augment = None if augment == "none" else augment
         self.pieces = self.dataset.part(split, rank, world_size)
         self.size = sum(p.stop - p.start for p in self.pieces)
         mean, std = self.dataset.mean, self.dataset.std
-        self._scale = (1.0 / std).reshape(-1, 1, 1).astype(np.float32)
-        self._shift = (-mean / std).reshape(-1, 1, 1).astype(np.float32)
+        stats_shape = (-1, 1, 1) if images else (-1,)   # per channel of images, per feature
+        self._scale = (1.0 / std).reshape(stats_shape).astype(np.float32)
+        self._shift = (-mean / std).reshape(stats_shape).astype(np.float32)
         self._data = None
 
     def __getstate__(self):
@@ -92,7 +96,7 @@ class Loader:
     __iter__ = epoch
 
     def transform(self, x: np.ndarray, epoch: int, batch: int) -> np.ndarray:
-        """uint8 (B, C, H, W) -> normalised float32, augmented when ``self.augment``."""
+        """uint8 (B, C, H, W) or float32 (B, D) -> normalised float32, augmented when ``self.augment``."""
         if self.augment:
             x = augment(x, np.random.default_rng((self.seed, self.rank, epoch, batch)), self.pad,
                         flip=self.augment == "crop+flip")

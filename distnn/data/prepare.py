@@ -1,40 +1,29 @@
-"""Turn raw MNIST / CIFAR-100 files into verified HDF5 shards with a manifest.
-
-The dataset is written into a temporary folder next to its destination and renamed into place only
-when every shard and the manifest are complete, so an interrupted run leaves the previous good state
-(or nothing) behind, never half a dataset. A rerun whose manifest already matches does nothing.
+"""Turn raw data into verified HDF5 shards with a manifest (``writer.py``): the named sources (MNIST,
+Fashion-MNIST, KMNIST, CIFAR-100; files verified by their published checksums, downloaded when no
+``--source`` is given) and a user's data in the formats of ``readers.py`` (``prepare_from``). A rerun
+whose manifest already matches does nothing.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import tarfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
-from tqdm import tqdm
 
-from .._io import atomic_write_text
+from . import readers
 from .errors import DataError
-from .formats import (check_labels, cifar_split, file_digest, load_cifar_pickle, md5, parse_idx, read_bytes,
-                      sha256)
+from .formats import check_labels, cifar_split, file_digest, load_cifar_pickle, md5, parse_idx, read_bytes, sha256
 from .sources import SOURCES, Source, download
+from .writer import MANIFEST, up_to_date, write_dataset  # noqa: F401  (MANIFEST: where readers look)
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-CHUNK_ROWS = 1024
-
-
-def shard_name(split: str, index: int, count: int) -> str:
-    return f"{split}-{index:05d}-of-{count:05d}.h5"
+FORMATS = ("idx", "npz", "folder", "hdf5")
 
 
 def prepare(name: str, out="datasets", source=None, shards: int = 8, force: bool = False, progress: bool = True,
             sources: dict | None = None, compression: str | None = None, log=print) -> Path:
-    """Prepare dataset ``name`` ('mnist' or 'cifar100') under ``out/name``; returns that folder.
+    """Prepare a named source (``SOURCES``: mnist, fashion_mnist, kmnist, cifar100) under ``out/name``;
+    returns that folder.
 
     ``source``: a folder holding the raw files (else they are downloaded into ``out/.downloads``).
     ``sources`` overrides the file list, checksums and mirrors (tests use it).
@@ -47,28 +36,59 @@ def prepare(name: str, out="datasets", source=None, shards: int = 8, force: bool
     spec = sources[name]
     out = Path(out)
     final = out / name
-    if not force and _up_to_date(final, name, shards):
+    if not force and up_to_date(final, name, shards):
         log(f"{final}: already prepared ({shards} shards, manifest matches); nothing to do (--force rebuilds)")
         return final
     started = time.perf_counter()
     raw = _raw_files(spec, source, out, progress)
-    if name == "cifar100":
-        splits, label_fields, source_sums = _read_cifar(spec, raw)
+    read = _read_cifar if spec.members else _read_idx_source
+    manifest = write_dataset(out, name, *read(spec, raw), shards, compression, progress)
+    return _report(final, manifest, shards, started, log)
+
+
+def prepare_from(fmt: str, source, name: str | None = None, out="datasets", shards: int = 8, force=False,
+                 progress=True, compression=None, log=print, test=None, test_fraction=None, seed=0, size=None,
+                 layout=None, keys: dict | None = None) -> Path:
+    """Prepare a user's data under ``out/name`` from ``source`` in format ``fmt``:
+
+    - 'idx': a folder of IDX files (train-images/-labels, t10k- or test- images/labels);
+    - 'npz': arrays x, y (and x_test, y_test) of an .npz file, or ``test``: another .npz;
+    - 'folder': one subfolder of images per class (or train/ and test/ so laid out); ``size`` (H, W);
+    - 'hdf5': datasets of an HDF5 file, named by ``keys`` {"x", "y", "x_test", "y_test"}.
+    Without a test split, ``test_fraction`` (default 0.1) of the rows is held out, drawn with ``seed``.
+    ``layout`` ('nhwc' / 'nchw') settles an ambiguous 4-D image shape. ``name``: default the source's
+    stem."""
+    if fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if source is None:
+        raise DataError(f"format {fmt}: give the data with --source")
+    source = Path(source)
+    name = name or source.stem
+    if not name or name.startswith(".") or "/" in name:
+        raise DataError(f"--name {name!r}: give a plain folder name")
+    if not isinstance(shards, int) or shards < 1:
+        raise DataError(f"--shards must be a positive integer, got {shards!r}")
+    started = time.perf_counter()
+    keys = {k: v for k, v in (keys or {}).items() if v}
+    if fmt == "idx":
+        parts = readers.read_idx_set(source, test_fraction, seed)
+    elif fmt == "npz":
+        names = (keys.get("x", "x"), keys.get("y", "y"), keys.get("x_test", "x_test"), keys.get("y_test", "y_test"))
+        parts = readers.read_npz(source, test, test_fraction, seed, layout, names)
+    elif fmt == "folder":
+        parts = readers.read_image_folder(source, size, test_fraction, seed, progress)
     else:
-        splits, label_fields, source_sums = _read_mnist(spec, raw)
-    out.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out, name)
-    tmp = out / f".{name}.tmp-{os.getpid()}"
-    try:
-        tmp.mkdir()
-        manifest = _write(tmp, name, splits, label_fields, source_sums, shards, compression, progress)
-        _replace_dir(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        parts = readers.read_hdf5(source, keys.get("x", "x"), keys.get("y", "y"), keys.get("x_test"),
+                                  keys.get("y_test"), test_fraction, seed, layout)
+    manifest = write_dataset(Path(out), name, *parts, shards, compression, progress, extra={"format": fmt})
+    return _report(Path(out) / name, manifest, shards, started, log)
+
+
+def _report(final: Path, manifest: dict, shards: int, started: float, log) -> Path:
     counts = ", ".join(f"{s} {manifest['splits'][s]['count']}" for s in manifest["splits"])
-    log(f"{final}: wrote {shards} shards per split ({counts}) in {time.perf_counter() - started:.1f} s; "
-        f"mean {np.round(manifest['mean'], 4).tolist()} std {np.round(manifest['std'], 4).tolist()}")
+    stats = "" if len(manifest["mean"]) > 8 else (f"; mean {np.round(manifest['mean'], 4).tolist()} "
+                                                  f"std {np.round(manifest['std'], 4).tolist()}")
+    log(f"{final}: wrote {shards} shards per split ({counts}) in {time.perf_counter() - started:.1f} s{stats}")
     return final
 
 
@@ -128,7 +148,7 @@ def _verify_file(f, path: Path, content: bytes | None = None, raise_error=True) 
     return False
 
 
-def _read_mnist(spec: Source, raw: dict):
+def _read_idx_source(spec: Source, raw: dict):
     arrays, sums = {}, {}
     for f in spec.files:
         data = read_bytes(raw[f.name])
@@ -146,7 +166,7 @@ def _read_mnist(spec: Source, raw: dict):
                             f"{len(images)} images in {split}; the files do not belong together")
         check_labels(labels.astype(np.int64), 10, str(raw[f"{prefix}-labels-idx1-ubyte.gz"]))
         splits[split] = (images[:, None], {"labels": labels.astype(np.uint8)})
-    return splits, {"labels": [str(i) for i in range(10)]}, sums
+    return splits, {"labels": spec.classes or [str(i) for i in range(10)]}, sums
 
 
 def _read_cifar(spec: Source, raw: dict):
@@ -188,90 +208,3 @@ def _read_cifar(spec: Source, raw: dict):
     return splits, names, sums
 
 
-# -- writing ------------------------------------------------------------------------------------------
-
-def channel_stats(images: np.ndarray):
-    """Per-channel mean and std (0-255 scale) of uint8 images (N, C, H, W), exact, in float64."""
-    c = images.shape[1]
-    mean, sq = np.zeros(c), np.zeros(c)
-    for start in range(0, len(images), 4096):
-        block = images[start:start + 4096].astype(np.float64)
-        mean += block.sum(axis=(0, 2, 3))
-        sq += np.einsum("nchw,nchw->c", block, block)
-    count = images.shape[0] * images.shape[2] * images.shape[3]
-    mean /= count
-    return mean, np.sqrt(sq / count - mean * mean)
-
-
-def _write(folder: Path, name, splits, label_fields, source_sums, shards, compression, progress):
-    manifest = {"format_version": FORMAT_VERSION, "dataset": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "image_shape": list(splits["train"][0].shape[1:]), "label_fields": {}, "splits": {},
-                "source": source_sums, "compression": compression}
-    for field, names in label_fields.items():
-        manifest["label_fields"][field] = {"num_classes": len(names), "names": names}
-    mean, std = channel_stats(splits["train"][0])
-    manifest["mean"], manifest["std"] = mean.tolist(), std.tolist()
-    total = sum(len(images) for images, _ in splits.values())
-    with tqdm(total=total, unit="img", desc=f"writing {name}", disable=not progress, leave=False) as bar:
-        for split, (images, labels) in splits.items():
-            bounds = np.linspace(0, len(images), shards + 1).astype(int)
-            entries = []
-            for i in range(shards):
-                lo, hi = bounds[i], bounds[i + 1]
-                file = shard_name(split, i, shards)
-                _write_shard(folder / file, images[lo:hi], {k: v[lo:hi] for k, v in labels.items()}, compression)
-                entries.append({"file": file, "count": int(hi - lo), "sha256": file_digest(folder / file)})
-                bar.update(hi - lo)
-            manifest["splits"][split] = {"count": int(len(images)), "shards": entries}
-    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
-    return manifest
-
-
-def _write_shard(path: Path, images: np.ndarray, labels: dict, compression):
-    rows = max(1, min(CHUNK_ROWS, len(images)))
-    with h5py.File(path, "w") as f:
-        f.create_dataset("images", data=images, chunks=(rows,) + images.shape[1:], compression=compression)
-        for key, y in labels.items():
-            f.create_dataset(key, data=y, chunks=(max(1, min(len(y), 1 << 16)),), compression=compression)
-        f.attrs["count"] = len(images)
-
-
-def _replace_dir(tmp: Path, final: Path):
-    """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first and removed after."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _remove_stale(out: Path, name: str):
-    """Temporary folders left by a killed run (their process is gone)."""
-    for p in out.glob(f".{name}.tmp-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _up_to_date(final: Path, name: str, shards: int) -> bool:
-    try:
-        manifest = json.loads((final / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    if manifest.get("format_version") != FORMAT_VERSION or manifest.get("dataset") != name:
-        return False
-    for split in manifest.get("splits", {}).values():
-        if len(split["shards"]) != shards or not all((final / s["file"]).is_file() for s in split["shards"]):
-            return False
-    return bool(manifest.get("splits"))

@@ -30,6 +30,7 @@ class Source:
     files: list[RawFile]
     mirrors: list[str]
     members: dict = field(default_factory=dict)  # CIFAR: md5 of the files inside the archive
+    classes: list[str] | None = None             # IDX sources: the class names (default: 0..9)
 
 
 MNIST = Source(
@@ -54,7 +55,34 @@ CIFAR100 = Source(
              "meta": "7973b15100ade9c7d40fb424638fde48"},
 )
 
-SOURCES = {"mnist": MNIST, "cifar100": CIFAR100}
+def _idx_files(md5s: list[str]) -> list[RawFile]:
+    """The four files of an MNIST-like IDX set, verified by the md5 of the .gz as published."""
+    names = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+             "t10k-labels-idx1-ubyte.gz")
+    return [RawFile(n, None, m) for n, m in zip(names, md5s)]
+
+
+# Xiao, Rasul and Vollgraf (2017), github.com/zalandoresearch/fashion-mnist: md5s from its README.
+FASHION_MNIST = Source(
+    "fashion_mnist",
+    _idx_files(["8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+                "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"]),
+    ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+     "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"],
+    classes=["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+             "Ankle boot"],
+)
+
+# Clanuwat et al. (2018), Kuzushiji-MNIST, github.com/rois-codh/kmnist.
+KMNIST = Source(
+    "kmnist",
+    _idx_files(["bdb82020997e1d708af4cf47b453dcf7", "e144d726b3acfaa3e44228e80efcd344",
+                "5c965bf0a639b31b8f53240b1b52f4d7", "7320c461ea6c1c855c0b718fb2a4b134"]),
+    ["http://codh.rois.ac.jp/kmnist/dataset/kmnist/"],
+    classes=["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
+)
+
+SOURCES = {"mnist": MNIST, "fashion_mnist": FASHION_MNIST, "kmnist": KMNIST, "cifar100": CIFAR100}
 
 
 def download(url_base: list[str], name: str, dest: Path, progress=True) -> Path:

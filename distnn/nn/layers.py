@@ -10,7 +10,7 @@ from .module import Module, Parameter
 
 
 def _rng(rng):
-    return rng if rng is not None else np.random.default_rng()
+    return rng if rng is not None else init.default_rng()
 
 
 def check_input(layer: Module, x, ndim: int, what: str, dim: int | None = None, size: int | None = None):
@@ -85,6 +85,13 @@ class AvgPool2d(MaxPool2d):
 
     def forward(self, x):
         return ops.avg_pool2d(check_input(self, x, 4, "(N, C, H, W)"), self.kernel_size, self.stride)
+
+
+class GlobalAvgPool2d(Module):
+    """The mean of each channel over the image: (N, C, H, W) -> (N, C)."""
+
+    def forward(self, x):
+        return ops.mean(check_input(self, x, 4, "(N, C, H, W)"), axis=(2, 3))
 
 
 class _BatchNorm(Module):

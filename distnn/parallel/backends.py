@@ -32,7 +32,7 @@ class LocalFuture:
 class LocalBackend:
     name = "local"
 
-    def create(self, cls, *args, cpus=1, **kwargs):
+    def create(self, cls, *args, cpus=1, runtime_env=None, **kwargs):
         return cls(*args, **kwargs)
 
     def call(self, handle, method, *args, num_returns=1, **kwargs):
@@ -133,14 +133,17 @@ class RayBackend:
         self.inline_bytes = _started_here.get("inline_bytes", 100 * 1024)
         self._classes = {}
 
-    def create(self, cls, *args, cpus=1, **kwargs):
+    def create(self, cls, *args, cpus=1, runtime_env=None, **kwargs):
         """An actor of ``cls``, or of its Ray subclass (ray_actors.ACTORS) where it has one. A server
-        runs pushes concurrently (one thread per worker, plus a few for the driver's calls)."""
+        runs pushes concurrently (one thread per worker, plus a few for the driver's calls).
+        ``runtime_env``: what the actor's process needs (a user's model code: ``models.builders``)."""
         from .ray_actors import ACTORS, ServerActor
         actor_cls = ACTORS.get(cls, cls)
         if actor_cls not in self._classes:
             self._classes[actor_cls] = self.ray.remote(actor_cls)
         options = {"num_cpus": cpus, "max_restarts": 0}
+        if runtime_env:
+            options["runtime_env"] = runtime_env
         if actor_cls is ServerActor:
             options["max_concurrency"] = kwargs.get("world", 1) + 4
             kwargs["inline_bytes"] = min(self.inline_bytes, PARAMS_INLINE_BYTES)

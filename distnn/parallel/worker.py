@@ -13,7 +13,7 @@ from threadpoolctl import ThreadpoolController
 from .. import ops
 from ..autograd import train_mode
 from ..data import Loader, open_dataset
-from ..models import build_model, evaluate
+from ..models import build_model, builders, evaluate
 from ..nn import Dropout
 from .specs import DataSpec
 
@@ -108,6 +108,10 @@ class GradientWorker:
             self.next_step = step + 1
             out.append(metrics)
         return out
+
+    def model_source(self) -> str | None:
+        """The file this process built a user's model from (None for zoo and layer-list models)."""
+        return builders.source_file(self.spec)
 
     def buffers(self) -> np.ndarray:
         """Batch-norm running statistics (flat; empty when the model has none)."""

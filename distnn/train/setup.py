@@ -6,27 +6,52 @@ import time
 from pathlib import Path
 
 from ..config import TrainConfig
-from ..data import prepare
+from ..data import SOURCES, ShardedDataset, prepare
 from ..data.dataset import MANIFEST
+from ..models import build_model, builders
 from ..parallel.specs import DataSpec, OptimizerSpec, ScheduleSpec
 from .errors import TrainingError
 
 
+def dataset_path(c: TrainConfig) -> Path:
+    """``c.dataset`` as a path of its own when it is one, else the folder of that name under ``c.data``."""
+    own = Path(c.dataset).expanduser()
+    return own if ("/" in c.dataset or own.is_absolute()) else Path(c.data) / c.dataset
+
+
 def prepared_dataset(c: TrainConfig, log=print, progress=True) -> Path:
-    """The dataset folder, prepared first when it is missing (from ``c.source``, or by download into
-    the default folder)."""
-    path = Path(c.data) / c.dataset
+    """The dataset folder, absolute; a named source (mnist, ...) is prepared first when missing (from
+    ``c.source``, or by download into the default folder)."""
+    path = dataset_path(c)
     if not (path / MANIFEST).is_file():
+        if c.dataset not in SOURCES:
+            raise TrainingError(f"{path}: no prepared dataset; make it with `distnn prepare idx|npz|folder|hdf5 "
+                                f"--source YOUR_DATA --name {path.name} --out {path.parent}`")
         if c.source is None and Path(c.data) != Path("datasets"):
             raise TrainingError(f"{path}: dataset not prepared; run `python scripts/prepare_data.py {c.dataset} "
                                 f"--out {c.data} --source RAW_FOLDER` (or pass --source to distnn train)")
         log(f"{path}: not prepared yet; preparing it now")
         prepare(c.dataset, out=c.data, source=c.source, progress=progress, log=log)
-    return path
+    return path.resolve()
 
 
-def model_spec(c: TrainConfig, num_classes: int) -> dict:
-    return {"model": c.model, "num_classes": num_classes, "seed": c.seed, **c.model_options}
+def model_spec(c: TrainConfig, dataset: ShardedDataset) -> dict:
+    """The spec every process builds the network from; zoo models and builders are sized from the
+    dataset's manifest (input shape, number of classes)."""
+    try:
+        classes = dataset.num_classes(c.labels)
+    except Exception as e:  # DataError naming the label fields
+        raise TrainingError(str(e)) from None
+    if c.layers is not None:
+        return {"layers": c.layers, "seed": c.seed}
+    model = c.model or "lenet5"
+    if builders.is_reference(model):
+        try:
+            return builders.make_spec(model, dataset.input_shape, classes, c.model_options, c.seed)
+        except builders.BuilderError as e:
+            raise TrainingError(str(e)) from None
+    return {"model": model, "num_classes": classes, "input_shape": list(dataset.input_shape), "seed": c.seed,
+            **c.model_options}
 
 
 def data_spec(c: TrainConfig, path: Path) -> DataSpec:
@@ -55,6 +80,14 @@ def world_size(c: TrainConfig, cpus: int) -> int:
 
 def run_folder(c: TrainConfig) -> Path:
     """``c.out``, or runs/MODEL-DATASET-TIME; created."""
-    out = Path(c.out or f"runs/{c.model}-{c.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(c.out or f"runs/{c.model_name}-{Path(c.dataset).name}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def build(spec: dict):
+    """The driver's replica of the network; a spec that cannot be built is a TrainingError naming why."""
+    try:
+        return build_model(spec)
+    except (ValueError, TypeError) as e:
+        raise TrainingError(f"cannot build the model: {e}") from None

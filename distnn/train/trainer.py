@@ -11,7 +11,6 @@ from .._io import atomic_write_text
 from ..config import TrainConfig
 from ..checkpoint import save_model
 from ..data import open_dataset
-from ..models import build_model
 from ..parallel import NonFiniteError, make_backend
 from . import setup
 from .asynchronous import run_async
@@ -34,8 +33,9 @@ class Trainer:
         self.step, self.stop_requested, self.max_lead = 0, False, 0
         self.fleet = self.report = None
         path = setup.prepared_dataset(c, log, progress)
-        self.spec = setup.model_spec(c, open_dataset(path).num_classes(c.labels))
-        self.model = build_model(self.spec)
+        self.dataset = open_dataset(path)
+        self.spec = setup.model_spec(c, self.dataset)
+        self.model = setup.build(self.spec)
         try:
             owns = backend is None
             backend = backend or make_backend(c.backend, c.address)
@@ -56,7 +56,7 @@ class Trainer:
             if resume is not None:
                 self.step, done = self.checkpoints.restore(self.fleet, resume, c.mode)
                 self.done = done or self.done
-                log(f"resuming {c.model} from {resume['path']} at step {self.step} of {self.length.total_updates}")
+                log(f"resuming {c.model_name} from {resume['path']} at step {self.step} of {self.length.total_updates}")
             self.report = RunReport(self.out, world, self.length.total_updates, log, progress, c.log_every)
         except BaseException:
             self.close()
@@ -64,7 +64,7 @@ class Trainer:
 
     def run(self) -> dict:
         c, n = self.config, self.length
-        self.log(f"training {c.model} on {c.dataset}: {n.world} {c.backend} workers x batch {c.batch_size}, {c.mode}"
+        self.log(f"training {c.model_name} on {c.dataset}: {n.world} {c.backend} workers x batch {c.batch_size}, {c.mode}"
                  f"{'' if c.staleness is None else f' (staleness {c.staleness})'}, {c.servers} server(s), "
                  f"{c.epochs} epochs of {n.steps_per_epoch} steps -> {self.out}")
         self.report.start(self.step)
@@ -127,7 +127,7 @@ class Trainer:
             self.model.set_buffers_vector(self.buffers)
         save_model(self.model, self.out / "model.h5", self.spec)
         server = max(s["update_seconds"] for s in self.fleet.call_servers("stats"))
-        fields = {"model": c.model, "dataset": c.dataset, "backend": c.backend, "mode": c.mode,
+        fields = {"model": c.model_name, "dataset": c.dataset, "backend": c.backend, "mode": c.mode,
                   "workers": self.length.world, "servers": c.servers, "epochs": c.epochs, "steps": self.step}
         if c.mode == "async":
             fields["max_worker_lead"] = self.max_lead
