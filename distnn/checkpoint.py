@@ -76,7 +76,10 @@ def load_model(path, model=None):
         if spec is None:
             raise CheckpointError(f"{path}: holds no model spec; pass the model to load into")
         from .models import build_model
-        model = build_model(spec)
+        try:
+            model = build_model(spec)
+        except ValueError as e:  # a builder file gone or changed, an unknown layer
+            raise CheckpointError(f"{path}: cannot rebuild its model: {e}") from None
     try:
         model.load_state_dict({k: np.asarray(v) for k, v in state.items()}, source=str(path))
     except ValueError as e:

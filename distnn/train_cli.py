@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from .config import FIELDS, ConfigError, TrainConfig, field_kind, tomllib
 from .models import ZOO
 
@@ -14,13 +16,10 @@ class UsageError(Exception):
     """A wrong flag, config key or value: printed as one line, exit status 2."""
 
 
-RESUME_OVERRIDES = ("backend", "address", "log_every", "checkpoint_every", "keep_checkpoints")
-
-
 def _train(args):
-    from .checkpoint import latest_checkpoint, load_checkpoint
     from .config import load_config
     from .train import TrainingError, TrainingInterrupted, train
+    from .train.checkpoints import RESUME_OVERRIDES, resume_point
     overrides = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
     try:
         resume = None
@@ -29,8 +28,7 @@ def _train(args):
             if fixed:
                 raise UsageError(f"--resume continues the run as it was configured; drop {', '.join(fixed)} "
                                  f"(only --{', --'.join(k.replace('_', '-') for k in RESUME_OVERRIDES)} may change)")
-            resume = load_checkpoint(latest_checkpoint(args.resume))
-            config = TrainConfig(**{**resume["config"], **overrides}).validate()
+            config, resume = resume_point(args.resume, overrides)
         else:
             config = load_config(args.config, overrides)
         train(config, progress=not args.quiet, resume=resume)
@@ -59,18 +57,62 @@ def _eval(args):
     from .models import evaluate
     model = load_model(_find_model(args.run))
     run = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
-    data = args.data
-    labels = None
-    if data is None and (run / "config.json").is_file():
+    data, labels = args.data, None
+    if data is None and (run / "dataset.json").is_file():
+        info = json.loads((run / "dataset.json").read_text())
+        data, labels = info["path"], info["labels"]
+    elif data is None and (run / "config.json").is_file():
         cfg = json.loads((run / "config.json").read_text())["config"]
-        data = str(Path(cfg["data"]) / cfg["dataset"])
-        labels = cfg.get("labels")
+        data, labels = str(Path(cfg["data"]) / cfg["dataset"]), cfg.get("labels")
     if data is None:
         raise UsageError("give --data DATASET_FOLDER (e.g. datasets/mnist)")
     loader = Loader(open_dataset(data), "test", batch_size=500, labels=labels, shuffle=False, augment=False)
     r = evaluate(model, loader)
     correct, count, loss_sum = r["correct"], r["count"], r["loss_sum"]
     print(f"{args.run}: test accuracy {correct / count:.4f} ({correct}/{count}), test loss {loss_sum / count:.4f}")
+    return 0
+
+
+def _predict_inputs(path: Path, shape) -> tuple[list[str], np.ndarray]:
+    """(row names, raw examples) of an .npz (array x, or its only array), an image, or a folder of
+    images; images are resized to the model's H x W."""
+    from .data.readers import IMAGE_SUFFIXES, _read_images
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as f:
+            key = "x" if "x" in f.files else (f.files[0] if len(f.files) == 1 else None)
+            if key is None:
+                raise UsageError(f"{path}: no array 'x' among {', '.join(f.files)}")
+            x = f[key]
+        return [str(i) for i in range(len(x))], x
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    if not files or files[0].suffix.lower() not in IMAGE_SUFFIXES:
+        raise UsageError(f"{path}: give an .npz, an image file or a folder of images")
+    if len(shape) != 3:
+        raise UsageError(f"{path}: the model takes features {tuple(shape)}, not images; give an .npz")
+    images = _read_images(files, tuple(shape[1:]), progress=False)
+    if images.shape[1] != shape[0]:
+        images = images.mean(axis=1, keepdims=True).astype(np.uint8) if shape[0] == 1 else np.repeat(images, 3, 1)
+    return [p.name for p in files], images
+
+
+def _predict(args):
+    from ._io import atomic_write_text
+    from .api import Run
+    try:
+        run = Run(args.run)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    source = Path(args.input)
+    if not source.exists():
+        raise UsageError(f"{source}: no such file or folder")
+    names, x = _predict_inputs(source, run.info["input_shape"])
+    p = run.predict(x)
+    classes = run.info["classes"]
+    out = Path(args.out) if args.out else run.path / f"predictions-{source.stem}.csv"
+    lines = [",".join(["input", "predicted", *classes])]
+    lines += [",".join([n, classes[int(row.argmax())], *(f"{v:.6g}" for v in row)]) for n, row in zip(names, p)]
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    print(f"wrote {out} ({len(names)} rows of class probabilities)")
     return 0
 
 
@@ -204,6 +246,12 @@ def add_training_commands(sub):
     p.add_argument("--num-classes", dest="num_classes", type=int, help="default: the zoo model's")
     p.add_argument("--out", required=True, help="the model .h5 to write")
     p.set_defaults(handler=_import)
+
+    p = sub.add_parser("predict", help="class probabilities of new examples, as CSV")
+    p.add_argument("run", help="a run folder")
+    p.add_argument("--input", required=True, help="an .npz (array x), an image file or a folder of images")
+    p.add_argument("--out", help="the CSV to write (default RUN/predictions-INPUT.csv)")
+    p.set_defaults(handler=_predict)
 
     p = sub.add_parser("plot", help="PNG of a run's loss and accuracy curves")
     p.add_argument("run", help="a run folder")

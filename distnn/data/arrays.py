@@ -11,8 +11,9 @@ CHANNELS = (1, 3, 4)
 
 
 def as_images(x: np.ndarray, name: str, layout: str | None = None) -> np.ndarray:
-    """uint8 images (N, H, W), (N, H, W, C) or (N, C, H, W) -> (N, C, H, W). ``layout`` ('nhwc' or
-    'nchw') settles a 4-D shape whose second and last axes could both be channels."""
+    """uint8 images (N, H, W), (N, H, W, C) or (N, C, H, W) -> (N, C, H, W). The channel axis is the one
+    of 1, 3 or 4 (the smaller, if both are); ``layout`` ('nhwc' or 'nchw') settles a shape such as
+    (N, 3, 8, 3)."""
     if x.dtype != np.uint8:
         raise DataError(f"{name}: images must be uint8 (0-255), got {x.dtype}; scale and convert them, or give "
                         "2-D float features")
@@ -22,6 +23,8 @@ def as_images(x: np.ndarray, name: str, layout: str | None = None) -> np.ndarray
         raise DataError(f"{name}: images must be (N, H, W), (N, H, W, C) or (N, C, H, W), got shape {x.shape}")
     if layout is None:
         first, last = x.shape[1] in CHANNELS, x.shape[3] in CHANNELS
+        if first and last and x.shape[1] != x.shape[3]:   # both could be: the fewer are the channels
+            first, last = x.shape[1] < x.shape[3], x.shape[3] < x.shape[1]
         if first == last:
             raise DataError(f"{name}: cannot tell the channel axis of shape {x.shape}; pass --layout nhwc or nchw")
         layout = "nchw" if first else "nhwc"

@@ -17,16 +17,16 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def _splits(parts: dict, names: dict, test_fraction, seed, name, layout=None):
-    """{"train": (x, y), "test": (x, y) or None} -> the writer's splits and label fields."""
-    if parts.get("test") is None:
-        x, y = parts["train"]
-        check_pair(x, y, names["train"])
-        parts = dict(zip(("train", "test"), hold_out(x, y, test_fraction or 0.1, seed, names["train"])))
+    """{"train": (x, y), "test": (x, y) or None} -> the writer's splits and label fields. Examples are
+    checked before a test split is held out, so an error names the row as the source has it."""
     xs, ys = {}, {}
-    for split, (x, y) in parts.items():
-        check_pair(x, y, names[split])
-        xs[split] = as_examples(np.asarray(x), names[split], layout)
-        ys[split] = np.asarray(y)
+    for split, pair in parts.items():
+        if pair is not None:
+            check_pair(pair[0], pair[1], names[split])
+            xs[split], ys[split] = as_examples(np.asarray(pair[0]), names[split], layout), np.asarray(pair[1])
+    if "test" not in xs:
+        (xs["train"], ys["train"]), (xs["test"], ys["test"]) = hold_out(xs["train"], ys["train"], test_fraction or 0.1,
+                                                                        seed, names["train"])
     if xs["train"].shape[1:] != xs["test"].shape[1:]:
         raise DataError(f"{names['test']}: examples of shape {xs['test'].shape[1:]}, the training ones "
                         f"{xs['train'].shape[1:]}")

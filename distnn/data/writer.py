@@ -98,11 +98,13 @@ def _write(folder: Path, name, splits, label_fields, source_sums, shards, compre
 
 
 def _write_shard(path: Path, kind: str, x: np.ndarray, labels: dict, compression):
-    rows = max(1, min(CHUNK_ROWS, len(x)))
+    if len(x) == 0:  # more shards than rows: an empty shard, unchunked
+        compression = None
+    rows = min(CHUNK_ROWS, len(x))
     with h5py.File(path, "w") as f:
-        f.create_dataset(kind, data=x, chunks=(rows,) + x.shape[1:], compression=compression)
+        f.create_dataset(kind, data=x, chunks=(rows,) + x.shape[1:] if rows else None, compression=compression)
         for key, y in labels.items():
-            f.create_dataset(key, data=y, chunks=(max(1, min(len(y), 1 << 16)),), compression=compression)
+            f.create_dataset(key, data=y, chunks=(min(len(y), 1 << 16),) if rows else None, compression=compression)
         f.attrs["count"] = len(x)
 
 

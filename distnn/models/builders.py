@@ -6,7 +6,8 @@ shape, the classes and the options, so a run folder, model file or checkpoint ca
 and refuses to when the file is gone or has changed since. On Ray the code travels to every worker in
 the actor's runtime environment (``runtime_env``): the builder file's folder (its ``.py`` files) as the
 working directory, or the builder's top-level package as a ``py_module``. A worker imports the shipped
-copy, checked against the same sha256.
+copy, checked against the same sha256; where none was shipped (a Ray session the caller started) it
+loads the file from its recorded path, so a one-machine cluster works either way.
 """
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ def _load_module(spec: dict):
     source = Path(spec["source"])
     if not source.is_file():
         raise BuilderError(f"{source}: builder file not found; the model was built by {spec['builder']!r} "
-                           "(put the file back, or rebuild the run)")
+                           "(put the file back; on a Ray cluster started by hand, pass "
+                           "runtime_env=distnn.models.builders.runtime_env(spec) to its ray.init)")
     if _sha256(source) != spec["sha256"]:
         raise BuilderError(f"{source}: builder changed since the model was made (sha256 {_sha256(source)[:12]}..., "
                            f"recorded {spec['sha256'][:12]}...); restore that version of the file")
@@ -118,7 +120,7 @@ def source_file(spec: dict) -> str | None:
 
 
 def runtime_env(spec: dict) -> dict | None:
-    """What a Ray actor needs to import the builder on any node: None for zoo and layer-list specs."""
+    """What a Ray job needs to import the builder on any node: None for zoo and layer-list specs."""
     if "builder" not in spec:
         return None
     kind, target, _ = _parse(spec["builder"])

@@ -32,7 +32,7 @@ class LocalFuture:
 class LocalBackend:
     name = "local"
 
-    def create(self, cls, *args, cpus=1, runtime_env=None, **kwargs):
+    def create(self, cls, *args, cpus=1, **kwargs):
         return cls(*args, **kwargs)
 
     def call(self, handle, method, *args, num_returns=1, **kwargs):
@@ -103,11 +103,14 @@ class LocalBackend:
 
 
 class RayBackend:
-    """Actors on a Ray cluster: a local one started here (no address), or an existing one."""
+    """Actors on a Ray cluster: a local one started here (no address), or an existing one.
+    ``runtime_env``: what every actor's process needs beyond distnn, e.g. a user's model code
+    (``models.builders.runtime_env``); Ray ships local folders only for a whole job, so it applies
+    when this backend connects (not to a Ray session already started in this process)."""
 
     name = "ray"
 
-    def __init__(self, address=None, num_cpus=None):
+    def __init__(self, address=None, num_cpus=None, runtime_env=None):
         import ray
 
         self.ray = ray
@@ -115,6 +118,8 @@ class RayBackend:
         if not ray.is_initialized():
             _started_here.clear()
             kwargs = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
+            if runtime_env:
+                kwargs["runtime_env"] = runtime_env
             address = address or os.environ.get("RAY_ADDRESS")
             if address:
                 kwargs["address"] = address
@@ -133,17 +138,14 @@ class RayBackend:
         self.inline_bytes = _started_here.get("inline_bytes", 100 * 1024)
         self._classes = {}
 
-    def create(self, cls, *args, cpus=1, runtime_env=None, **kwargs):
+    def create(self, cls, *args, cpus=1, **kwargs):
         """An actor of ``cls``, or of its Ray subclass (ray_actors.ACTORS) where it has one. A server
-        runs pushes concurrently (one thread per worker, plus a few for the driver's calls).
-        ``runtime_env``: what the actor's process needs (a user's model code: ``models.builders``)."""
+        runs pushes concurrently (one thread per worker, plus a few for the driver's calls)."""
         from .ray_actors import ACTORS, ServerActor
         actor_cls = ACTORS.get(cls, cls)
         if actor_cls not in self._classes:
             self._classes[actor_cls] = self.ray.remote(actor_cls)
         options = {"num_cpus": cpus, "max_restarts": 0}
-        if runtime_env:
-            options["runtime_env"] = runtime_env
         if actor_cls is ServerActor:
             options["max_concurrency"] = kwargs.get("world", 1) + 4
             kwargs["inline_bytes"] = min(self.inline_bytes, PARAMS_INLINE_BYTES)
@@ -216,9 +218,9 @@ def describe(error) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
 
 
-def make_backend(name: str, address=None, num_cpus=None):
+def make_backend(name: str, address=None, num_cpus=None, runtime_env=None):
     if name == "local":
         return LocalBackend()
     if name == "ray":
-        return RayBackend(address=address, num_cpus=num_cpus)
+        return RayBackend(address=address, num_cpus=num_cpus, runtime_env=runtime_env)
     raise ValueError(f"unknown backend {name!r}; choose 'ray' or 'local'")

@@ -12,8 +12,23 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from ..checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from ..config import ConfigError, TrainConfig
 from .errors import TrainingError
+
+RESUME_OVERRIDES = ("backend", "address", "log_every", "checkpoint_every", "keep_checkpoints")
+
+
+def resume_point(run_or_file, overrides: dict | None = None) -> tuple[TrainConfig, dict]:
+    """(config, checkpoint) to continue a run from its newest checkpoint (or the checkpoint file
+    given). Only RESUME_OVERRIDES may change; any other option given is refused by name."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    ckpt = load_checkpoint(latest_checkpoint(run_or_file))
+    fixed = sorted(k for k in set(overrides) - set(RESUME_OVERRIDES) if overrides[k] != ckpt["config"].get(k))
+    if fixed:
+        raise ConfigError(f"resuming continues the run as it was configured; drop {', '.join(fixed)} "
+                          f"(only {', '.join(RESUME_OVERRIDES)} may change)")
+    return TrainConfig(**{**ckpt["config"], **overrides}).validate(), ckpt
 
 
 class Checkpoints:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..models import builders
 from ..parallel import GradientWorker, ParameterServer
 from ..parallel.specs import DataSpec, OptimizerSpec, ScheduleSpec
 
@@ -27,7 +26,6 @@ class Fleet:
         self.backend, self.spec, self.data = backend, spec, data
         self.world, self.threads, self.owns_backend = world, threads, owns_backend
         self.workers, self.servers, self.bounds = [], [], []
-        self.runtime_env = builders.runtime_env(spec)  # a user's model code travels to every node
         try:
             for rank in range(world):
                 self.workers.append(self._new_worker(rank))
@@ -38,7 +36,7 @@ class Fleet:
 
     def _new_worker(self, rank):
         return self.backend.create(GradientWorker, self.spec, self.data, rank, self.world, self.threads,
-                                   cpus=self.threads, runtime_env=self.runtime_env)
+                                   cpus=self.threads)
 
     def start_servers(self, params: np.ndarray, decay_mask: np.ndarray, optimizer: OptimizerSpec,
                       schedule: ScheduleSpec, k: int = 1) -> None:

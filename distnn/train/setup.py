@@ -91,3 +91,15 @@ def build(spec: dict):
         return build_model(spec)
     except (ValueError, TypeError) as e:
         raise TrainingError(f"cannot build the model: {e}") from None
+
+
+def write_run_info(out: Path, dataset: ShardedDataset, labels: str | None) -> None:
+    """RUN/dataset.json: what a prediction needs without the dataset (its kind, shape, normalisation
+    and class names)."""
+    import json
+
+    from .._io import atomic_write_text
+    info = {"path": str(dataset.path), "kind": dataset.kind, "input_shape": list(dataset.input_shape),
+            "mean": dataset.manifest["mean"], "std": dataset.manifest["std"],
+            "labels": dataset.label_field(labels), "classes": dataset.class_names(labels)}
+    atomic_write_text(Path(out) / "dataset.json", json.dumps(info, indent=1))

@@ -11,6 +11,7 @@ from .._io import atomic_write_text
 from ..config import TrainConfig
 from ..checkpoint import save_model
 from ..data import open_dataset
+from ..models import builders
 from ..parallel import NonFiniteError, make_backend
 from . import setup
 from .asynchronous import run_async
@@ -38,7 +39,8 @@ class Trainer:
         self.model = setup.build(self.spec)
         try:
             owns = backend is None
-            backend = backend or make_backend(c.backend, c.address)
+            # a user's model code travels to every node in the job's runtime environment
+            backend = backend or make_backend(c.backend, c.address, runtime_env=builders.runtime_env(self.spec))
             world = setup.world_size(c, backend.cpus())
             self.out = setup.run_folder(c)
             c.out = str(self.out)  # a checkpoint's config names its run
@@ -50,6 +52,7 @@ class Trainer:
                                      setup.schedule_spec(c, self.length.total_updates), c.servers)
             atomic_write_text(self.out / "config.json",
                               json.dumps({"config": c.as_dict(), "spec": self.spec, "workers": world}, indent=1))
+            setup.write_run_info(self.out, self.dataset, c.labels)
             self.checkpoints = Checkpoints(self.out / "checkpoints", c.keep_checkpoints, self.model, self.spec,
                                            c.as_dict())
             self.done = [0] * world  # async: gradients applied per worker
