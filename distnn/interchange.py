@@ -106,6 +106,8 @@ def torch_twin(spec: dict):
         raise ValueError("a PyTorch twin needs PyTorch (pip install torch==2.13.0)") from None
     from .models import layer_specs
     nn = torch.nn
+    if spec.get("model") == "resnet20":
+        return _torch_resnet20(torch, spec.get("num_classes", 10), (spec.get("input_shape") or [3])[0])
 
     class Reshape(nn.Module):
         def __init__(self, shape):
@@ -143,3 +145,43 @@ def torch_twin(spec: dict):
         else:
             raise ValueError(f"layer {i}: no PyTorch twin for {kind!r} with options {kw}")
     return nn.Sequential(*layers)
+
+
+def _torch_resnet20(torch, num_classes: int, in_channels: int):
+    """models.resnet.ResNet in PyTorch, under the same parameter names."""
+    nn, F = torch.nn, torch.nn.functional
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+            self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+            self.stride, self.extra = stride, cout - cin
+
+        def forward(self, x):
+            out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+            if self.stride != 1 or self.extra:
+                half = self.extra // 2
+                x = F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, half, half))
+            return F.relu(out + x)
+
+    class ResNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
+            self.blocks, cin = [], 16
+            for stage, width in enumerate((16, 32, 64)):
+                for i in range(3):
+                    name = f"layer{stage + 1}_{i}"
+                    self.add_module(name, Block(cin, width, 2 if stage and not i else 1))
+                    self.blocks.append(name)
+                    cin = width
+            self.fc = nn.Linear(64, num_classes)
+
+        def forward(self, x):
+            x = F.relu(self.bn(self.conv(x)))
+            for name in self.blocks:
+                x = getattr(self, name)(x)
+            return self.fc(x.mean(dim=(2, 3)))
+
+    return ResNet()

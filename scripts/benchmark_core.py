@@ -36,7 +36,7 @@ MODELS = list(ZOO)
 
 
 def spec_for(name):
-    return {"model": name, "num_classes": 20 if name == "cifar_convnet" else 10, "seed": 0}
+    return {"model": name, "num_classes": 20 if name == "cifar_convnet" else 10, "seed": 0}  # resnet20: CIFAR-10
 
 
 def batch(name, n, rng):

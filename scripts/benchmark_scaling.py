@@ -3,8 +3,8 @@
 
     python scripts/benchmark_scaling.py --source ../shared/data/mnist [--workers 2] [--out benchmarks/scaling.json]
 
-lenet5 runs on the real MNIST (batch 128 per worker); cifar_convnet on generated CIFAR-shaped data
-(batch 64 per worker), since no real CIFAR-100 is reachable offline.
+lenet5 runs on the real MNIST (batch 128 per worker); cifar_convnet and resnet20 on generated
+CIFAR-shaped data (batch 64 per worker), since no real CIFAR-100 is reachable offline.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from distnn.data.writer import _write  # noqa: E402
 from distnn.train import Trainer  # noqa: E402
 
 CASES = {"lenet5": {"dataset": "mnist", "batch_size": 128, "steps": 600},
-         "cifar_convnet": {"dataset": "cifar100", "batch_size": 64, "steps": 40}}
+         "cifar_convnet": {"dataset": "cifar100", "batch_size": 64, "steps": 40},
+         "resnet20": {"dataset": "cifar100", "batch_size": 64, "steps": 30}}
 
 
 def fake_cifar(root: Path, n=8192):

@@ -206,50 +206,15 @@ def test_resnet20_has_the_papers_size_and_checks_in_float64():
 
 
 def test_resnet20_equals_pytorch():
+    """Outputs and every parameter's gradient against PyTorch's, float64, relative error <= 1e-8."""
     torch = pytest.importorskip("torch")
-    from torch import nn as tnn
     import torch.nn.functional as F
-
-    class Block(tnn.Module):
-        def __init__(self, cin, cout, stride):
-            super().__init__()
-            self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = tnn.BatchNorm2d(cout)
-            self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = tnn.BatchNorm2d(cout)
-            self.stride, self.extra = stride, cout - cin
-
-        def forward(self, x):
-            out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-            short = x
-            if self.stride != 1 or self.extra:
-                short = F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, self.extra // 2, self.extra // 2))
-            return F.relu(out + short)
-
-    class Net(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.bn = tnn.Conv2d(3, 16, 3, 1, 1, bias=False), tnn.BatchNorm2d(16)
-            cin, blocks = 16, []
-            for stage, width in enumerate((16, 32, 64)):
-                for i in range(3):
-                    blocks.append((f"layer{stage + 1}_{i}", Block(cin, width, 2 if stage and not i else 1)))
-                    cin = width
-            for name, b in blocks:
-                self.add_module(name, b)
-            self.names = [n for n, _ in blocks]
-            self.fc = tnn.Linear(64, 10)
-
-        def forward(self, x):
-            x = F.relu(self.bn(self.conv(x)))
-            for n in self.names:
-                x = getattr(self, n)(x)
-            return self.fc(x.mean(dim=(2, 3)))
-
+    from distnn.interchange import torch_twin
+    theirs = torch_twin({"model": "resnet20", "num_classes": 10}).double()
     ours = build_model({"model": "resnet20", "num_classes": 10, "seed": 1}).astype(np.float64)
-    theirs = Net().double()
     state = {n: torch.from_numpy(p.data.copy()) for n, p in ours.named_parameters()}
-    theirs.load_state_dict(state, strict=False)
+    missing, unexpected = theirs.load_state_dict(state, strict=False)
+    assert not unexpected and all("running" in m or "num_batches" in m for m in missing)
     x = np.random.default_rng(2).standard_normal((4, 3, 32, 32))
     y = np.array([1, 5, 3, 9])
     with distnn.train_mode():

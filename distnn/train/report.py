@@ -21,9 +21,9 @@ from .metrics import MetricsLog
 
 class RunReport:
     def __init__(self, out: Path, world: int, total_updates: int, log=print, progress=True, log_every: int = 20):
-        self.out, self.world, self.total, self.log, self.log_every = Path(out), world, total_updates, log, log_every
+        self.out, self.world, self.total, self._log, self.log_every = Path(out), world, total_updates, log, log_every
         self.progress = progress
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", world, log)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", world, self.log)
         self.epochs: list[dict] = []
         self.staleness: list[int] = []      # async: of every applied gradient
         self.steps_run = 0
@@ -35,6 +35,14 @@ class RunReport:
         self.started = time.perf_counter()
         self.metrics.new_window(self.started)
         self.bar = tqdm(total=self.total, initial=step, unit="step", disable=not self.progress, dynamic_ncols=True)
+
+    def log(self, message: str) -> None:
+        """A console line that does not tear the progress bar."""
+        if self.bar is not None and not self.bar.disable:
+            with tqdm.external_write_mode():
+                self._log(message)
+        else:
+            self._log(message)
 
     def wall(self) -> float:
         return time.perf_counter() - self.started

@@ -136,7 +136,7 @@ class Trainer:
             fields["max_worker_lead"] = self.max_lead
         samples = self.step * c.batch_size * (self.length.world if c.mode == "sync" else 1)
         summary = report.summary(fields, server, samples, self.checkpoints.recoveries)
-        self.log(f"done: {self.step} steps in {summary['wall_time_s']:.1f} s ({summary['samples_per_s']:.0f} "
+        report.log(f"done: {self.step} steps in {summary['wall_time_s']:.1f} s ({summary['samples_per_s']:.0f} "
                  f"samples/s); test accuracy {summary['final']['test_accuracy']:.4f}; model saved to "
                  f"{self.out / 'model.h5'}")
         return summary
