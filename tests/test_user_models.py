@@ -309,3 +309,20 @@ def test_predict_command_writes_probabilities(tmp_path, capsys):
     assert cli(["predict", str(run.path), "--input", str(tmp_path / "pics")]) == 0
     out = (run.path / "predictions-pics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in out[1:]] == ["0.png", "1.png", "2.png"]
+
+
+def test_fit_trains_builder_on_two_ray_workers(tmp_path, builder):
+    x, y = arrays(seed=2)
+    np.savez(tmp_path / "mine.npz", x=x, y=y)
+    code = f"""
+import json, sys
+sys.path.insert(0, {str(ROOT)!r})
+import distnn
+run = distnn.fit({str(builder) + ':build'!r}, {str(tmp_path / 'mine.npz')!r}, workers=2, epochs=2, batch_size=20,
+                 data_dir={str(tmp_path / 'ds')!r}, out={str(tmp_path / 'run')!r}, progress=False, log=lambda *a: None)
+x = __import__("numpy").load({str(tmp_path / 'mine.npz')!r})["x"]
+print("RESULT", json.dumps({{"backend": run.summary["backend"], "workers": run.summary["workers"],
+                            "count": run.summary["final"]["test_count"], "p": list(run.predict(x[:2]).shape)}}))
+"""
+    result = run_script(code)
+    assert result == {"backend": "ray", "workers": 2, "count": 40, "p": [2, 3]}
