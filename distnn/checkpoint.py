@@ -7,28 +7,23 @@ reads it. Files are written to a temporary name and renamed into place.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from ._io import atomic_path
 
 
 class CheckpointError(Exception):
     """A model or checkpoint file that is missing, unreadable or does not fit the model."""
 
 
-def _atomic_h5(path: Path, write):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+def _atomic_h5(path: Path, write, needed: int | None = None):
+    """Write an HDF5 file through ``atomic_path``: complete or absent, never half-written."""
+    with atomic_path(path, needed) as tmp:
         with h5py.File(tmp, "w") as f:
             write(f)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _write_model(f, model):
@@ -49,7 +44,13 @@ def save_model(model, path, spec: dict | None = None, extra: dict | None = None)
             f.attrs["spec"] = json.dumps(spec)
         for k, v in (extra or {}).items():
             f.attrs[k] = json.dumps(v)
-    _atomic_h5(path, write)
+    _atomic_h5(path, write, _size(model))
+
+
+def _size(model, copies: int = 1) -> int:
+    """Bytes of ``copies`` of the model's parameters and buffers, plus HDF5's overhead."""
+    arrays = [p.data for p in model.parameters()] + [b for _, b in model.named_buffers()]
+    return copies * sum(a.nbytes for a in arrays) + 64 * 1024
 
 
 def read_model_file(path):
@@ -116,7 +117,8 @@ def save_checkpoint(path, model, *, step: int, servers: list[dict], worker_buffe
         f.attrs["config"] = json.dumps(config)
         for k, v in (extra or {}).items():
             f.attrs[k] = json.dumps(v)
-    _atomic_h5(path, write)
+    slots = sum(v.nbytes for st in servers for v in st["optimizer"].values())
+    _atomic_h5(path, write, 2 * _size(model) + slots + worker_buffers.nbytes)
 
 
 def load_checkpoint(path) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._io import WriteFailed
 from ._memory import tune_allocator
 from .checkpoint import CheckpointError
 from .data.errors import DataError
@@ -95,6 +96,9 @@ def main(argv=None) -> int:
     except (DataError, UsageError, CheckpointError) as e:
         print(f"distnn {args.command}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
+    except WriteFailed as e:  # a full disk, a read-only folder: nothing half-written is left
+        print(f"distnn {args.command}: error: {e}", file=sys.stderr)
+        return 74
     except KeyboardInterrupt:
         print(f"distnn {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -64,6 +64,8 @@ class TrainConfig:
     scale_lr: bool = option(False, "sync: multiply lr by the number of workers")
     seed: int = option(0, "seeds initialisation, data order, augmentation and dropout")
     out: str | None = option(None, "run folder (default: runs/MODEL-DATASET-TIME)")
+    overwrite: str | None = option(None, "--out already holds a run: move it aside (OUT.old-TIME) or remove it "
+                                         "(default: refuse; --resume continues it)", (None, "move", "remove"))
     log_every: int = option(20, "steps between metrics lines")
     max_steps: int = option(0, "stop after this many updates (0: run all epochs)")
     checkpoint_every: int = option(0, "steps between checkpoints (0: only at epoch ends and on Ctrl-C / SIGTERM)")

@@ -16,9 +16,27 @@ class UsageError(Exception):
     """A wrong flag, config key or value: printed as one line, exit status 2."""
 
 
+class _WithoutRayNotices:
+    """sys.stdout without the lines Ray's driver thread prints about the cluster ('(raylet) A worker
+    died ...'): the run reports each recovery in one line of its own (Ray's logs keep the details)."""
+
+    def __init__(self, stream):
+        self.stream, self.dropping = stream, False
+
+    def write(self, text):
+        if "(raylet)" in text or (self.dropping and text == "\n"):
+            self.dropping = text != "\n"
+            return len(text)
+        self.dropping = False
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def _train(args):
     from .config import load_config
-    from .train import TrainingError, TrainingInterrupted, train
+    from .train import RunWriteFailed, TrainingError, TrainingInterrupted, train
     from .train.checkpoints import RESUME_OVERRIDES, resume_point
     overrides = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
     try:
@@ -31,12 +49,19 @@ def _train(args):
             config, resume = resume_point(args.resume, overrides)
         else:
             config = load_config(args.config, overrides)
-        train(config, progress=not args.quiet, resume=resume)
+        stdout, sys.stdout = sys.stdout, _WithoutRayNotices(sys.stdout)
+        try:
+            train(config, progress=not args.quiet, resume=resume)
+        finally:
+            sys.stdout = stdout
     except ConfigError as e:
         raise UsageError(str(e)) from None
     except TrainingInterrupted as e:
         print(f"distnn train: {e}", file=sys.stderr)
         return 130
+    except RunWriteFailed as e:
+        print(f"distnn train: error: {e}", file=sys.stderr)
+        return e.exit_status
     except TrainingError as e:
         raise UsageError(f"training stopped: {e}") from None
     return 0

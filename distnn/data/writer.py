@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from .._io import atomic_write_text
+from .._io import WriteFailed, atomic_write_text
 from .formats import file_digest
 
 FORMAT_VERSION = 1
@@ -65,6 +65,11 @@ def write_dataset(out: Path, name: str, splits: dict, label_fields: dict, source
         tmp.mkdir()
         manifest = _write(tmp, name, splits, label_fields, source_sums, shards, compression, progress, extra)
         _replace_dir(tmp, out / name)
+    except WriteFailed:
+        raise
+    except OSError as e:  # a full disk: the dataset is all there or not at all
+        needed = sum(x.nbytes + sum(y.nbytes for y in labels.values()) for x, labels in splits.values())
+        raise WriteFailed(out / name, e, needed) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

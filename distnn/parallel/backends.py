@@ -5,7 +5,7 @@ Both expose the same small interface, so the training loop is written once:
 ``get(futures)``, ``put(value)``, ``wait(futures)``, ``kill(handle)``, ``alive(handle)``,
 ``sync_steps(workers, servers, first, n)`` (a run of synchronous steps), and for errors ``cause(error)``
 (the exception behind a backend's wrapper), ``is_failure(error)`` (a process died) and
-``describe(error)`` (one line). Futures of the local backend are values computed on the spot, in call
+``describe(error)`` (one line), ``discard(futures)`` (results no longer wanted). Futures of the local backend are values computed on the spot, in call
 order: the debug mode, usable under pdb. On Ray the workers drive synchronous steps themselves
 (``ray_actors``); the local backend runs the same steps from the driver, in rank order.
 """
@@ -92,6 +92,9 @@ class LocalBackend:
     def cause(self, error):
         return error
 
+    def discard(self, futures) -> None:
+        pass
+
     def is_failure(self, error) -> bool:
         return False
 
@@ -117,7 +120,8 @@ class RayBackend:
         self.started = False
         if not ray.is_initialized():
             _started_here.clear()
-            kwargs = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
+            # Ray's own notices (a worker died, ...) stay in its log files: a recovery is reported as one line
+            kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
             if runtime_env:
                 kwargs["runtime_env"] = runtime_env
             address = address or os.environ.get("RAY_ADDRESS")
@@ -176,6 +180,18 @@ class RayBackend:
             return True
         except (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError):
             return False
+
+    def discard(self, futures, timeout: float = 30.0) -> None:
+        """Wait for futures whose results are no longer wanted and drop their errors, so that Ray does
+        not print them as unhandled when they are garbage-collected."""
+        futures = list(futures)
+        if futures:
+            ready, _ = self.ray.wait(futures, num_returns=len(futures), timeout=timeout)
+            for f in ready:
+                try:
+                    self.ray.get(f)
+                except Exception:  # the error is the reason these results are dropped
+                    pass
 
     def cause(self, error):
         """The exception a remote call raised (``RayTaskError.cause``, through every hop: a worker's

@@ -46,7 +46,8 @@ class ParameterServer:
 
     def _apply(self, grad: np.ndarray):
         start = time.perf_counter()
-        self.optimizer.step(self.params, grad, lr=self.lr())
+        with np.errstate(all="ignore"):  # an overflow shows as a non-finite loss at the next step
+            self.optimizer.step(self.params, grad, lr=self.lr())
         self.version += 1
         self.update_seconds += time.perf_counter() - start
 

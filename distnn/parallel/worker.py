@@ -63,7 +63,9 @@ class GradientWorker:
         shard; K = 1 for one server). Returns the K matching gradient parts, then the metrics:
         loss (mean over the batch), correct, count, rank, step and the data position.
         """
-        with self._blas.limit(limits=self.threads, user_api="blas"):
+        # Overflow and NaN are checked below and stop the run with a message naming the step: numpy's
+        # own warnings on the way there would only bury it.
+        with self._blas.limit(limits=self.threads, user_api="blas"), np.errstate(all="ignore"):
             return self._compute(param_parts, step, bounds)
 
     def _compute(self, param_parts, step, bounds):
@@ -122,7 +124,7 @@ class GradientWorker:
 
     def evaluate(self, params, buffers=None) -> dict:
         """Loss sum, correct and count over this worker's part of the test split."""
-        with self._blas.limit(limits=self.threads, user_api="blas"):
+        with self._blas.limit(limits=self.threads, user_api="blas"), np.errstate(all="ignore"):
             return self._evaluate(params, buffers)
 
     def _evaluate(self, params, buffers):

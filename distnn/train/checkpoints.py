@@ -56,6 +56,11 @@ class Checkpoints:
         prune_checkpoints(self.folder, self.keep)
         self.last, self.last_step = path, step
 
+    def check_budget(self, fleet, error) -> None:
+        if len(self.recoveries) >= 3 * (fleet.world + len(fleet.servers)):
+            raise TrainingError(f"giving up after {len(self.recoveries)} recoveries; last failure: "
+                                f"{fleet.backend.describe(error)}")
+
     def restore(self, fleet, ckpt: dict, mode: str) -> tuple[int, list[int] | None]:
         """Load a checkpoint (``checkpoint.load_checkpoint``) into the fleet; returns (step, done)."""
         if len(ckpt["servers"]) != len(fleet.servers) or len(ckpt["worker_buffers"]) != fleet.world:
@@ -76,8 +81,7 @@ class Checkpoints:
         that disagree on the step) means every shard restarts from the newest checkpoint and the
         steps since are redone. Returns the event, with the step to continue from."""
         b = fleet.backend
-        if len(self.recoveries) >= 3 * (fleet.world + len(fleet.servers)):
-            raise TrainingError(f"giving up after {len(self.recoveries)} recoveries; last failure: {b.describe(error)}")
+        self.check_budget(fleet, error)
         started = time.perf_counter()
         lost_workers, lost_servers = fleet.lost()
         survivors = [w for r, w in enumerate(fleet.workers) if r not in lost_workers]
@@ -86,15 +90,28 @@ class Checkpoints:
         fleet.replace_workers()
         versions = [] if lost_servers else fleet.call_servers("recover")
         if lost_servers or len(set(versions)) > 1 or buffers is None:
-            ckpt = load_checkpoint(self.last)
-            fleet.restart_servers(ckpt["servers"])
-            fleet.set_worker_buffers(ckpt["worker_buffers"])
-            restart = ckpt["step"]
+            restart, _ = self.restart(fleet, replace_workers=False)
         else:
             fleet.set_worker_buffers([buffers] * fleet.world)
             restart = versions[0]
-        event = {"type": "recovery", "after_step": step, "restart_step": restart, "lost_workers": lost_workers,
-                 "lost_servers": lost_servers, "error": b.describe(error),
-                 "seconds": round(time.perf_counter() - started, 3)}
+        return self.record(step, restart, lost_workers, lost_servers, b.describe(error),
+                           time.perf_counter() - started)
+
+    def restart(self, fleet, replace_workers: bool = True) -> tuple[int, list[int] | None]:
+        """Every shard (and worker) anew from the newest checkpoint; returns (its step, its done)."""
+        ckpt = load_checkpoint(self.last)
+        if replace_workers:
+            fleet.replace_workers()
+        fleet.restart_servers(ckpt["servers"])
+        fleet.set_worker_buffers(ckpt["worker_buffers"])
+        return ckpt["step"], ckpt.get("done")
+
+    def record(self, failed_at: int, restart: int, lost_workers, lost_servers, error: str,
+               seconds: float | None = None) -> dict:
+        """The recovery event (metrics.jsonl, summary.json); refuses to go on after too many."""
+        event = {"type": "recovery", "after_step": failed_at, "restart_step": restart, "lost_workers": lost_workers,
+                 "lost_servers": lost_servers, "error": error}
+        if seconds is not None:
+            event["seconds"] = round(seconds, 3)
         self.recoveries.append(event)
         return event

@@ -7,3 +7,10 @@ class TrainingError(RuntimeError):
 
 class TrainingInterrupted(TrainingError):
     """Stopped by Ctrl-C or SIGTERM after saving a checkpoint; the message says how to continue."""
+
+
+class RunWriteFailed(TrainingError):
+    """A file of the run could not be written (a full disk, a read-only folder): the message names it,
+    the space needed and free, and the last good checkpoint to resume from."""
+
+    exit_status = 74  # EX_IOERR

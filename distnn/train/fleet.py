@@ -26,6 +26,7 @@ class Fleet:
         self.backend, self.spec, self.data = backend, spec, data
         self.world, self.threads, self.owns_backend = world, threads, owns_backend
         self.workers, self.servers, self.bounds = [], [], []
+        self.pending = []   # futures of sync steps handed out and not yet collected
         try:
             for rank in range(world):
                 self.workers.append(self._new_worker(rank))
@@ -81,17 +82,24 @@ class Fleet:
 
     def sync_steps(self, first: int, n: int) -> list:
         """``n`` synchronous steps from ``first``: one future per worker of its list of step metrics."""
-        return self.backend.sync_steps(self.workers, self.servers, first, n, self.shard_bounds)
+        futures = self.backend.sync_steps(self.workers, self.servers, first, n, self.shard_bounds)
+        self.pending.extend(futures)
+        return futures
 
     def collect(self, futures) -> list:
         """The values of ``sync_steps``; on a failure the shards drop the step they were collecting
-        (releasing workers that wait in it) before the error is raised."""
+        (releasing workers that wait in it) and every step handed out is waited for and dropped (so no
+        abandoned step reports its own error), then the error is raised."""
         try:
-            return self.get(futures)
+            values = self.get(futures)
         except Exception as e:
             for s in self.servers:
                 self.backend.call(s, "abort", self.backend.describe(e))
+            self.backend.discard(self.pending)
+            self.pending = []
             raise
+        self.pending = [f for f in self.pending if all(f is not g for g in futures)]
+        return values
 
     def parameters(self) -> np.ndarray:
         """The flat parameters (P,), joined from the shards."""
@@ -125,6 +133,14 @@ class Fleet:
             self.backend.kill(w)
             self.workers[r] = self._new_worker(r)
         self.call_workers("ready")
+
+    def replace_worker(self, rank: int, buffers: np.ndarray | None = None) -> None:
+        """A fresh replica of one rank (its process died), given ``buffers`` (batch-norm statistics)."""
+        self.backend.kill(self.workers[rank])
+        self.workers[rank] = self._new_worker(rank)
+        self.get(self.backend.call(self.workers[rank], "ready"))
+        if buffers is not None and buffers.size:
+            self.get(self.backend.call(self.workers[rank], "set_buffers", buffers))
 
     def restart_servers(self, states: list[dict]) -> None:
         """New shard processes holding ``states`` (``ParameterServer.state()`` of each)."""

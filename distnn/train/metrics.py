@@ -1,5 +1,9 @@
 """metrics.jsonl: one JSON object per line, flushed as written, and the step metrics gathered
-between two of its lines (loss, accuracy, throughput, staleness, each worker's compute time)."""
+between two of its lines (loss, accuracy, throughput, staleness, each worker's compute time).
+
+A line is whole or absent: a write that fails (a full disk) is cut back off, and a resumed run first
+drops what follows its checkpoint (including a line cut short by a killed process), so the file tells
+one history."""
 from __future__ import annotations
 
 import json
@@ -8,22 +12,53 @@ from pathlib import Path
 
 import numpy as np
 
+from .._io import WriteFailed, atomic_write_text
+
 SLOW_WORKER = 1.5  # a worker this many times slower per batch than the median is reported
 
 
+def _step_of(record: dict) -> int:
+    return record.get("after_step", record.get("step", 0))
+
+
 class MetricsLog:
-    def __init__(self, path: Path, world: int, log=print):
-        self.file = open(path, "a", buffering=1)
+    def __init__(self, path: Path, world: int, log=print, resume_step: int | None = None):
+        self.path = Path(path)
+        if resume_step is not None and self.path.is_file():
+            self._rewind(resume_step)
+        self.file = open(self.path, "a", buffering=1)
         self.world, self.log = world, log
         self.slow_reported = None
         self.new_window(time.perf_counter())
+
+    def _rewind(self, step: int) -> None:
+        """Keep the whole records up to ``step``."""
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if _step_of(record) <= step:
+                kept.append(line + "\n")
+        atomic_write_text(self.path, "".join(kept))
 
     def new_window(self, now):
         self.loss, self.correct, self.count, self.steps, self.since = 0.0, 0, 0, 0, now
         self.compute, self.batches = np.zeros(self.world), np.zeros(self.world)
 
     def write(self, **record):
-        self.file.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        at = self.file.tell()
+        try:
+            self.file.write(line)
+            self.file.flush()
+        except OSError as e:
+            try:
+                self.file.truncate(at)
+            except OSError:
+                pass
+            raise WriteFailed(self.path, e, len(line)) from None
 
     def add(self, metrics_list):
         """One step: the metrics of every worker that contributed to it."""

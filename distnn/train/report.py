@@ -20,16 +20,17 @@ from .metrics import MetricsLog
 
 
 class RunReport:
-    def __init__(self, out: Path, world: int, total_updates: int, log=print, progress=True, log_every: int = 20):
+    def __init__(self, out: Path, world: int, total_updates: int, log=print, progress=True, log_every: int = 20,
+                 resume_step: int | None = None):
         self.out, self.world, self.total, self._log, self.log_every = Path(out), world, total_updates, log, log_every
         self.progress = progress
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", world, self.log)
+        self.bar = None
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", world, self.log, resume_step)
         self.epochs: list[dict] = []
         self.staleness: list[int] = []      # async: of every applied gradient
         self.steps_run = 0
         self.compute_seconds = 0.0
         self.paused_seconds = 0.0
-        self.bar = None
 
     def start(self, step: int) -> None:
         self.started = time.perf_counter()

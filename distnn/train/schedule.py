@@ -129,6 +129,12 @@ class AsyncSchedule:
         self.draining |= epoch_over or stopping or bool(every and self.version % every == 0)
         return staleness
 
+    def dropped(self, rank: int) -> None:
+        """Worker ``rank``'s batch in flight is lost (its process died): it is not counted, and the
+        worker (a new process) is positioned at it again before its next launch."""
+        self.in_flight.pop(rank, None)
+        self.started.discard(rank)
+
     def at_rest(self) -> list[int] | None:
         """None while updates must still land; once drained (time for a checkpoint), the epochs that
         ended, oldest first (maybe none), and new batches may go out again."""

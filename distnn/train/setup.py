@@ -2,6 +2,7 @@
 and server specs, the number of workers and the run folder."""
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -78,9 +79,24 @@ def world_size(c: TrainConfig, cpus: int) -> int:
     return world
 
 
-def run_folder(c: TrainConfig) -> Path:
-    """``c.out``, or runs/MODEL-DATASET-TIME; created."""
+RUN_FILES = ("config.json", "metrics.jsonl", "model.h5", "summary.json", "checkpoints")
+
+
+def run_folder(c: TrainConfig, resuming: bool = False, log=print) -> Path:
+    """``c.out``, or runs/MODEL-DATASET-TIME; created. A folder that holds a run is continued only when
+    resuming, and otherwise refused unless ``c.overwrite`` moves it aside or removes it."""
     out = Path(c.out or f"runs/{c.model_name}-{Path(c.dataset).name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not resuming and any((out / f).exists() for f in RUN_FILES):
+        if c.overwrite is None:
+            raise TrainingError(f"{out}: holds a run already; continue it with --resume {out}, or start afresh with "
+                                "--overwrite move (keeps it as OUT.old-TIME) or --overwrite remove")
+        if c.overwrite == "move":
+            aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            out.rename(aside)
+            log(f"{out}: moved the run there to {aside}")
+        else:
+            shutil.rmtree(out)
+            log(f"{out}: removed the run there")
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -7,7 +7,7 @@ import json
 import signal
 import threading
 
-from .._io import atomic_write_text
+from .._io import WriteFailed, atomic_write_text
 from ..config import TrainConfig
 from ..checkpoint import save_model
 from ..data import open_dataset
@@ -16,7 +16,7 @@ from ..parallel import NonFiniteError, make_backend
 from . import setup
 from .asynchronous import run_async
 from .checkpoints import Checkpoints
-from .errors import TrainingError, TrainingInterrupted
+from .errors import RunWriteFailed, TrainingError, TrainingInterrupted
 from .fleet import Fleet
 from .report import RunReport
 from .schedule import RunLength
@@ -42,7 +42,7 @@ class Trainer:
             # a user's model code travels to every node in the job's runtime environment
             backend = backend or make_backend(c.backend, c.address, runtime_env=builders.runtime_env(self.spec))
             world = setup.world_size(c, backend.cpus())
-            self.out = setup.run_folder(c)
+            self.out = setup.run_folder(c, resuming=resume is not None, log=log)
             c.out = str(self.out)  # a checkpoint's config names its run
             self.fleet = Fleet(backend, self.spec, setup.data_spec(c, path), world, c.threads, owns_backend=owns)
             self.length = RunLength(self.fleet.steps_per_epoch, c.epochs, world, c.mode, c.max_steps)
@@ -60,7 +60,8 @@ class Trainer:
                 self.step, done = self.checkpoints.restore(self.fleet, resume, c.mode)
                 self.done = done or self.done
                 log(f"resuming {c.model_name} from {resume['path']} at step {self.step} of {self.length.total_updates}")
-            self.report = RunReport(self.out, world, self.length.total_updates, log, progress, c.log_every)
+            self.report = RunReport(self.out, world, self.length.total_updates, log, progress, c.log_every,
+                                    resume_step=None if resume is None else self.step)
         except BaseException:
             self.close()
             raise
@@ -78,6 +79,9 @@ class Trainer:
                                           + (f"; continue with: distnn train --resume {self.out}"
                                              if self.checkpoints.last else ""))
             return self._finish()
+        except WriteFailed as e:
+            raise RunWriteFailed(f"{e}{self._last_checkpoint('; last good checkpoint ')}; free some space, then "
+                                 f"continue with: distnn train --resume {self.out}") from None
         finally:
             self.report.close()
 
