@@ -14,6 +14,7 @@ from .data.sources import SOURCES
 from .models import ZOO
 from .models.builders import is_reference
 from .optim import OPTIMIZERS, SCHEDULES
+from .parallel.compress import parse as parse_compress
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -53,6 +54,8 @@ class TrainConfig:
                        ("sync", "async"))
     staleness: int | None = option(None, "async: how far a worker may run ahead of the slowest (default: no bound)")
     servers: int = option(1, "parameter-server shards")
+    compress: str = option("none", "gradients on the wire: none, fp16 or topk:FRACTION (e.g. topk:0.01), with "
+                                   "error feedback")
     epochs: int = option(3, "passes over the training data")
     batch_size: int = option(64, "examples per worker per step")
     optimizer: str = option("adam", "the servers' optimizer", tuple(OPTIMIZERS))
@@ -101,6 +104,10 @@ class TrainConfig:
                                         or not all(isinstance(layer, dict) for layer in self.layers)):
             raise ConfigError("layers must be a non-empty list of tables ([[layers]] in TOML)")
         self._check_applies()
+        try:
+            parse_compress(self.compress)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return self
 
     def _check_applies(self):

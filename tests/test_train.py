@@ -114,22 +114,30 @@ def test_two_node_cluster_trains(data_dir, tmp_path):
         from ray.cluster_utils import Cluster
         from distnn.config import TrainConfig
         from distnn.parallel import RayBackend
-        from distnn.train import train
+        from distnn.train import Trainer
         cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
         cluster.add_node(num_cpus=1)
         backend = RayBackend(address=cluster.address)
         nodes = [n for n in backend.ray.nodes() if n["Alive"]]
         assert len(nodes) == 2, nodes
         cfg = TrainConfig(model="mlp", data={str(data_dir)!r}, workers=2, batch_size=32, epochs=1, backend="ray",
-                          out={str(tmp_path / 'run')!r}).validate()
-        summary = train(cfg, backend=backend, progress=False)
+                          out={str(tmp_path / 'run')!r}, servers=2).validate()
+        nodes = []
+        def where(trainer, step):
+            if step == 1:
+                nodes.extend(backend.ray.get([s.node.remote() for s in trainer.fleet.servers]))
+        trainer = Trainer(cfg, backend=backend, log=lambda *a: None, progress=False, on_step=where)
+        summary = trainer.run()
+        trainer.close()
         print("STEPS", summary["steps"], "ACC", summary["final"]["test_accuracy"])
+        print("SERVER NODES", len(set(nodes)))
         backend.ray.shutdown()
         cluster.shutdown()
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "STEPS 8" in proc.stdout
+    assert "SERVER NODES 2" in proc.stdout     # the two shards spread over the two nodes
 
 
 def test_training_learns(data_dir, tmp_path):

@@ -152,6 +152,8 @@ class RayBackend:
         options = {"num_cpus": cpus, "max_restarts": 0}
         if actor_cls is ServerActor:
             options["max_concurrency"] = kwargs.get("world", 1) + 4
+            # K shards on K nodes where there are that many, so no one node's link carries all the traffic
+            options["scheduling_strategy"] = "SPREAD"
             kwargs["inline_bytes"] = min(self.inline_bytes, PARAMS_INLINE_BYTES)
         return self._classes[actor_cls].options(**options).remote(*args, **kwargs)
 

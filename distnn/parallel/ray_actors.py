@@ -65,6 +65,10 @@ class ServerActor(ParameterServer):
     def pid(self) -> int:
         return os.getpid()
 
+    def node(self) -> str:
+        """The id of the Ray node this process runs on."""
+        return ray.get_runtime_context().get_node_id()
+
 
 class WorkerActor(GradientWorker):
     def __init__(self, *args, **kwargs):

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from .compress import Sparse, dense
 from .specs import OptimizerSpec, ScheduleSpec
 
 
@@ -54,9 +55,12 @@ class ParameterServer:
     def apply_mean(self, *grads) -> np.ndarray:
         """Synchronous step: average the workers' gradients in the order given, apply one update,
         return the new parameters."""
-        mean = np.array(grads[0], np.float32, copy=True)
+        mean = np.array(dense(grads[0]), np.float32, copy=True)
         for g in grads[1:]:
-            mean += g
+            if isinstance(g, Sparse):
+                mean[g.index] += g.values
+            else:
+                mean += g
         mean *= np.float32(1.0 / len(grads))
         self._apply(mean)
         return self.params
@@ -113,7 +117,7 @@ class ParameterServer:
 
     def apply_one(self, grad: np.ndarray) -> np.ndarray:
         """Asynchronous step: apply one worker's gradient as it is; return the new parameters."""
-        self._apply(grad)
+        self._apply(dense(grad))
         return self.params
 
     def stats(self) -> dict:

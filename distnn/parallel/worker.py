@@ -15,6 +15,7 @@ from ..autograd import train_mode
 from ..data import Loader, open_dataset
 from ..models import build_model, builders, evaluate
 from ..nn import Dropout
+from .compress import Compressor
 from .specs import DataSpec
 
 
@@ -30,7 +31,8 @@ class GradientWorker:
     draw (data order, augmentation, dropout masks) comes from generators seeded by (seed, rank, epoch).
     """
 
-    def __init__(self, spec: dict, data: DataSpec, rank: int, world_size: int, threads: int = 1):
+    def __init__(self, spec: dict, data: DataSpec, rank: int, world_size: int, threads: int = 1,
+                 compress: str = "none"):
         self.rank, self.world_size = rank, world_size
         self.threads = threads
         self._blas = ThreadpoolController()
@@ -44,6 +46,7 @@ class GradientWorker:
         self.test_loader = Loader(self.dataset, "test", rank, world_size, data.eval_batch_size,
                                   labels=data.labels, shuffle=False, augment=False)
         self._dropouts = [m for _, m in self.model.named_modules() if isinstance(m, Dropout)]
+        self.compressor = None if compress == "none" else Compressor(compress, self.model.flat_params.size)
         self._batches = None
         self.position = (0, 0)  # (epoch, next batch index)
         self.params, self.next_step = None, None  # worker-driven sync steps: where they go on from
@@ -89,14 +92,14 @@ class GradientWorker:
         if not math.isfinite(value) or not np.isfinite(grads).all():
             raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(value) else 'gradient'} "
                                  f"({value}) at step {step} on worker {self.rank} (epoch {epoch}, batch {b})")
-        metrics = {"loss": value, "correct": int((logits.data.argmax(axis=1) == y).sum()), "count": len(y),
-                   "rank": self.rank, "step": step, "epoch": epoch, "batch": b,
-                   "compute_s": time.perf_counter() - start}
         # Views, not copies: Ray serialises them on return, and the local backend's server consumes
         # them before this worker computes again.
-        if bounds is None:
-            return grads, metrics
-        return (*(grads[lo:hi] for lo, hi in bounds), metrics)
+        parts = self.compressor(grads, bounds) if self.compressor else [grads[lo:hi] for lo, hi in bounds or
+                                                                         [(0, grads.size)]]
+        metrics = {"loss": value, "correct": int((logits.data.argmax(axis=1) == y).sum()), "count": len(y),
+                   "rank": self.rank, "step": step, "epoch": epoch, "batch": b,
+                   "compute_s": time.perf_counter() - start, "sent_bytes": sum(p.nbytes for p in parts)}
+        return (*parts, metrics)
 
     def run_steps(self, push, first_step: int, steps: int, bounds=None) -> list:
         """Synchronous steps driven by this worker, from the parameter parts in ``self.params``:

@@ -20,10 +20,12 @@ def shard_bounds(size: int, k: int) -> list[tuple[int, int]]:
 
 
 class Fleet:
-    def __init__(self, backend, spec: dict, data: DataSpec, world: int, threads: int = 1, owns_backend=False):
+    def __init__(self, backend, spec: dict, data: DataSpec, world: int, threads: int = 1, owns_backend=False,
+                 compress: str = "none"):
         """Start the workers and read their data; ``steps_per_epoch`` is the smallest worker's count
-        of batches. ``owns_backend``: ``close`` shuts the backend down too."""
-        self.backend, self.spec, self.data = backend, spec, data
+        of batches. ``owns_backend``: ``close`` shuts the backend down too. ``compress``: how the
+        workers send gradients (``parallel.compress``)."""
+        self.backend, self.spec, self.data, self.compress = backend, spec, data, compress
         self.world, self.threads, self.owns_backend = world, threads, owns_backend
         self.workers, self.servers, self.bounds = [], [], []
         self.pending = []   # futures of sync steps handed out and not yet collected
@@ -37,7 +39,7 @@ class Fleet:
 
     def _new_worker(self, rank):
         return self.backend.create(GradientWorker, self.spec, self.data, rank, self.world, self.threads,
-                                   cpus=self.threads)
+                                   self.compress, cpus=self.threads)
 
     def start_servers(self, params: np.ndarray, decay_mask: np.ndarray, optimizer: OptimizerSpec,
                       schedule: ScheduleSpec, k: int = 1) -> None:

@@ -29,6 +29,7 @@ class RunReport:
         self.epochs: list[dict] = []
         self.staleness: list[int] = []      # async: of every applied gradient
         self.steps_run = 0
+        self.sent_bytes = 0                 # gradient bytes the workers sent (compressed)
         self.compute_seconds = 0.0
         self.paused_seconds = 0.0
 
@@ -62,6 +63,7 @@ class RunReport:
         path, and (async) the staleness of the gradient applied."""
         self.metrics.add(metrics_list)
         self.steps_run += 1
+        self.sent_bytes += sum(m.get("sent_bytes", 0) for m in metrics_list)
         self.compute_seconds += compute
         if staleness is not None:
             self.staleness.append(staleness)
@@ -85,8 +87,10 @@ class RunReport:
                  f"{event['lost_servers'] or 'none'}; continuing from step {event['restart_step']} "
                  f"({redone} steps redone)")
 
-    def summary(self, fields: dict, server_seconds: float, samples: int, recoveries: list[dict]) -> dict:
-        """Write ``summary.json``: ``fields`` plus throughput, the per-step breakdown and recoveries."""
+    def summary(self, fields: dict, server_seconds: float, samples: int, recoveries: list[dict],
+                params_bytes: int = 0) -> dict:
+        """Write ``summary.json``: ``fields`` plus throughput, the per-step breakdown, the bytes per
+        step (gradients to the servers, parameters back; ``params_bytes`` per update) and recoveries."""
         wall = self.wall()
         train = max(wall - self.paused_seconds, 1e-9)
         summary = {**fields, "wall_time_s": round(wall, 2), "train_seconds": round(train, 2),
@@ -96,6 +100,8 @@ class RunReport:
             ms = {"total": train, "compute": self.compute_seconds, "server_update": server_seconds}
             ms["wait_and_transfer"] = max(0.0, train - self.compute_seconds - server_seconds)
             summary["per_step_ms"] = {k: round(1e3 * v / self.steps_run, 2) for k, v in ms.items()}
+            summary["bytes_per_step"] = {"gradients_to_servers": round(self.sent_bytes / self.steps_run),
+                                         "parameters_to_workers": params_bytes}
         if recoveries:
             summary["recoveries"] = recoveries
             summary["steps_redone"] = sum(max(0, r["after_step"] - r["restart_step"]) for r in recoveries)

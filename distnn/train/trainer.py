@@ -44,7 +44,8 @@ class Trainer:
             world = setup.world_size(c, backend.cpus())
             self.out = setup.run_folder(c, resuming=resume is not None, log=log)
             c.out = str(self.out)  # a checkpoint's config names its run
-            self.fleet = Fleet(backend, self.spec, setup.data_spec(c, path), world, c.threads, owns_backend=owns)
+            self.fleet = Fleet(backend, self.spec, setup.data_spec(c, path), world, c.threads, owns_backend=owns,
+                               compress=c.compress)
             self.length = RunLength(self.fleet.steps_per_epoch, c.epochs, world, c.mode, c.max_steps)
             if self.length.steps_per_epoch < 1:
                 raise TrainingError(f"batch size {c.batch_size} is larger than a worker's part of the training data")
@@ -135,11 +136,14 @@ class Trainer:
         save_model(self.model, self.out / "model.h5", self.spec)
         server = max(s["update_seconds"] for s in self.fleet.call_servers("stats"))
         fields = {"model": c.model_name, "dataset": c.dataset, "backend": c.backend, "mode": c.mode,
-                  "workers": self.length.world, "servers": c.servers, "epochs": c.epochs, "steps": self.step}
+                  "workers": self.length.world, "servers": c.servers, "epochs": c.epochs, "steps": self.step,
+                  "compress": c.compress}
         if c.mode == "async":
             fields["max_worker_lead"] = self.max_lead
         samples = self.step * c.batch_size * (self.length.world if c.mode == "sync" else 1)
-        summary = report.summary(fields, server, samples, self.checkpoints.recoveries)
+        per_update = self.length.world if c.mode == "sync" else 1   # parameter vectors sent per update
+        summary = report.summary(fields, server, samples, self.checkpoints.recoveries,
+                                 params_bytes=per_update * self.model.flat_params.nbytes)
         report.log(f"done: {self.step} steps in {summary['wall_time_s']:.1f} s ({summary['samples_per_s']:.0f} "
                  f"samples/s); test accuracy {summary['final']['test_accuracy']:.4f}; model saved to "
                  f"{self.out / 'model.h5'}")
