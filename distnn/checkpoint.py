@@ -94,7 +94,7 @@ CHECKPOINT_FORMAT = 1
 
 
 def save_checkpoint(path, model, *, step: int, servers: list[dict], worker_buffers: np.ndarray, config: dict,
-                    spec: dict, extra: dict | None = None):
+                    spec: dict, extra: dict | None = None, worker_residuals: np.ndarray | None = None):
     """Everything a run needs to continue exactly where it stopped.
 
     ``model``: holds the current parameters and the workers' mean buffers (so the file is also a model
@@ -105,6 +105,8 @@ def save_checkpoint(path, model, *, step: int, servers: list[dict], worker_buffe
     def write(f):
         _write_model(f, model)
         f.create_dataset("workers/buffers", data=worker_buffers)
+        if worker_residuals is not None:  # (N, P): what each worker has not sent yet (--compress)
+            f.create_dataset("workers/residuals", data=worker_residuals)
         for k, state in enumerate(servers):
             s = f.create_group(f"servers/{k}")
             s.attrs["version"] = state["version"]
@@ -118,7 +120,8 @@ def save_checkpoint(path, model, *, step: int, servers: list[dict], worker_buffe
         for k, v in (extra or {}).items():
             f.attrs[k] = json.dumps(v)
     slots = sum(v.nbytes for st in servers for v in st["optimizer"].values())
-    _atomic_h5(path, write, 2 * _size(model) + slots + worker_buffers.nbytes)
+    residuals = 0 if worker_residuals is None else worker_residuals.nbytes
+    _atomic_h5(path, write, 2 * _size(model) + slots + worker_buffers.nbytes + residuals)
 
 
 def load_checkpoint(path) -> dict:
@@ -138,6 +141,7 @@ def load_checkpoint(path) -> dict:
             return {"step": int(f.attrs["step"]), "config": json.loads(f.attrs["config"]),
                     "spec": json.loads(f.attrs["spec"]), "servers": servers,
                     "worker_buffers": f["workers/buffers"][()], "path": str(path),
+                    "worker_residuals": f["workers/residuals"][()] if "workers/residuals" in f else None,
                     "done": json.loads(f.attrs["done"]) if "done" in f.attrs else None}
     except (OSError, KeyError) as e:
         raise CheckpointError(f"{path}: unreadable or incomplete checkpoint ({e})") from None

@@ -89,3 +89,23 @@ def test_async_with_topk_converges(tmp_path):
     assert sparse["final"]["test_accuracy"] > plain["final"]["test_accuracy"] - 0.1
     assert sparse["bytes_per_step"]["gradients_to_servers"] * 30 <= plain["bytes_per_step"]["gradients_to_servers"]
     assert json.loads((tmp_path / "topk" / "summary.json").read_text())["compress"] == "topk:0.01"
+
+
+def test_resume_with_compression_is_bit_identical(data_dir, tmp_path):
+    """Each worker's residual is part of the checkpoint: an interrupted run with top-k resumes exactly."""
+    from distnn.checkpoint import latest_checkpoint, load_checkpoint
+    whole, p_whole = run(data_dir, tmp_path / "a", compress="topk:0.05", epochs=2, checkpoint_every=3)
+    stop = lambda trainer, step: trainer.request_stop() if step == 5 else None  # noqa: E731
+    base = dict(model="mlp", data=str(data_dir), workers=2, batch_size=32, epochs=2, backend="local",
+                out=str(tmp_path / "b"), log_every=4, seed=3, servers=2, model_options={"hidden": [32]},
+                compress="topk:0.05", checkpoint_every=3)
+    trainer = Trainer(TrainConfig(**base).validate(), log=lambda *a: None, progress=False, on_step=stop)
+    with pytest.raises(Exception, match="continue with"):
+        trainer.run()
+    trainer.close()
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "b"))
+    assert ckpt["worker_residuals"].shape == (2, p_whole.size) and np.abs(ckpt["worker_residuals"]).sum() > 0
+    resumed = Trainer(TrainConfig(**ckpt["config"]).validate(), log=lambda *a: None, progress=False, resume=ckpt)
+    resumed.run()
+    resumed.close()
+    assert np.array_equal(resumed.model.flat_params, p_whole)

@@ -31,3 +31,26 @@ def test_benchmark_core_writes_its_table(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["batch"], r["threads"]) for r in rows] == [("mlp", 8, 1)]
     assert rows[0]["distnn_samples_per_s"] > 0 and rows[0]["ratio"] is None
+
+
+def test_simulate_scaling_measures_fits_and_plots(tmp_path):
+    """The simulation on tiny settings: every point measured, the knees found, the cost model fitted
+    and checked against a real run's figures, the workers per shard for each link, the plot drawn."""
+    real = tmp_path / "real.json"
+    real.write_text(json.dumps({"rows": [{"model": "lenet5", "ray_2x1": {"total": 30.0, "compute": 20.0}}]}))
+    out, png = tmp_path / "sim.json", tmp_path / "sim.png"
+    proc = run_script(ROOT / "scripts" / "simulate_scaling.py", "--models", "lenet5", "--workers", "1", "2",
+                      "--servers", "1", "2", "--compute-ms", "5", "--seconds", "0.2", "--real", real,
+                      "--out", out, "--plot", png)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    points = {(r["mode"], r["servers"], r["workers"]) for r in result["rows"]}
+    assert points == {(m, k, n) for m in ("sync", "async") for k in (1, 2) for n in (1, 2)}
+    assert all(r["updates_per_s"] > 0 and len(r["server_busy"]) == r["servers"] for r in result["rows"])
+    assert {(k["mode"], k["servers"]) for k in result["knees"]} == {(m, k) for m in ("sync", "async") for k in (1, 2)}
+    assert set(result["cost_model"]) >= {"a_ms", "per_worker_ms", "per_byte_ms"}
+    (check,) = result["real_check"]
+    assert check["measured_ms"] == 30.0 and check["predicted_ms"] > 20.0
+    (per_shard,) = result["workers_per_shard"]
+    assert per_shard["1GbE"] <= per_shard["10GbE"] <= per_shard["25GbE"]
+    assert png.read_bytes()[:4] == b"\x89PNG" and "where a shard saturates" in proc.stdout

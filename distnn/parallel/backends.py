@@ -141,6 +141,7 @@ class RayBackend:
         # Objects up to this size travel inside call messages (100 kB is Ray's default).
         self.inline_bytes = _started_here.get("inline_bytes", 100 * 1024)
         self._classes = {}
+        self._placed = -1   # server shards placed so far (round the nodes)
 
     def create(self, cls, *args, cpus=1, **kwargs):
         """An actor of ``cls``, or of its Ray subclass (ray_actors.ACTORS) where it has one. A server
@@ -152,10 +153,17 @@ class RayBackend:
         options = {"num_cpus": cpus, "max_restarts": 0}
         if actor_cls is ServerActor:
             options["max_concurrency"] = kwargs.get("world", 1) + 4
-            # K shards on K nodes where there are that many, so no one node's link carries all the traffic
-            options["scheduling_strategy"] = "SPREAD"
+            options["scheduling_strategy"] = self._next_node()
             kwargs["inline_bytes"] = min(self.inline_bytes, PARAMS_INLINE_BYTES)
         return self._classes[actor_cls].options(**options).remote(*args, **kwargs)
+
+    def _next_node(self):
+        """Server shards go round the alive nodes in turn (K shards on K nodes where there are that
+        many), so that no one node's link carries all the traffic; chosen among the nodes alive now."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        nodes = sorted(n["NodeID"] for n in self.ray.nodes() if n["Alive"])
+        self._placed += 1
+        return NodeAffinitySchedulingStrategy(nodes[self._placed % len(nodes)], soft=False)
 
     def call(self, handle, method, *args, num_returns=1, **kwargs):
         return getattr(handle, method).options(num_returns=num_returns).remote(*args, **kwargs)

@@ -18,12 +18,14 @@ in every reply (three A/B pairs), as copying megabytes per worker outweighs the 
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import ray
 
 from .._memory import tune_allocator
 from .server import ParameterServer
+from .simulate import SimulatedWorker
 from .worker import GradientWorker
 
 
@@ -65,6 +67,10 @@ class ServerActor(ParameterServer):
     def pid(self) -> int:
         return os.getpid()
 
+    def cpu_seconds(self) -> float:
+        """CPU time of this process, Ray's own threads included (what the server costs its machine)."""
+        return time.process_time()
+
     def node(self) -> str:
         """The id of the Ray node this process runs on."""
         return ray.get_runtime_context().get_node_id()
@@ -92,4 +98,8 @@ class WorkerActor(GradientWorker):
         return os.getpid()
 
 
-ACTORS = {GradientWorker: WorkerActor, ParameterServer: ServerActor}
+class SimulatedWorkerActor(SimulatedWorker, WorkerActor):
+    """A SimulatedWorker that drives sync steps as WorkerActor does."""
+
+
+ACTORS = {GradientWorker: WorkerActor, ParameterServer: ServerActor, SimulatedWorker: SimulatedWorkerActor}

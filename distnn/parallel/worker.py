@@ -118,6 +118,13 @@ class GradientWorker:
         """The file this process built a user's model from (None for zoo and layer-list models)."""
         return builders.source_file(self.spec)
 
+    def residual(self) -> np.ndarray | None:
+        """What this worker has not sent of its gradients yet (--compress), or None."""
+        return None if self.compressor is None else self.compressor.residual.copy()
+
+    def set_residual(self, vector: np.ndarray) -> None:
+        self.compressor.residual[...] = vector
+
     def buffers(self) -> np.ndarray:
         """Batch-norm running statistics (flat; empty when the model has none)."""
         return self.model.buffers_vector()

@@ -52,7 +52,8 @@ class Checkpoints:
             self.model.set_buffers_vector(worker_buffers.mean(axis=0).astype(worker_buffers.dtype))
         path = self.folder / f"step-{step:08d}.h5"
         save_checkpoint(path, self.model, step=step, servers=states, worker_buffers=worker_buffers,
-                        config=self.config, spec=self.spec, extra=None if done is None else {"done": list(done)})
+                        config=self.config, spec=self.spec, extra=None if done is None else {"done": list(done)},
+                        worker_residuals=fleet.worker_residuals())
         prune_checkpoints(self.folder, self.keep)
         self.last, self.last_step = path, step
 
@@ -71,6 +72,7 @@ class Checkpoints:
             raise TrainingError(f"{ckpt['path']}: made by a {made_by} run; resume it with mode = '{made_by}'")
         fleet.get([fleet.backend.call(s, "load_state", st) for s, st in zip(fleet.servers, ckpt["servers"])])
         fleet.set_worker_buffers(ckpt["worker_buffers"])
+        fleet.set_worker_residuals(ckpt.get("worker_residuals"))
         self.last, self.last_step = Path(ckpt["path"]), ckpt["step"]
         return ckpt["step"], ckpt.get("done")
 
@@ -87,7 +89,7 @@ class Checkpoints:
         survivors = [w for r, w in enumerate(fleet.workers) if r not in lost_workers]
         buffers = (np.mean(fleet.get([b.call(w, "buffers") for w in survivors]), axis=0).astype(np.float32)
                    if survivors else None)
-        fleet.replace_workers()
+        fleet.replace_workers()   # with --compress their residuals start again from zero (a checkpoint's: below)
         versions = [] if lost_servers else fleet.call_servers("recover")
         if lost_servers or len(set(versions)) > 1 or buffers is None:
             restart, _ = self.restart(fleet, replace_workers=False)
@@ -104,6 +106,7 @@ class Checkpoints:
             fleet.replace_workers()
         fleet.restart_servers(ckpt["servers"])
         fleet.set_worker_buffers(ckpt["worker_buffers"])
+        fleet.set_worker_residuals(ckpt.get("worker_residuals"))
         return ckpt["step"], ckpt.get("done")
 
     def record(self, failed_at: int, restart: int, lost_workers, lost_servers, error: str,

@@ -111,6 +111,16 @@ class Fleet:
         """(world, B): each worker's batch-norm running statistics (B = 0 without batch norm)."""
         return np.stack(self.call_workers("buffers"))
 
+    def worker_residuals(self) -> np.ndarray | None:
+        """(world, P): each worker's unsent gradient (--compress), or None."""
+        if self.compress == "none":
+            return None
+        return np.stack(self.call_workers("residual"))
+
+    def set_worker_residuals(self, rows) -> None:
+        if rows is not None and self.compress != "none":
+            self.get([self.backend.call(w, "set_residual", r) for w, r in zip(self.workers, rows)])
+
     def set_worker_buffers(self, rows) -> None:
         self.get([self.backend.call(w, "set_buffers", b) for w, b in zip(self.workers, rows)])
 
