@@ -193,6 +193,15 @@ def workers_per_shard(model, compute_ms, param_bytes, link_gbit):
     return n
 
 
+def shards_for(model, compute_ms, param_bytes, link_gbit, n=16, most=64):
+    """The fewest shards that keep n workers at efficiency >= 0.8 (None: the per-worker cost alone is
+    too much, whatever K)."""
+    for k in range(1, most + 1):
+        if predict_step_ms(model, compute_ms, n, k, param_bytes, link_gbit) - compute_ms <= (1 / EFFICIENT - 1) * compute_ms:
+            return k
+    return None
+
+
 def check_real(model, real_files):
     """Predicted against measured Ray sync steps of scripts/benchmark_scaling.py (its JSON)."""
     checks = []
@@ -295,9 +304,11 @@ def main(argv=None):
         for model in args.models:
             size = build_model(spec_for(model)).flat_params.nbytes
             per_link = {f"{b}GbE": workers_per_shard(cost, compute[model], size, b) for b in LINKS_GBIT}
+            k16 = {f"{b}GbE": shards_for(cost, compute[model], size, b) for b in LINKS_GBIT}
             result["workers_per_shard"].append({"model": model, "param_bytes": size, "compute_ms": compute[model],
-                                                **per_link})
-            print(f"  {model:<16}" + "  ".join(f"{k}: {v}" for k, v in per_link.items()))
+                                                **per_link, "shards_for_16_workers": k16})
+            print(f"  {model:<16}" + "  ".join(f"{k}: {v}" for k, v in per_link.items())
+                  + "   shards for 16 workers: " + "  ".join(f"{k}: {'-' if v is None else v}" for k, v in k16.items()))
     atomic_write_text(Path(args.out), json.dumps(result, indent=1))
     print(f"wrote {args.out}")
     if args.plot:
