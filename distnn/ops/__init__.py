@@ -21,10 +21,10 @@ from .shape import concat, embedding, flatten, getitem, mean, reshape, stack, su
 
 def all_operators():
     """Every concrete Operator class defined in distnn.ops (the gradient-check test enumerates these)."""
-    found, stack = set(), list(Operator.__subclasses__())
-    while stack:
-        cls = stack.pop()
-        stack.extend(cls.__subclasses__())
+    found, todo = set(), list(Operator.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
         if cls.__module__.startswith(__name__) and not cls.__name__.startswith("_"):
             found.add(cls)
     return sorted(found, key=lambda c: c.__name__)

@@ -32,7 +32,7 @@ class Trainer:
         c = self.config = config
         self.log, self.on_step = log, on_step
         self.step, self.stop_requested, self.max_lead = 0, False, 0
-        self.fleet = self.report = None
+        self.fleet = self.report = self._own_backend = None
         path = setup.prepared_dataset(c, log, progress)
         self.dataset = open_dataset(path)
         self.spec = setup.model_spec(c, self.dataset)
@@ -41,11 +41,13 @@ class Trainer:
             owns = backend is None
             # a user's model code travels to every node in the job's runtime environment
             backend = backend or make_backend(c.backend, c.address, runtime_env=builders.runtime_env(self.spec))
+            self._own_backend = backend if owns else None   # shut down by close until the fleet owns it
             world = setup.world_size(c, backend.cpus())
             self.out = setup.run_folder(c, resuming=resume is not None, log=log)
             c.out = str(self.out)  # a checkpoint's config names its run
             self.fleet = Fleet(backend, self.spec, setup.data_spec(c, path), world, c.threads, owns_backend=owns,
                                compress=c.compress)
+            self._own_backend = None
             self.length = RunLength(self.fleet.steps_per_epoch, c.epochs, world, c.mode, c.max_steps)
             if self.length.steps_per_epoch < 1:
                 raise TrainingError(f"batch size {c.batch_size} is larger than a worker's part of the training data")
@@ -87,7 +89,7 @@ class Trainer:
             self.report.close()
 
     def _loop(self) -> None:
-        restore_signals = self._catch_signals()
+        restore_signals = catch_signals(self)
         try:
             (run_sync if self.config.mode == "sync" else run_async)(self)
         except Exception as e:
@@ -152,27 +154,30 @@ class Trainer:
     def _last_checkpoint(self, prefix: str) -> str:
         return f"{prefix}{self.checkpoints.last}" if self.checkpoints.last else ""
 
-    def _catch_signals(self):
-        """Ctrl-C or SIGTERM: ``request_stop``; a second one stops at once. Returns the function that
-        puts the old handlers back."""
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-
-        def handler(signum, frame):
-            if self.stop_requested:
-                raise KeyboardInterrupt
-            self.request_stop()
-            self.log(f"{signal.Signals(signum).name}: stopping after the steps in flight and saving a checkpoint "
-                     "(again to stop at once)")
-
-        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return lambda: [signal.signal(sig, h) for sig, h in old.items()]
-
     def close(self) -> None:
         if self.report is not None:
             self.report.close()
         if self.fleet is not None:
             self.fleet.close()
+        elif self._own_backend is not None:
+            self._own_backend.shutdown()
+
+
+def catch_signals(trainer):
+    """Ctrl-C or SIGTERM: ``trainer.request_stop()`` (finish the steps in flight, save a checkpoint,
+    stop); a second one stops at once. Returns the function that puts the old handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        if trainer.stop_requested:
+            raise KeyboardInterrupt
+        trainer.request_stop()
+        trainer.report.log(f"{signal.Signals(signum).name}: stopping after the steps in flight and saving a "
+                           "checkpoint (again to stop at once)")
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(sig, h) for sig, h in old.items()]
 
 
 def train(config: TrainConfig, backend=None, log=print, progress=True, resume: dict | None = None) -> dict:
