@@ -21,6 +21,7 @@ from .autograd import eval_mode, no_grad
 from .data import SOURCES, prepare_from
 from .data.arrays import as_examples
 from .data.errors import DataError
+from .data.loader import normalisation
 from .ops import softmax
 
 
@@ -54,10 +55,11 @@ class Run:
         shape = tuple(self.info["input_shape"])
         if x.shape[1:] != shape:
             raise DataError(f"input: examples of shape {x.shape[1:]}, the model was trained on {shape}")
-        stats = (-1, 1, 1) if self.info["kind"] == "images" else (-1,)
-        mean = np.asarray(self.info["mean"], np.float32).reshape(stats)
-        std = np.asarray(self.info["std"], np.float32).reshape(stats)
-        return (x.astype(np.float32) - mean) / std
+        scale, shift = normalisation(self.info["kind"], self.info["mean"], self.info["std"])
+        out = x.astype(np.float32)   # the loader's arithmetic, so a prediction sees what training saw
+        out *= scale
+        out += shift
+        return out
 
     def predict(self, x, batch_size: int = 500) -> np.ndarray:
         """Class probabilities (N, K) of raw examples ``x``."""

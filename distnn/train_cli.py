@@ -101,7 +101,7 @@ def _eval(args):
 def _predict_inputs(path: Path, shape) -> tuple[list[str], np.ndarray]:
     """(row names, raw examples) of an .npz (array x, or its only array), an image, or a folder of
     images; images are resized to the model's H x W."""
-    from .data.readers import IMAGE_SUFFIXES, _read_images
+    from .data.readers import IMAGE_SUFFIXES, read_images
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as f:
             key = "x" if "x" in f.files else (f.files[0] if len(f.files) == 1 else None)
@@ -114,7 +114,7 @@ def _predict_inputs(path: Path, shape) -> tuple[list[str], np.ndarray]:
         raise UsageError(f"{path}: give an .npz, an image file or a folder of images")
     if len(shape) != 3:
         raise UsageError(f"{path}: the model takes features {tuple(shape)}, not images; give an .npz")
-    images = _read_images(files, tuple(shape[1:]), progress=False)
+    images = read_images(files, tuple(shape[1:]), progress=False)
     if images.shape[1] != shape[0]:
         images = images.mean(axis=1, keepdims=True).astype(np.uint8) if shape[0] == 1 else np.repeat(images, 3, 1)
     return [p.name for p in files], images

@@ -44,10 +44,7 @@ class Loader:
         self.augment = None if augment == "none" else augment
         self.pieces = self.dataset.part(split, rank, world_size)
         self.size = sum(p.stop - p.start for p in self.pieces)
-        mean, std = self.dataset.mean, self.dataset.std
-        stats_shape = (-1, 1, 1) if images else (-1,)   # per channel of images, per feature
-        self._scale = (1.0 / std).reshape(stats_shape).astype(np.float32)
-        self._shift = (-mean / std).reshape(stats_shape).astype(np.float32)
+        self._scale, self._shift = normalisation(self.dataset.kind, self.dataset.mean, self.dataset.std)
         self._data = None
 
     def __getstate__(self):
@@ -104,6 +101,14 @@ class Loader:
         out *= self._scale
         out += self._shift
         return out
+
+
+def normalisation(kind: str, mean, std) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (scale, shift) so that x * scale + shift = (x - mean) / std, per channel of images
+    ((C, 1, 1) against (N, C, H, W)) or per feature ((D,) against (N, D))."""
+    shape = (-1, 1, 1) if kind == "images" else (-1,)
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    return (1.0 / std).reshape(shape).astype(np.float32), (-mean / std).reshape(shape).astype(np.float32)
 
 
 def augment(x: np.ndarray, rng: np.random.Generator, pad: int = 4, flip: bool = True) -> np.ndarray:

@@ -35,7 +35,7 @@ def _splits(parts: dict, names: dict, test_fraction, seed, name, layout=None):
     return splits, {"labels": classes}
 
 
-def read_idx_set(folder, test_fraction=None, seed=0, classes=None):
+def read_idx_set(folder, test_fraction=None, seed=0):
     """train-images / train-labels and t10k- (or test-) images / labels IDX files (.gz or raw) in
     ``folder``; without test files a ``test_fraction`` of the training rows is held out."""
     folder = Path(folder)
@@ -64,8 +64,6 @@ def read_idx_set(folder, test_fraction=None, seed=0, classes=None):
         parts[split], names[split] = tuple(arrays), str(found[split, "labels"])
     names.setdefault("test", names["train"])
     splits, fields = _splits(parts, names, test_fraction, seed, folder.name)
-    if classes is not None:
-        fields = {"labels": _named(classes, fields["labels"], names["train"])}
     return splits, fields, sums
 
 
@@ -73,12 +71,6 @@ def _idx_images(data: bytes, path: Path) -> np.ndarray:
     """(N, H, W) or (N, H, W, C) IDX images."""
     ndim = data[3] if len(data) > 3 else 3
     return parse_idx(data, str(path), 4 if ndim == 4 else 3)
-
-
-def _named(classes: list[str], found: list[str], name: str) -> list[str]:
-    if len(found) > len(classes):
-        raise DataError(f"{name}: label {len(found) - 1} beyond the {len(classes)} classes of this dataset")
-    return list(classes)
 
 
 def read_npz(path, test=None, test_fraction=None, seed=0, layout=None, keys=("x", "y", "x_test", "y_test")):
@@ -166,7 +158,7 @@ def read_image_folder(folder, size=None, test_fraction=None, seed=0, progress=Tr
                 raise DataError(f"{root / c}: no images (PNG or JPEG files) in this class folder")
             files += found
             labels += [k] * len(found)
-        parts[split] = (_read_images(files, size, progress), np.array(labels))
+        parts[split] = (read_images(files, size, progress), np.array(labels))
         names[split] = str(root)
     names.setdefault("test", names["train"])
     splits, _ = _splits(parts, names, test_fraction, seed, folder.name)
@@ -174,7 +166,9 @@ def read_image_folder(folder, size=None, test_fraction=None, seed=0, progress=Tr
     return splits, {"labels": classes}, sums
 
 
-def _read_images(files: list[Path], size, progress) -> np.ndarray:
+def read_images(files: list[Path], size=None, progress=True) -> np.ndarray:
+    """uint8 (N, C, H, W) of image files: grey ones one channel, colour ones RGB; all of one size, or
+    resized to ``size`` (H, W)."""
     from PIL import Image, UnidentifiedImageError
     from tqdm import tqdm
     images, shape, first = [], None, None

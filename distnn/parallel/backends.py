@@ -5,8 +5,8 @@ Both expose the same small interface, so the training loop is written once:
 ``get(futures)``, ``put(value)``, ``wait(futures)``, ``kill(handle)``, ``alive(handle)``,
 ``sync_steps(workers, servers, first, n)`` (a run of synchronous steps), and for errors ``cause(error)``
 (the exception behind a backend's wrapper), ``is_failure(error)`` (a process died) and
-``describe(error)`` (one line), ``discard(futures)`` (results no longer wanted). Futures of the local backend are values computed on the spot, in call
-order: the debug mode, usable under pdb. On Ray the workers drive synchronous steps themselves
+``describe(error)`` (one line), ``discard(futures)`` (results no longer wanted). Futures of the
+local backend are values computed on the spot, in call order: the debug mode, usable under pdb. On Ray the workers drive synchronous steps themselves
 (``ray_actors``); the local backend runs the same steps from the driver, in rank order.
 """
 from __future__ import annotations

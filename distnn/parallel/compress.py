@@ -58,10 +58,6 @@ def dense(payload) -> np.ndarray:
     return payload if payload.dtype == np.float32 else payload.astype(np.float32)
 
 
-def nbytes(payload) -> int:
-    return payload.nbytes
-
-
 class Compressor:
     """One worker's compression and error feedback over a flat gradient of ``size`` entries."""
 

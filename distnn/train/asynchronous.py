@@ -8,8 +8,6 @@ that batch again from fresh parameters while the others go on; a dead server mea
 restarts from the newest checkpoint (its parameters and each worker's position)."""
 from __future__ import annotations
 
-import numpy as np
-
 from .schedule import AsyncSchedule
 
 
@@ -96,9 +94,7 @@ class AsyncLoop:
                     fleet.backend.discard([future, *gs])
                 for r in lost_workers:
                     self.schedule.dropped(r)       # its batch is computed again, from fresh parameters
-                survivors = [w for r, w in enumerate(fleet.workers) if r not in lost_workers]
-                buffers = (np.mean(fleet.get([fleet.backend.call(w, "buffers") for w in survivors]), axis=0)
-                           .astype(np.float32) if survivors else None)
+                buffers = fleet.mean_buffers(without=lost_workers)
                 for r in lost_workers:
                     fleet.replace_worker(r, buffers)
             event = t.checkpoints.record(failed_at, t.step, lost_workers, lost_servers, fleet.backend.describe(error))

@@ -58,6 +58,7 @@ class Checkpoints:
         self.last, self.last_step = path, step
 
     def check_budget(self, fleet, error) -> None:
+        """Refuse to go on after 3 recoveries per process of the run."""
         if len(self.recoveries) >= 3 * (fleet.world + len(fleet.servers)):
             raise TrainingError(f"giving up after {len(self.recoveries)} recoveries; last failure: "
                                 f"{fleet.backend.describe(error)}")
@@ -70,9 +71,7 @@ class Checkpoints:
         made_by = "sync" if ckpt.get("done") is None else "async"
         if made_by != mode:
             raise TrainingError(f"{ckpt['path']}: made by a {made_by} run; resume it with mode = '{made_by}'")
-        fleet.get([fleet.backend.call(s, "load_state", st) for s, st in zip(fleet.servers, ckpt["servers"])])
-        fleet.set_worker_buffers(ckpt["worker_buffers"])
-        fleet.set_worker_residuals(ckpt.get("worker_residuals"))
+        fleet.load(ckpt)
         self.last, self.last_step = Path(ckpt["path"]), ckpt["step"]
         return ckpt["step"], ckpt.get("done")
 
@@ -82,13 +81,10 @@ class Checkpoints:
         drop its partial gradients, so it is never applied with one missing. A dead shard (or shards
         that disagree on the step) means every shard restarts from the newest checkpoint and the
         steps since are redone. Returns the event, with the step to continue from."""
-        b = fleet.backend
         self.check_budget(fleet, error)
         started = time.perf_counter()
         lost_workers, lost_servers = fleet.lost()
-        survivors = [w for r, w in enumerate(fleet.workers) if r not in lost_workers]
-        buffers = (np.mean(fleet.get([b.call(w, "buffers") for w in survivors]), axis=0).astype(np.float32)
-                   if survivors else None)
+        buffers = fleet.mean_buffers(without=lost_workers)
         fleet.replace_workers()   # with --compress their residuals start again from zero (a checkpoint's: below)
         versions = [] if lost_servers else fleet.call_servers("recover")
         if lost_servers or len(set(versions)) > 1 or buffers is None:
@@ -96,7 +92,7 @@ class Checkpoints:
         else:
             fleet.set_worker_buffers([buffers] * fleet.world)
             restart = versions[0]
-        return self.record(step, restart, lost_workers, lost_servers, b.describe(error),
+        return self.record(step, restart, lost_workers, lost_servers, fleet.backend.describe(error),
                            time.perf_counter() - started)
 
     def restart(self, fleet, replace_workers: bool = True) -> tuple[int, list[int] | None]:
@@ -105,13 +101,12 @@ class Checkpoints:
         if replace_workers:
             fleet.replace_workers()
         fleet.restart_servers(ckpt["servers"])
-        fleet.set_worker_buffers(ckpt["worker_buffers"])
-        fleet.set_worker_residuals(ckpt.get("worker_residuals"))
+        fleet.load(ckpt)
         return ckpt["step"], ckpt.get("done")
 
     def record(self, failed_at: int, restart: int, lost_workers, lost_servers, error: str,
                seconds: float | None = None) -> dict:
-        """The recovery event (metrics.jsonl, summary.json); refuses to go on after too many."""
+        """The recovery event, kept for metrics.jsonl and summary.json."""
         event = {"type": "recovery", "after_step": failed_at, "restart_step": restart, "lost_workers": lost_workers,
                  "lost_servers": lost_servers, "error": error}
         if seconds is not None:

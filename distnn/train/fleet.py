@@ -117,6 +117,24 @@ class Fleet:
             return None
         return np.stack(self.call_workers("residual"))
 
+    def mean_buffers(self, without=()) -> np.ndarray | None:
+        """(B,) float32: the mean batch-norm statistics of the workers whose ranks are not in
+        ``without`` (None when none is left)."""
+        alive = [w for r, w in enumerate(self.workers) if r not in without]
+        if not alive:
+            return None
+        return np.mean(self.get([self.backend.call(w, "buffers") for w in alive]), axis=0).astype(np.float32)
+
+    def load(self, ckpt: dict) -> None:
+        """A checkpoint's state into the running processes: each shard's, each worker's statistics and
+        (--compress) residual."""
+        self.load_server_states(ckpt["servers"])
+        self.set_worker_buffers(ckpt["worker_buffers"])
+        self.set_worker_residuals(ckpt.get("worker_residuals"))
+
+    def load_server_states(self, states: list[dict]) -> None:
+        self.get([self.backend.call(s, "load_state", st) for s, st in zip(self.servers, states)])
+
     def set_worker_residuals(self, rows) -> None:
         if rows is not None and self.compress != "none":
             self.get([self.backend.call(w, "set_residual", r) for w, r in zip(self.workers, rows)])
@@ -159,7 +177,7 @@ class Fleet:
         for k, (s, state) in enumerate(zip(self.servers, states)):
             self.backend.kill(s)
             self.servers[k] = self._new_server(k, state["params"])
-        self.get([self.backend.call(s, "load_state", st) for s, st in zip(self.servers, states)])
+        self.load_server_states(states)
 
     def close(self) -> None:
         for handle in self.workers + self.servers:
