@@ -26,6 +26,7 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distnn._io import atomic_write_text  # noqa: E402
+from distnn._hardware import describe as describe_host  # noqa: E402
 
 from distnn import ops, tune_allocator  # noqa: E402
 from distnn.interchange import torch_twin  # noqa: E402
@@ -122,6 +123,8 @@ def main(argv=None):
             print("PyTorch not installed: distnn only (pip install torch==2.13.0 for the reference)")
 
     rows = []
+    host = describe_host()
+    print(f"CPU: {host['cpu']}, L2 {host['l2_bytes'] >> 10} kB per core; BLAS: {host['blas']}")
     header = f"{'model':<16}{'batch':>6}{'threads':>8}{'distnn/s':>11}{'torch/s':>10}{'ratio':>7}"
     print(header)
     print("-" * len(header))
@@ -141,7 +144,7 @@ def main(argv=None):
                 print(f"{name:<16}{n:>6}{threads:>8}{ours:>11.0f}"
                       f"{'-' if ref is None else f'{ref:.0f}':>10}{'-' if ref is None else f'{ours / ref:.2f}':>7}",
                       flush=True)
-    result = {"benchmark": "core", "rows": rows, "python": platform.python_version(), "numpy": np.__version__,
+    result = {"benchmark": "core", "host": host, "rows": rows, "python": platform.python_version(), "numpy": np.__version__,
               "torch": None if torch is None else torch.__version__, "cpus": os.cpu_count(),
               "command": "python scripts/benchmark_core.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     if not args.no_memory and "cifar_convnet" in args.models:

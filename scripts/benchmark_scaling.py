@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distnn._io import atomic_write_text  # noqa: E402
+from distnn._hardware import describe as describe_host  # noqa: E402
 
 from distnn.config import TrainConfig  # noqa: E402
 from distnn.data import prepare  # noqa: E402
@@ -42,17 +43,27 @@ def fake_cifar(root: Path, n=8192):
            {"fine_labels": [str(i) for i in range(100)], "coarse_labels": [str(i) for i in range(20)]}, {}, 8, None, False)
 
 
-def run(model, case, data, backend, workers, out, backend_obj=None):
+def run(model, case, data, backend, workers, out, backend_obj=None, mode="sync"):
+    """Throughput, the per-step breakdown and where the CPU time went (summary.json's ``cpu``); an
+    async run makes ``workers`` times the updates, so that both see the same samples."""
+    steps = case["steps"] * (workers if mode == "async" else 1)
     cfg = TrainConfig(model=model, dataset=case["dataset"], labels="coarse" if case["dataset"] == "cifar100" else None,
                       data=str(data), workers=workers, backend=backend, batch_size=case["batch_size"], epochs=100,
-                      max_steps=case["steps"], out=str(out), log_every=1000, warmup=0).validate()
+                      max_steps=steps, out=str(out), log_every=1000, warmup=0, mode=mode,
+                      staleness=4 if mode == "async" else None).validate()
     trainer = Trainer(cfg, backend=backend_obj, log=lambda *a: None, progress=False)
     try:
         summary = trainer.run()
     finally:
         trainer.close()
-    samples = summary["steps"] * case["batch_size"] * workers
-    return {"samples_per_s": round(samples / summary["train_seconds"], 1), **summary["per_step_ms"]}
+    samples = summary["steps"] * case["batch_size"] * (1 if mode == "async" else workers)
+    return {"samples_per_s": round(samples / summary["train_seconds"], 1), **summary["per_step_ms"], "cpu": summary["cpu"]}
+
+
+def cpu_shares(cpu: dict) -> str:
+    cap = cpu["capacity_s"]
+    parts = [f"{100 * cpu.get(f'{role}_cpu_s', 0) / cap:5.1f}%" for role in ("workers", "servers", "driver", "ray")]
+    return " / ".join(parts + [f"{100 * cpu['idle_share']:5.1f}%"])
 
 
 def torch_rate(model, global_batch, threads, seconds=4.0):
@@ -83,24 +94,34 @@ def main(argv=None):
             case = CASES[model]
             local = run(model, case, tmp, "local", 1, tmp / f"{model}-local")
             dist = run(model, case, tmp, "ray", args.workers, tmp / f"{model}-ray", ray)
+            asyn = run(model, case, tmp, "ray", args.workers, tmp / f"{model}-async", ray, mode="async")
             ref = torch_rate(model, case["batch_size"] * args.workers, args.workers)
             rows.append({"model": model, "batch_per_worker": case["batch_size"], "local_1x1": local,
                          f"ray_{args.workers}x1": dist, "speedup": round(dist["samples_per_s"] / local["samples_per_s"], 2),
+                         f"ray_async_{args.workers}x1": asyn,
+                         "async_vs_sync": round(asyn["samples_per_s"] / dist["samples_per_s"], 2),
                          f"torch_{args.workers}_threads": ref,
                          "ray_vs_torch": None if ref is None else round(dist["samples_per_s"] / ref, 2)})
     ray.shutdown()
-    print(f"{'model':<15}{'local 1x1':>11}{f'ray {args.workers}x1':>10}{'speedup':>9}{'torch':>9}{'vs torch':>9}"
-          f"   ray step ms: total / compute / server / wait+transfer")
+    host = describe_host()
+    print(f"CPU: {host['cpu']} x {os.cpu_count()}; BLAS: {host['blas']}  (samples/s)")
+    n = args.workers
+    print(f"{'model':<15}{'local 1x1':>10}{f'sync {n}x1':>9}{'speedup':>8}{f'async {n}x1':>10}{'a/s':>6}{'torch':>8}"
+          f"{'vs torch':>9}   sync step ms: total / compute / server / wait+transfer")
     for r in rows:
-        d = r[f"ray_{args.workers}x1"]
-        t = r[f"torch_{args.workers}_threads"]
+        d, a = r[f"ray_{n}x1"], r[f"ray_async_{n}x1"]
+        t = r[f"torch_{n}_threads"]
         ts = "-" if t is None else f"{t:.0f}"
         vs = "-" if t is None else f"{r['ray_vs_torch']:.2f}"
-        print(f"{r['model']:<15}{r['local_1x1']['samples_per_s']:>11.0f}{d['samples_per_s']:>10.0f}{r['speedup']:>9.2f}"
-              f"{ts:>9}{vs:>9}"
+        print(f"{r['model']:<15}{r['local_1x1']['samples_per_s']:>10.0f}{d['samples_per_s']:>9.0f}{r['speedup']:>8.2f}"
+              f"{a['samples_per_s']:>10.0f}{r['async_vs_sync']:>6.2f}{ts:>8}{vs:>9}"
               f"   {d['total']} / {d['compute']} / {d['server_update']} / {d['wait_and_transfer']}")
+    print("where the CPU went, share of all cores over the run: workers / servers / driver / Ray's own / idle")
+    for r in rows:
+        for label, key in (("sync", f"ray_{n}x1"), ("async", f"ray_async_{n}x1")):
+            print(f"{r['model']:<15}{label:<6}{cpu_shares(r[key]['cpu'])}")
     out = Path(args.out)
-    result = {"rows": rows, "cpus": os.cpu_count(),
+    result = {"rows": rows, "cpus": os.cpu_count(), "host": host,
               "command": "python scripts/benchmark_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     atomic_write_text(out, json.dumps(result, indent=2))
     print(f"wrote {out}")

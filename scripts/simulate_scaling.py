@@ -42,7 +42,6 @@ from distnn.parallel import ParameterServer, RayBackend  # noqa: E402
 from distnn.parallel.simulate import SimulatedWorker  # noqa: E402
 from distnn.parallel.specs import OptimizerSpec, ScheduleSpec  # noqa: E402
 from distnn.train.fleet import shard_bounds  # noqa: E402
-from distnn.train.schedule import AsyncSchedule, RunLength  # noqa: E402
 from scripts.benchmark_core import distnn_stepper, spec_for  # noqa: E402
 
 MODELS = ["lenet5", "cifar_convnet", "resnet20", "lstm_classifier", "mlp"]
@@ -89,35 +88,19 @@ def run_sync(backend, workers, servers, size, seconds, compute_ms):
 
 
 def run_async(backend, workers, servers, size, seconds, compute_ms, staleness=4):
-    """Updates as gradients arrive, each worker at most ``staleness`` ahead of the slowest; returns
-    (updates/s, each shard's busy fraction)."""
+    """Worker-driven asynchronous updates (as training runs them: each pushed straight to the shards),
+    each worker at most ``staleness`` ahead of the slowest; returns (updates/s, each shard's busy
+    fraction)."""
     n = len(workers)
     bounds = shard_bounds(size, len(servers)) if len(servers) > 1 else None
-    total = max(2 * n, int(seconds * 1e3 / compute_ms * n))
-    schedule = AsyncSchedule(RunLength(total, 1, n, "async", total), [0] * n, staleness)
-    parts = [backend.call(s, "get") for s in servers]
-    in_flight, applied, t, cpu = {}, 0, None, None
-
-    def launch(first=None):
-        for launch in schedule.launches(first):
-            outs = backend.call(workers[launch.rank], "compute", *parts, step=launch.version, bounds=bounds,
-                                num_returns=len(servers) + 1)
-            in_flight[outs[-1]] = (launch.rank, outs[:-1])
-    launch()
-    while in_flight:
-        ready = backend.wait(list(in_flight))[0][0]
-        rank, grads = in_flight.pop(ready)
-        parts = [backend.call(s, "apply_one", g) for s, g in zip(servers, grads)]
-        schedule.applied(rank)
-        applied += 1
-        if applied == n:               # the first round warms up; time the rest
-            backend.get(parts)
-            cpu = backend.get([backend.call(s, "cpu_seconds") for s in servers])
-            t = time.perf_counter()
-        launch(first=rank)
-    backend.get(parts)
+    each = max(2, int(seconds * 1e3 / compute_ms))
+    backend.get(backend.async_round(workers, servers, [1] * n, [(0, 0)] * n, staleness, True, bounds))  # warm up
+    cpu = backend.get([backend.call(s, "cpu_seconds") for s in servers])
+    t = time.perf_counter()
+    backend.get(backend.async_round(workers, servers, [each] * n, [(0, 1)] * n, staleness, False, bounds))
     wall = time.perf_counter() - t
-    return (applied - n) / wall, busy(backend, servers, cpu, wall)
+    backend.get([backend.call(s, "take_applied") for s in servers])
+    return n * each / wall, busy(backend, servers, cpu, wall)
 
 
 def simulate(backend, model, size, compute_ms, workers, servers, modes, seconds, log):

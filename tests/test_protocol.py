@@ -108,3 +108,48 @@ def test_push_twice_in_a_step_is_refused(data):
     servers[0].contribute(1, np.zeros(servers[0].params.size, np.float32))
     with pytest.raises(RuntimeError, match="worker 1 pushed twice in step 0"):
         servers[0].push(1, np.zeros(servers[0].params.size, np.float32), 0)
+
+
+def test_async_push_holds_a_worker_at_the_staleness_bound():
+    """Worker 0 pushes while worker 1 computes: its third push (3 ahead) waits in the server until
+    worker 1's first lands, then returns the newest parameters; no bound, no wait."""
+    server = ParameterServer(np.zeros(4, np.float32), OptimizerSpec("sgd", 0.5), ScheduleSpec("constant", 10, 0),
+                             world=2)
+    g = np.ones(4, np.float32)
+    seen = []
+
+    def fast():
+        for i in range(3):
+            seen.append(server.push_async(0, g, i, {"rank": 0}, bound=2, more=True)[1])
+    thread = threading.Thread(target=fast)
+    thread.start()
+    thread.join(timeout=2)
+    assert thread.is_alive() and server.done == [3, 0]      # held after its third update
+    params, version = server.push_async(1, g, 0, {"rank": 1})
+    thread.join(timeout=10)
+    assert not thread.is_alive() and seen == [1, 2, 4] and version == 4
+    assert np.allclose(params, -2.0) and server.max_lead == 2
+    assert [m["staleness"] for m in server.take_applied()] == [0, 0, 0, 3] and server.take_applied() == []
+    free = ParameterServer(np.zeros(4, np.float32), OptimizerSpec("sgd", 0.5), ScheduleSpec("constant", 10, 0),
+                           world=2)
+    assert [free.push_async(0, g, i, more=True)[1] for i in range(5)] == [1, 2, 3, 4, 5]
+
+
+def test_async_abort_releases_a_held_worker():
+    server = ParameterServer(np.zeros(4, np.float32), OptimizerSpec("sgd", 0.5), ScheduleSpec("constant", 10, 0),
+                             world=2)
+    g, errors = np.ones(4, np.float32), []
+
+    def fast():
+        try:
+            for i in range(2):
+                server.push_async(0, g, i, bound=0, more=True)
+        except StepAbandoned as e:
+            errors.append(e)
+    thread = threading.Thread(target=fast)
+    thread.start()
+    thread.join(timeout=1)
+    assert thread.is_alive()
+    server.abort("worker 1 died")
+    thread.join(timeout=10)
+    assert not thread.is_alive() and len(errors) == 1 and server.done == [1, 0]

@@ -1,7 +1,7 @@
 """The step schedule as plain logic: tables of cases, no processes, no arrays."""
 import pytest
 
-from distnn.train.schedule import AsyncSchedule, RunLength, SyncSchedule
+from distnn.train.schedule import AsyncRounds, RunLength, SyncSchedule
 
 
 @pytest.mark.parametrize("spe, epochs, world, mode, max_steps, total", [
@@ -53,48 +53,29 @@ def test_sync_may_queue(inflight_ends, stopping, may):
     assert s.may_queue(inflight_ends, stopping) is may
 
 
-def drive(schedule, order):
-    """Apply the gradients of the ranks in ``order`` (each must be in flight), launching after each;
-    returns the launches, the staleness of each gradient and the rest points."""
-    launches = [(l.rank, l.version) for l in schedule.launches()]
-    stale, rests = [], []
-    for rank in order:
-        stale.append(schedule.applied(rank))
-        ended = schedule.at_rest()
-        if ended is not None:
-            rests.append((schedule.version, ended))
-        launches += [(l.rank, l.version) for l in schedule.launches(first=rank)]
-    return launches, stale, rests
+def rounds(length, done, log_every, ckpt_every=0):
+    r, out = AsyncRounds(length, done, log_every, ckpt_every), []
+    while (rnd := r.next_round()) is not None:
+        out.append(rnd)
+    return out
 
 
-def test_async_staleness_bound_holds_back_a_fast_worker():
-    s = AsyncSchedule(RunLength(100, 1, 2, "async"), [0, 0], staleness=2)
-    # worker 0 keeps finishing first; worker 1 never does: 0 may lead by 2 at a launch, then waits
-    launches, stale, _ = drive(s, [0, 0, 0])
-    assert launches == [(0, 0), (1, 0), (0, 1), (0, 2)]
-    assert s.in_flight == {1: 0} and s.max_lead == 2 and stale == [0, 0, 0]
-    assert s.applied(1) == 3              # three updates landed since its parameters were sent
-    assert [(l.rank, l.version) for l in s.launches(first=1)] == [(1, 4), (0, 4)]
-    launches, stale, _ = drive(AsyncSchedule(RunLength(100, 1, 2, "async"), [0, 0]), [0, 0, 0])
-    assert [r for r, _ in launches].count(0) == 4        # without a bound it goes on
+def test_async_rounds_cut_at_logs_checkpoints_and_epoch_ends():
+    # 2 workers, 4 batches each per epoch, 2 epochs; a log line every 3 updates, a checkpoint every 5
+    rs = rounds(RunLength(4, 2, 2, "async"), [0, 0], log_every=3, ckpt_every=5)
+    # a round ends where the next log line or checkpoint is crossed (rounded up to whole rounds)
+    assert [r.counts for r in rs] == [(2, 2), (1, 1), (1, 1), (1, 1), (1, 1), (2, 2)]
+    assert [r.done for r in rs] == [(2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (8, 8)]
+    # checkpoints: after update 6 (5 crossed), 8 (epoch 0 ends), 10 (10 crossed), 16 (the end)
+    assert [r.rest for r in rs] == [False, True, True, True, False, True]
+    assert [r.epochs_ended for r in rs] == [(), (), (0,), (), (), (1,)]
+    assert [r.starts for r in rs][2:4] == [((0, 3), (0, 3)), ((1, 0), (1, 0))]
 
 
-def test_async_drains_for_a_checkpoint_and_an_epoch_end():
-    s = AsyncSchedule(RunLength(2, 2, 2, "async"), [0, 0], checkpoint_every=3)
-    launches, stale, rests = drive(s, [0, 1, 0, 1, 0, 1, 0, 1])
-    # a checkpoint is due after update 3 and 6, an epoch ends after 4 and 8: no new batch goes out
-    # until the one in flight has landed, so the rest points are 4, 7 and 8
-    assert rests == [(4, [0]), (7, []), (8, [1])]
-    assert stale == [0, 1, 1, 1, 0, 1, 1, 0]     # the last batch went out alone, after the rest at 7
-    assert len(launches) == 8 and s.version == 8 and s.done == [4, 4]
-    assert [l for l in s.launches()] == []               # the run is over
-
-
-def test_async_resume_positions_loaders_and_stops():
-    s = AsyncSchedule(RunLength(5, 2, 2, "async"), [3, 5])
-    first = s.launches()
-    assert [(l.rank, l.epoch, l.batch, l.start_data) for l in first] == [(0, 0, 3, True), (1, 1, 0, True)]
-    s.applied(0, stopping=True)
-    assert s.launches(first=0, stopping=True) == [] and s.at_rest() is None   # rank 1 still in flight
-    s.applied(1)
-    assert s.at_rest() == [] and s.done == [4, 6]        # rank 0 has not finished epoch 0 yet
+def test_async_rounds_end_at_max_steps_and_resume_from_uneven_counts():
+    rs = rounds(RunLength(10, 1, 3, "async", max_steps=7), [0, 0, 0], log_every=100)
+    assert [r.counts for r in rs] == [(3, 2, 2)] and rs[0].rest        # one round, one short for two
+    # an older async checkpoint may hold uneven counts: the workers behind catch up first
+    rs = rounds(RunLength(5, 2, 2, "async"), [3, 5], log_every=100)
+    assert [(r.counts, r.starts) for r in rs] == [((2, 0), ((0, 3), (1, 0))), ((5, 5), ((1, 0), (1, 0)))]
+    assert [r.epochs_ended for r in rs] == [(0,), (1,)]

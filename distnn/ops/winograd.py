@@ -26,8 +26,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._hardware import cache_bytes
+
 G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
-BAND_VALUES = 1 << 16  # transformed values (16 * tiles * channels) per band: 256 kB of float32
+BAND_VALUES = None  # transformed values (16 * tiles * channels) per band; None: from the L2 (band_values)
+
+
+def band_values() -> int:
+    """Half of one core's L2 cache in float32 values (a band's transformed tiles and the products
+    made from them stay in it), between 64 kB and 2 MB; ``BAND_VALUES`` overrides it."""
+    if BAND_VALUES is not None:
+        return BAND_VALUES
+    return min(max(cache_bytes(2, 1 << 20) // 2, 1 << 16), 1 << 21) // 4
 
 
 def even_tiles(xp: np.ndarray) -> np.ndarray:
@@ -100,7 +110,7 @@ def transform_output_grad(gy: np.ndarray) -> np.ndarray:
 
 def _bands(th: int, tw: int, n: int, c: int):
     """(first, last) tile rows of each band."""
-    rows = max(1, BAND_VALUES // (16 * tw * n * max(c, 1)))
+    rows = max(1, band_values() // (16 * tw * n * max(c, 1)))
     return [(t, min(th, t + rows)) for t in range(0, th, rows)]
 
 

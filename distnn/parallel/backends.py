@@ -31,6 +31,7 @@ class LocalFuture:
 
 class LocalBackend:
     name = "local"
+    eager = True   # a call runs when it is made: queuing work ahead gains nothing
 
     def create(self, cls, *args, cpus=1, **kwargs):
         return cls(*args, **kwargs)
@@ -80,6 +81,40 @@ class LocalBackend:
                 per_worker[r].append(self.get(o[k]))
         return [self.put(m) for m in per_worker]
 
+    def async_round(self, workers, servers, counts, starts, bound=None, fresh=False, bounds=None) -> list:
+        """Worker r makes ``counts[r]`` asynchronous updates from ``starts[r]`` (epoch, batch). Here the
+        workers take turns, one update each, each computing at the parameters its own last update
+        returned (so a gradient is ``world - 1`` updates stale; no worker gets ahead by more than one,
+        so ``bound`` never has to hold one back). One future per worker with updates to make."""
+        def push_to(rank):
+            def push(grads, seen, metrics, more):
+                replies = [s.push_async(rank, g, seen, metrics if k == 0 else None)
+                           for k, (s, g) in enumerate(zip(servers, grads))]
+                return [r[0] for r in replies], replies[0][1]
+            return push
+
+        try:
+            self._take_turns(workers, servers, counts, starts, fresh, bounds, push_to)
+        except Exception as e:  # delivered at get(), as Ray would
+            return [LocalFuture(error=e)]
+        return [LocalFuture(counts[r]) for r in range(len(workers)) if counts[r]]
+
+    @staticmethod
+    def _take_turns(workers, servers, counts, starts, fresh, bounds, push_to):
+        turns = {}
+        for r, w in enumerate(workers):
+            if counts[r]:
+                if fresh or w.params is None:
+                    snaps = [s.snapshot() for s in servers]
+                    w.params, w.seen = [p for p, _ in snaps], snaps[0][1]
+                turns[r] = w.async_updates(push_to(r), counts[r], *starts[r], bounds=bounds)
+        while turns:
+            for r in list(turns):
+                try:
+                    next(turns[r])
+                except StopIteration:
+                    del turns[r]
+
     def cpus(self) -> int:
         return os.cpu_count() or 1
 
@@ -112,6 +147,7 @@ class RayBackend:
     when this backend connects (not to a Ray session already started in this process)."""
 
     name = "ray"
+    eager = False
 
     def __init__(self, address=None, num_cpus=None, runtime_env=None):
         import ray
@@ -134,12 +170,14 @@ class RayBackend:
                 kwargs["_system_config"] = {"max_direct_call_object_size": INLINE_BYTES,
                                             "task_rpc_inlined_bytes_limit": 4 * INLINE_BYTES}
                 _started_here["inline_bytes"] = INLINE_BYTES
+                _started_here["local"] = True
                 if num_cpus:
                     kwargs["num_cpus"] = num_cpus
             ray.init(**kwargs)
             self.started = True
         # Objects up to this size travel inside call messages (100 kB is Ray's default).
         self.inline_bytes = _started_here.get("inline_bytes", 100 * 1024)
+        self.local_cluster = _started_here.get("local", False)   # started by this process: its processes are ours
         self._classes = {}
         self._placed = -1   # server shards placed so far (round the nodes)
 
@@ -171,6 +209,12 @@ class RayBackend:
     def sync_steps(self, workers, servers, first: int, n: int, bounds=None) -> list:
         """Worker-driven steps (``WorkerActor.run_sync``): one future per worker of its step metrics."""
         return [self.call(w, "run_sync", servers, first, n, bounds) for w in workers]
+
+    def async_round(self, workers, servers, counts, starts, bound=None, fresh=False, bounds=None) -> list:
+        """Worker-driven asynchronous updates (``WorkerActor.run_async``): one future per worker with
+        updates to make."""
+        return [self.call(w, "run_async", servers, counts[r], *starts[r], bound, fresh, bounds)
+                for r, w in enumerate(workers) if counts[r]]
 
     def get(self, futures):
         """Values of the futures; the first failure is raised as soon as it is known, not after the

@@ -29,7 +29,22 @@ from .simulate import SimulatedWorker
 from .worker import GradientWorker
 
 
-class ServerActor(ParameterServer):
+class ProcessInfo:
+    """What the driver asks of any actor's process."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def cpu_seconds(self) -> float:
+        """CPU time of this process, Ray's own threads included (what it costs its machine)."""
+        return time.process_time()
+
+    def node(self) -> str:
+        """The id of the Ray node this process runs on."""
+        return ray.get_runtime_context().get_node_id()
+
+
+class ServerActor(ProcessInfo, ParameterServer):
     """Adds what crossing processes needs: publishing large vectors through the object store, and
     copies made under the lock (Ray serialises a return value after the method has returned, while
     pushes of the next step may already run in other threads)."""
@@ -48,9 +63,13 @@ class ServerActor(ParameterServer):
     def published(self) -> list:
         return [super().published()]
 
-    def apply_one(self, grad):
-        with self._step_done:
-            return super().apply_one(grad).copy()
+    def push_async(self, *args, **kwargs) -> tuple:
+        params, version = super().push_async(*args, **kwargs)
+        return [params], version   # a list, so that a reference is passed on, not resolved
+
+    def snapshot(self) -> tuple:
+        params, version = super().snapshot()
+        return [params], version
 
     def apply_mean(self, *grads):
         with self._step_done:
@@ -64,19 +83,8 @@ class ServerActor(ParameterServer):
         with self._step_done:
             return super().state()
 
-    def pid(self) -> int:
-        return os.getpid()
 
-    def cpu_seconds(self) -> float:
-        """CPU time of this process, Ray's own threads included (what the server costs its machine)."""
-        return time.process_time()
-
-    def node(self) -> str:
-        """The id of the Ray node this process runs on."""
-        return ray.get_runtime_context().get_node_id()
-
-
-class WorkerActor(GradientWorker):
+class WorkerActor(ProcessInfo, GradientWorker):
     def __init__(self, *args, **kwargs):
         tune_allocator()  # this process is the actor's own
         super().__init__(*args, **kwargs)
@@ -84,18 +92,38 @@ class WorkerActor(GradientWorker):
     def run_sync(self, servers: list, first_step: int, steps: int, bounds=None) -> list:
         """Run ``steps`` synchronous steps from ``first_step`` against the shard actors ``servers``;
         returns their metrics."""
-        def fetch(replies):
-            return [p if isinstance(p, np.ndarray) else ray.get(p) for p in (r[0] for r in ray.get(replies))]
-
         def push(grads, step):
-            return fetch([s.push.remote(self.rank, g, step) for s, g in zip(servers, grads)])
+            return _fetch([s.push.remote(self.rank, g, step) for s, g in zip(servers, grads)])
 
         if self.next_step != first_step:  # a new start, a resume or a recovery
-            self.params = fetch([s.published.remote() for s in servers])
+            self.params = _fetch([s.published.remote() for s in servers])
         return self.run_steps(push, first_step, steps, bounds)
 
-    def pid(self) -> int:
-        return os.getpid()
+    def run_async(self, servers: list, count: int, epoch: int, batch: int, bound=None, fresh=False,
+                  bounds=None) -> int:
+        """``count`` asynchronous updates from batch ``batch`` of ``epoch``, each pushed straight to
+        the shard actors ``servers`` (shard 0 keeps the metrics); ``fresh``: start from the shards'
+        current parameters. Returns ``count``."""
+        def push(grads, seen, metrics, more):
+            replies = ray.get([s.push_async.remote(self.rank, g, seen, metrics if k == 0 else None, bound, more)
+                               for k, (s, g) in enumerate(zip(servers, grads))])
+            return _fetch_parts([r[0] for r in replies]), replies[0][1]
+
+        if fresh or self.params is None:
+            replies = ray.get([s.snapshot.remote() for s in servers])
+            self.params, self.seen = _fetch_parts([r[0] for r in replies]), replies[0][1]
+        for _ in self.async_updates(push, count, epoch, batch, bounds):
+            pass
+        return count
+
+
+def _fetch_parts(wrapped: list) -> list:
+    """Parameter parts from the shards' one-element lists (an array, or an object-store reference)."""
+    return [p if isinstance(p, np.ndarray) else ray.get(p) for p in (w[0] for w in wrapped)]
+
+
+def _fetch(replies: list) -> list:
+    return _fetch_parts(ray.get(replies))
 
 
 class SimulatedWorkerActor(SimulatedWorker, WorkerActor):

@@ -38,6 +38,9 @@ class ParameterServer:
         self._step_done = threading.Condition()   # pushes of one step wait on it for each other
         self._aborted = None
         self._published = self._publish()
+        self.done = [0] * world   # async: gradients of each worker applied
+        self.max_lead = 0         # async: the furthest a worker went on ahead of the slowest
+        self._applied = []        # async: metrics of the updates applied since the driver last took them
 
     def get(self) -> np.ndarray:
         return self.params
@@ -115,13 +118,61 @@ class ParameterServer:
             self._pending.clear()
             return self.version
 
-    def apply_one(self, grad: np.ndarray) -> np.ndarray:
-        """Asynchronous step: apply one worker's gradient as it is; return the new parameters."""
-        self._apply(dense(grad))
-        return self.params
+    # -- worker-driven asynchronous updates --------------------------------------------------------
+    def push_async(self, rank: int, grad, seen: int, metrics: dict | None = None, bound: int | None = None,
+                   more: bool = False):
+        """Apply worker ``rank``'s gradient, computed at the parameters of update ``seen``, at once.
+        With ``more`` (the worker has another batch to compute) and a staleness ``bound``, wait until
+        the worker is at most ``bound`` gradients ahead of the slowest. Returns (the parameters, their
+        update count). ``metrics`` (shard 0's push carries them) are kept, with the gradient's staleness
+        (updates applied since ``seen``), for ``take_applied``. Raises StepAbandoned once aborted."""
+        with self._step_done:
+            if self._aborted:
+                raise StepAbandoned(f"update of worker {rank} refused: {self._aborted}")
+            if metrics is not None:
+                self._applied.append({**metrics, "staleness": self.version - seen})
+            self._apply(dense(grad))
+            self.done[rank] += 1
+            self._step_done.notify_all()
+            if more and bound is not None:
+                self._step_done.wait_for(lambda: self.done[rank] - min(self.done) <= bound or self._aborted)
+                if self._aborted:
+                    raise StepAbandoned(f"update of worker {rank} abandoned: {self._aborted}")
+            if more:
+                self.max_lead = max(self.max_lead, self.done[rank] - min(self.done))
+            return self._publish(), self.version
+
+    def snapshot(self):
+        """(the current parameters, their update count): where an asynchronous worker starts."""
+        with self._step_done:
+            return self._publish(), self.version
+
+    def take_applied(self) -> list[dict]:
+        """The metrics of the asynchronous updates applied since the last call, in the order applied."""
+        with self._step_done:
+            out, self._applied = self._applied, []
+            return out
+
+    def counts(self) -> list[int]:
+        """Gradients of each worker applied (async)."""
+        return list(self.done)
+
+    def set_counts(self, done: list[int]) -> None:
+        """Each worker's count of applied gradients, as a restored checkpoint gives them."""
+        with self._step_done:
+            self.done = list(done)
+
+    def align(self, rank: int, count: int) -> None:
+        """Worker ``rank`` died between its pushes to two shards: this shard, which missed its last
+        slice, counts it as the others do (the slice is skipped; the update count moves on)."""
+        with self._step_done:
+            self.version += count - self.done[rank]
+            self.done[rank] = count
+            self._step_done.notify_all()
 
     def stats(self) -> dict:
-        return {"version": self.version, "update_seconds": self.update_seconds, "lr": self.lr()}
+        return {"version": self.version, "update_seconds": self.update_seconds, "lr": self.lr(),
+                "max_lead": self.max_lead}
 
     def state(self) -> dict:
         """Everything a checkpoint needs to restore this server exactly."""

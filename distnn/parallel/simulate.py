@@ -1,7 +1,7 @@
 """A stand-in worker for scaling simulations: the real protocol and bytes, no arithmetic.
 
 ``SimulatedWorker`` behaves as a GradientWorker to the servers and the backends (``compute``,
-``run_steps``, worker-driven sync steps on Ray) but its compute is a wait of ``compute_ms`` and its
+``run_steps``, ``async_updates``, worker-driven steps on Ray) but its compute is a wait of ``compute_ms`` and its
 gradient a fixed vector of the model's size, so dozens of them fit on a 2-core machine while the
 parameter servers, the serialisation and the transfers do their real work
 (``scripts/simulate_scaling.py``).
@@ -19,7 +19,11 @@ class SimulatedWorker(GradientWorker):
     def __init__(self, size: int, compute_ms: float, rank: int, world_size: int, seed: int = 0):
         self.rank, self.world_size, self.compute_ms = rank, world_size, compute_ms
         self.grad = (np.random.default_rng((seed, rank)).standard_normal(size) * 1e-4).astype(np.float32)
-        self.params, self.next_step = None, None
+        self.params, self.next_step, self.seen = None, None, 0
+        self._batches, self.position = None, (0, 0)
+
+    def start_epoch(self, epoch: int, start: int = 0) -> None:
+        self._batches, self.position = True, (epoch, start)
 
     def compute(self, *param_parts, step: int = -1, bounds=None):
         """Wait ``compute_ms``; return the gradient's K slices and the metrics."""

@@ -50,6 +50,7 @@ class GradientWorker:
         self._batches = None
         self.position = (0, 0)  # (epoch, next batch index)
         self.params, self.next_step = None, None  # worker-driven sync steps: where they go on from
+        self.seen = 0   # async: the update count of self.params
 
     def ready(self) -> int:
         """Touch the data (read this worker's part) and return the number of batches per epoch."""
@@ -113,6 +114,19 @@ class GradientWorker:
             self.next_step = step + 1
             out.append(metrics)
         return out
+
+    def async_updates(self, push, count: int, epoch: int, batch: int, bounds=None):
+        """``count`` asynchronous updates from batch ``batch`` of ``epoch``, a generator that yields
+        after each: compute the gradient at the newest parameters this worker holds (``self.params``,
+        of update ``self.seen``), then ``push(grad_parts, seen, metrics, more)`` applies it and returns
+        (parameter parts, their update count); ``more``: another batch follows. (On Ray ``run_async``
+        exhausts it against the server actors; the local backend runs the workers' generators in turn.)"""
+        if self._batches is None or self.position != (epoch, batch):
+            self.start_epoch(epoch, batch)
+        for i in range(count):
+            *grads, metrics = self.compute(*self.params, step=self.seen, bounds=bounds)
+            self.params, self.seen = push(grads, self.seen, metrics, i < count - 1)
+            yield
 
     def model_source(self) -> str | None:
         """The file this process built a user's model from (None for zoo and layer-list models)."""

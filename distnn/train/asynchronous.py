@@ -1,76 +1,88 @@
-"""The asynchronous loop: each worker's gradient is applied as it arrives and the worker goes on
-from the parameters that update returned; ``AsyncSchedule`` decides who gets the next batch (the
-staleness bound) and when the updates in flight must land first (a checkpoint, an epoch's end, a
-stop), so that a checkpoint's parameters and every worker's data position agree.
+"""The asynchronous loop. The workers drive the updates: each pushes its gradient straight to the
+server shards, which apply it at once (holding a worker back while it is more than ``staleness``
+gradients ahead of the slowest) and answer with the newest parameters, from which the worker computes
+its next batch; no driver between two updates. The driver hands out rounds of batches
+(``AsyncRounds``), two in flight so that workers go on from one into the next, reads the updates
+applied from shard 0 (their metrics, in the order applied) and, where a round ends at a checkpoint,
+waits for it to land first, so that a checkpoint's parameters and every worker's data position agree.
 
-A lost process (Ray): a dead worker is replaced and its gradient in flight dropped, so it computes
-that batch again from fresh parameters while the others go on; a dead server means every process
-restarts from the newest checkpoint (its parameters and each worker's position)."""
+A lost process (Ray): a dead worker is replaced and runs what is left of its rounds from the count of
+its gradients the shards applied (a gradient it had computed but not pushed is computed again from
+fresh parameters) while the others go on; a dead server means every process restarts from the newest
+checkpoint (its parameters and each worker's position)."""
 from __future__ import annotations
 
-from .schedule import AsyncSchedule
+from collections import deque
+
+from ..checkpoint import load_checkpoint
+from .schedule import AsyncRounds
 
 
 class AsyncLoop:
     def __init__(self, t):
         """``t``: the Trainer (its fleet, length, config, checkpoints, report, step, done, stop flag)."""
         self.t, self.fleet = t, t.fleet
-        self.in_flight = {}      # metrics future -> (rank, futures of its gradient slices)
-        self.current = None      # the result being read (the one that failed, if one does)
         self.restart(t.done)
 
     def restart(self, done: list[int]) -> None:
-        self.schedule = AsyncSchedule(self.t.length, done, self.t.config.staleness, self.t.config.checkpoint_every)
-        self.parts = self.fleet.server_parts()
+        c = self.t.config
+        self.rounds = AsyncRounds(self.t.length, done, c.log_every, c.checkpoint_every)
+        self.inflight = deque()    # (round, {rank: future})
+        self.fresh = True          # the workers start from the shards' parameters
+        self.fleet.call_servers("set_counts", list(done))
 
-    def launch_idle(self, first=None) -> None:
-        fleet = self.fleet
-        for launch in self.schedule.launches(first, self.t.stop_requested):
-            if launch.start_data:
-                fleet.get(fleet.backend.call(fleet.workers[launch.rank], "start_epoch", launch.epoch, launch.batch))
-            *grads, metrics = fleet.compute(launch.rank, self.parts, launch.version)
-            self.in_flight[metrics] = (launch.rank, grads)
+    def launch(self) -> None:
+        """Queue rounds while fewer than two are in flight and none ahead ends at a checkpoint."""
+        while len(self.inflight) < 2 and not self.t.stop_requested and not (self.inflight and self.inflight[-1][0].rest):
+            rnd = self.rounds.next_round()
+            if rnd is None:
+                return
+            self.inflight.append((rnd, self._start(rnd, range(self.fleet.world), rnd.counts, rnd.starts)))
+            self.fresh = False
+
+    def _start(self, rnd, ranks, counts, starts, fresh=None) -> dict:
+        fleet, c = self.fleet, self.t.config
+        ranks = [r for r in ranks if counts[r]]
+        workers = [fleet.workers[r] for r in ranks]
+        futures = fleet.backend.async_round(workers, fleet.servers, [counts[r] for r in ranks],
+                                            [starts[r] for r in ranks], c.staleness,
+                                            self.fresh if fresh is None else fresh, fleet.shard_bounds)
+        return dict(zip(ranks, futures))
 
     def run(self) -> None:
         t = self.t
-        t.checkpoints.save(self.fleet, t.step, self.schedule.done)
-        self.rest = None         # epochs ended at a rest point whose checkpoint and evaluations are due
-        self.launch_idle()
-        while self.in_flight or self.rest is not None:
+        t.checkpoints.save(self.fleet, t.step, self.rounds.done)
+        self.launch()
+        while self.inflight:
             try:
                 self.step()
             except Exception as e:
                 if not self.fleet.backend.is_failure(e) or t.stop_requested:
                     raise
                 self.recover(e)
-                if not self.in_flight and self.rest is None:   # it died while the others drained
-                    self.rest = self.schedule.at_rest()
-                self.launch_idle()
-        t.done, t.max_lead = self.schedule.done, self.schedule.max_lead
-        if not t.stop_requested and self.schedule.version < t.length.total_updates:
-            raise RuntimeError(f"the asynchronous loop stopped at update {self.schedule.version} of "
-                               f"{t.length.total_updates} with nothing in flight (a bug in distnn)")
+            self.launch()
+        t.done = list(self.rounds.done)
+        t.max_lead = max(s["max_lead"] for s in self.fleet.call_servers("stats"))
+        if not t.stop_requested and t.step < t.length.total_updates:
+            raise RuntimeError(f"the asynchronous loop stopped at update {t.step} of {t.length.total_updates} "
+                               "with nothing in flight (a bug in distnn)")
 
     def step(self) -> None:
-        """Apply the first gradient to arrive, then what a rest point asks, then hand out batches."""
-        t, first = self.t, None
-        if self.in_flight:
-            ready = self.current = self.fleet.backend.wait(list(self.in_flight))[0][0]
-            first, grads = self.in_flight[ready]
-            metrics = self.fleet.get(ready)
-            self.parts = self.fleet.apply_one(grads)
-            del self.in_flight[ready]
-            staleness = self.schedule.applied(first, t.stop_requested)
-            t.recorded([metrics], compute=metrics["compute_s"] / self.fleet.world, staleness=staleness)
-            self.rest = self.schedule.at_rest()
-        if self.rest is not None:   # retried as a whole if a process dies on the way
-            t.done = self.schedule.done
-            t.checkpoints.save(self.fleet, t.step, self.schedule.done)
-            while self.rest:
-                t.end_epoch(self.rest[0])
-                self.rest.pop(0)
-            self.rest = None
-        self.launch_idle(first)
+        """Wait for the oldest round, record the updates applied, then what its end asks."""
+        t, fleet = self.t, self.fleet
+        rnd, futures = self.inflight[0]
+        fleet.get(list(futures.values()))
+        self.record()
+        self.inflight.popleft()
+        if rnd.rest or (t.stop_requested and not self.inflight):
+            t.done = list(rnd.done)
+            t.checkpoints.save(fleet, t.step, rnd.done)
+            for epoch in rnd.epochs_ended:
+                t.end_epoch(epoch)
+
+    def record(self) -> None:
+        for m in self.fleet.get(self.fleet.backend.call(self.fleet.servers[0], "take_applied")):
+            self.t.recorded([m], compute=m["compute_s"] / self.fleet.world, staleness=m["staleness"])
 
     def recover(self, error) -> None:
         """Replace what died; see the module's docstring."""
@@ -78,27 +90,39 @@ class AsyncLoop:
         t.checkpoints.check_budget(fleet, error)
         with t.report.paused():
             lost_workers, lost_servers = fleet.lost()
-            if not lost_workers and not lost_servers and self.current in self.in_flight:
-                lost_workers = [self.in_flight[self.current][0]]   # its result is lost: replace it too
             failed_at = t.step
-            if lost_servers:
-                fleet.backend.discard([f for future, (_, gs) in self.in_flight.items() for f in (future, *gs)])
-                self.in_flight.clear()
+            if lost_servers or not lost_workers:
+                for s in fleet.servers:
+                    fleet.backend.call(s, "abort", fleet.backend.describe(error))
+                fleet.backend.discard([f for _, fs in self.inflight for f in fs.values()])
                 t.step, done = t.checkpoints.restart(fleet)
                 self.restart(done)
-                self.rest = None
             else:
-                failed = [(f, owner, gs) for f, (owner, gs) in self.in_flight.items() if owner in lost_workers]
-                for future, owner, gs in failed:   # gradients in flight from the dead: dropped
-                    del self.in_flight[future]
-                    fleet.backend.discard([future, *gs])
-                for r in lost_workers:
-                    self.schedule.dropped(r)       # its batch is computed again, from fresh parameters
-                buffers = fleet.mean_buffers(without=lost_workers)
-                for r in lost_workers:
-                    fleet.replace_worker(r, buffers)
+                self._replace(lost_workers)
             event = t.checkpoints.record(failed_at, t.step, lost_workers, lost_servers, fleet.backend.describe(error))
         t.report.recovery(event)
+
+    def _replace(self, lost: list[int]) -> None:
+        """New processes for the dead workers, each running what is left of its rounds."""
+        fleet = self.fleet
+        fleet.backend.discard([fs.pop(r) for _, fs in self.inflight for r in lost if r in fs])
+        counts = fleet.call_servers("counts")
+        done = [max(c[r] for c in counts) for r in range(fleet.world)]
+        for k, c in enumerate(counts):   # a worker that died between its pushes to two shards
+            for r in lost:
+                if c[r] != done[r]:
+                    fleet.get(fleet.backend.call(fleet.servers[k], "align", r, done[r]))
+        ckpt = load_checkpoint(self.t.checkpoints.last)   # its batch-norm statistics, as last saved
+        self.record()
+        for r in lost:
+            fleet.replace_worker(r, ckpt["worker_buffers"][r])
+            first = done[r]
+            for rnd, futures in self.inflight:
+                begin = rnd.done[r] - rnd.counts[r]
+                count = rnd.done[r] - max(first, begin)
+                if count > 0:
+                    starts = {r: divmod(max(first, begin), self.t.length.steps_per_epoch)}
+                    futures.update(self._start(rnd, [r], {r: count}, starts, fresh=True))
 
 
 def run_async(t) -> None:

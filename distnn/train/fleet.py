@@ -69,19 +69,6 @@ class Fleet:
     def call_servers(self, method, *args):
         return self.get([self.backend.call(s, method, *args) for s in self.servers])
 
-    def server_parts(self) -> list:
-        """Futures of each shard's current parameters."""
-        return [self.backend.call(s, "get") for s in self.servers]
-
-    def compute(self, rank: int, parts: list, step: int) -> list:
-        """Worker ``rank``'s gradient at ``parts``: futures of its K gradient slices, then its metrics."""
-        return self.backend.call(self.workers[rank], "compute", *parts, step=step, bounds=self.shard_bounds,
-                                 num_returns=len(self.servers) + 1)
-
-    def apply_one(self, grads: list) -> list:
-        """Apply one worker's gradient slices (async); futures of the shards' new parameters."""
-        return [self.backend.call(s, "apply_one", g) for s, g in zip(self.servers, grads)]
-
     def sync_steps(self, first: int, n: int) -> list:
         """``n`` synchronous steps from ``first``: one future per worker of its list of step metrics."""
         futures = self.backend.sync_steps(self.workers, self.servers, first, n, self.shard_bounds)

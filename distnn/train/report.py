@@ -88,9 +88,10 @@ class RunReport:
                  f"({redone} steps redone)")
 
     def summary(self, fields: dict, server_seconds: float, samples: int, recoveries: list[dict],
-                params_bytes: int = 0) -> dict:
+                params_bytes: int = 0, cpu: dict | None = None) -> dict:
         """Write ``summary.json``: ``fields`` plus throughput, the per-step breakdown, the bytes per
-        step (gradients to the servers, parameters back; ``params_bytes`` per update) and recoveries."""
+        step (gradients to the servers, parameters back; ``params_bytes`` per update), where the CPU
+        time went (``cpu``: ``usage.UsageMeter.stop``) and recoveries."""
         wall = self.wall()
         train = max(wall - self.paused_seconds, 1e-9)
         summary = {**fields, "wall_time_s": round(wall, 2), "train_seconds": round(train, 2),
@@ -102,6 +103,8 @@ class RunReport:
             summary["per_step_ms"] = {k: round(1e3 * v / self.steps_run, 2) for k, v in ms.items()}
             summary["bytes_per_step"] = {"gradients_to_servers": round(self.sent_bytes / self.steps_run),
                                          "parameters_to_workers": params_bytes}
+        if cpu is not None:
+            summary["cpu"] = cpu
         if recoveries:
             summary["recoveries"] = recoveries
             summary["steps_redone"] = sum(max(0, r["after_step"] - r["restart_step"]) for r in recoveries)

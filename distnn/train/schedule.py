@@ -5,8 +5,9 @@ so that a table of cases tests it.
 - ``SyncSchedule``: synchronous steps go to the workers in chunks, cut at every log and checkpoint
   boundary; at most two chunks are in flight and none is queued past a checkpoint boundary, so the
   servers' state at a checkpoint is exactly the state after its step.
-- ``AsyncSchedule``: which worker gets its next batch in an asynchronous run, under the staleness
-  bound, and when the updates in flight must land first (a checkpoint or an epoch's end).
+- ``AsyncRounds``: how many batches each worker runs on its own in an asynchronous run before the
+  driver looks again, and where a checkpoint needs every update in flight applied first. (The
+  staleness bound is kept where updates are applied: ``ParameterServer.push_async``.)
 """
 from __future__ import annotations
 
@@ -69,80 +70,54 @@ class SyncSchedule:
 
 
 @dataclass(frozen=True)
-class Launch:
-    """Worker ``rank`` computes batch ``batch`` of ``epoch`` at parameters of update ``version``;
-    ``start_data``: its loader must first be positioned there (a new epoch, or a resumed run)."""
-    rank: int
-    epoch: int
-    batch: int
-    version: int
-    start_data: bool
+class Round:
+    """Worker r makes ``counts[r]`` asynchronous updates from batch ``starts[r]`` = (epoch, batch);
+    ``done``: each worker's applied gradients once the round is over; ``rest``: a checkpoint is due
+    then (an epoch's end, ``checkpoint_every``, the run's end); ``epochs_ended``: oldest first."""
+    counts: tuple
+    starts: tuple
+    done: tuple
+    rest: bool
+    epochs_ended: tuple
 
 
-class AsyncSchedule:
-    """``done[w]``: gradients of worker w applied so far; ``version``: updates applied (their sum).
+class AsyncRounds:
+    """Asynchronous updates go out in rounds: each worker gets its batches up to a common count, cut
+    at an epoch's end, at the next log line or checkpoint (in updates) and at the run's end. The
+    workers drive a round themselves (no driver between two updates) and go on into the next round
+    queued behind it, except where a checkpoint needs every update of the round applied first.
 
-    An idle worker gets a batch when it has batches left, the run has updates left (counting those in
-    flight), it is at most ``staleness`` gradients ahead of the slowest worker, and no checkpoint is
-    waiting for the updates in flight to land (``draining``: at an epoch's end, every
-    ``checkpoint_every`` updates, on a stop)."""
+    ``done[w]``: gradients of worker w applied (planned) so far."""
 
-    def __init__(self, length: RunLength, done: list[int], staleness: int | None = None, checkpoint_every: int = 0):
-        self.length, self.staleness, self.checkpoint_every = length, staleness, checkpoint_every
+    def __init__(self, length: RunLength, done: list[int], log_every: int, checkpoint_every: int = 0):
+        self.length, self.log_every, self.checkpoint_every = length, log_every, checkpoint_every
         self.done = list(done)
-        self.version = sum(self.done)
-        self.in_flight: dict[int, int] = {}   # rank -> the version its batch started from
-        self.started: set[int] = set()        # ranks whose loader is positioned
+        self.total = length.total_updates
         self.epochs_done = min(self.done) // length.steps_per_epoch
-        self.draining = False
-        self.max_lead = 0                     # the largest lead over the slowest worker at a launch
 
-    def _may_launch(self, rank: int, stopping: bool) -> bool:
-        n = self.length
-        return (rank not in self.in_flight and not self.draining and not stopping
-                and self.done[rank] < n.steps_per_epoch * n.epochs
-                and self.version + len(self.in_flight) < n.total_updates
-                and (self.staleness is None or self.done[rank] - min(self.done) <= self.staleness))
-
-    def launches(self, first: int | None = None, stopping: bool = False) -> list[Launch]:
-        """The batches to hand out now, ``first`` (the worker that just finished) considered first;
-        each is counted as in flight."""
-        order = ([first] if first is not None else []) + [r for r in range(self.length.world) if r != first]
-        out = []
-        for rank in order:
-            if self._may_launch(rank, stopping):
-                epoch, batch = divmod(self.done[rank], self.length.steps_per_epoch)
-                out.append(Launch(rank, epoch, batch, self.version, batch == 0 or rank not in self.started))
-                self.started.add(rank)
-                self.max_lead = max(self.max_lead, self.done[rank] - min(self.done))
-                self.in_flight[rank] = self.version
-        return out
-
-    def applied(self, rank: int, stopping: bool = False) -> int:
-        """Worker ``rank``'s gradient was applied; returns its staleness (updates applied since its
-        parameters were sent)."""
-        staleness = self.version - self.in_flight.pop(rank)
-        self.version += 1
-        self.done[rank] += 1
-        every = self.checkpoint_every
-        epoch_over = min(self.done) >= (self.epochs_done + 1) * self.length.steps_per_epoch
-        self.draining |= epoch_over or stopping or bool(every and self.version % every == 0)
-        return staleness
-
-    def dropped(self, rank: int) -> None:
-        """Worker ``rank``'s batch in flight is lost (its process died): it is not counted, and the
-        worker (a new process) is positioned at it again before its next launch."""
-        self.in_flight.pop(rank, None)
-        self.started.discard(rank)
-
-    def at_rest(self) -> list[int] | None:
-        """None while updates must still land; once drained (time for a checkpoint), the epochs that
-        ended, oldest first (maybe none), and new batches may go out again."""
-        if not self.draining or self.in_flight:
+    def next_round(self) -> Round | None:
+        n, world, version = self.length, self.length.world, sum(self.done)
+        if version >= self.total:
             return None
+        spe = n.steps_per_epoch
+        epoch_end = (min(self.done) // spe + 1) * spe
+        cut = self.total
+        for every in (self.log_every, self.checkpoint_every):
+            if every:
+                cut = min(cut, (version // every + 1) * every)
+        target = min(epoch_end, -(-cut // world))
+        targets = [max(d, target) for d in self.done]
+        while sum(targets) > self.total:   # the run's end: the last round is one short for the last ranks
+            r = max(range(world), key=lambda q: (targets[q] - self.done[q], q))
+            targets[r] -= 1
         ended = []
-        while min(self.done) >= (self.epochs_done + 1) * self.length.steps_per_epoch:
+        while min(targets) >= (self.epochs_done + 1) * spe:
             ended.append(self.epochs_done)
             self.epochs_done += 1
-        self.draining = False
-        return ended
+        after = sum(targets)
+        every = self.checkpoint_every
+        rest = bool(ended) or after == self.total or bool(every and after // every > version // every)
+        counts = tuple(t - d for t, d in zip(targets, self.done))
+        starts = tuple(divmod(d, spe) for d in self.done)
+        self.done = targets
+        return Round(counts, starts, tuple(targets), rest, tuple(ended))

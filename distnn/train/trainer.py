@@ -20,6 +20,7 @@ from .errors import RunWriteFailed, TrainingError, TrainingInterrupted
 from .fleet import Fleet
 from .report import RunReport
 from .schedule import RunLength
+from .usage import UsageMeter
 from .sync import run_sync
 
 
@@ -75,8 +76,11 @@ class Trainer:
                  f"{'' if c.staleness is None else f' (staleness {c.staleness})'}, {c.servers} server(s), "
                  f"{c.epochs} epochs of {n.steps_per_epoch} steps -> {self.out}")
         self.report.start(self.step)
+        usage = UsageMeter(self.fleet)
         try:
+            usage.start()
             self._loop()
+            self.cpu = usage.stop()
             if self.stop_requested:
                 raise TrainingInterrupted(f"stopped at step {self.step}{self._last_checkpoint('; checkpoint ')}"
                                           + (f"; continue with: distnn train --resume {self.out}"
@@ -145,7 +149,7 @@ class Trainer:
         samples = self.step * c.batch_size * (self.length.world if c.mode == "sync" else 1)
         per_update = self.length.world if c.mode == "sync" else 1   # parameter vectors sent per update
         summary = report.summary(fields, server, samples, self.checkpoints.recoveries,
-                                 params_bytes=per_update * self.model.flat_params.nbytes)
+                                 params_bytes=per_update * self.model.flat_params.nbytes, cpu=self.cpu)
         report.log(f"done: {self.step} steps in {summary['wall_time_s']:.1f} s ({summary['samples_per_s']:.0f} "
                  f"samples/s); test accuracy {summary['final']['test_accuracy']:.4f}; model saved to "
                  f"{self.out / 'model.h5'}")
