@@ -96,7 +96,7 @@ def test_async_on_ray_respects_bound(data_dir, tmp_path, ray_backend):
     assert summary["final"]["test_count"] == 128
     cpu = summary["cpu"]   # every role of a cluster started here is measured, and adds up to at most all cores
     assert cpu["workers_cpu_s"] > 0 and cpu["servers_cpu_s"] > 0 and cpu["ray_cpu_s"] >= 0
-    assert 0 <= cpu["idle_share"] <= 1 and cpu["capacity_s"] == round(cpu["wall_s"] * cpu["cores"], 2)
+    assert 0 <= cpu["idle_share"] <= 1 and abs(cpu["capacity_s"] - cpu["wall_s"] * cpu["cores"]) <= 0.02
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("staleness" in r for r in lines if r["type"] == "step")
 
