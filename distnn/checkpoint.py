@@ -94,19 +94,20 @@ CHECKPOINT_FORMAT = 1
 
 
 def save_checkpoint(path, model, *, step: int, servers: list[dict], worker_buffers: np.ndarray, config: dict,
-                    spec: dict, extra: dict | None = None, worker_residuals: np.ndarray | None = None):
+                    spec: dict, extra: dict | None = None, worker_states: np.ndarray | None = None):
     """Everything a run needs to continue exactly where it stopped.
 
     ``model``: holds the current parameters and the workers' mean buffers (so the file is also a model
     file: ``params/``, ``buffers/``); ``servers``: each shard's ``state()`` (its slice, update count and
     optimizer slots); ``worker_buffers`` (N, B): each worker's own batch-norm statistics; the data
-    position follows from ``step``, and every random draw from (seed, rank, epoch, batch).
+    position follows from ``step``, and every random draw from (seed, rank, epoch, batch);
+    ``worker_states`` (N, S): what each worker carries beyond them (``GradientWorker.local_state``).
     """
     def write(f):
         _write_model(f, model)
         f.create_dataset("workers/buffers", data=worker_buffers)
-        if worker_residuals is not None:  # (N, P): what each worker has not sent yet (--compress)
-            f.create_dataset("workers/residuals", data=worker_residuals)
+        if worker_states is not None:
+            f.create_dataset("workers/state", data=worker_states)
         for k, state in enumerate(servers):
             s = f.create_group(f"servers/{k}")
             s.attrs["version"] = state["version"]
@@ -120,8 +121,8 @@ def save_checkpoint(path, model, *, step: int, servers: list[dict], worker_buffe
         for k, v in (extra or {}).items():
             f.attrs[k] = json.dumps(v)
     slots = sum(v.nbytes for st in servers for v in st["optimizer"].values())
-    residuals = 0 if worker_residuals is None else worker_residuals.nbytes
-    _atomic_h5(path, write, 2 * _size(model) + slots + worker_buffers.nbytes + residuals)
+    states = 0 if worker_states is None else worker_states.nbytes
+    _atomic_h5(path, write, 2 * _size(model) + slots + worker_buffers.nbytes + states)
 
 
 def load_checkpoint(path) -> dict:
@@ -141,10 +142,18 @@ def load_checkpoint(path) -> dict:
             return {"step": int(f.attrs["step"]), "config": json.loads(f.attrs["config"]),
                     "spec": json.loads(f.attrs["spec"]), "servers": servers,
                     "worker_buffers": f["workers/buffers"][()], "path": str(path),
-                    "worker_residuals": f["workers/residuals"][()] if "workers/residuals" in f else None,
+                    "worker_states": _worker_states(f),
                     "done": json.loads(f.attrs["done"]) if "done" in f.attrs else None}
     except (OSError, KeyError) as e:
         raise CheckpointError(f"{path}: unreadable or incomplete checkpoint ({e})") from None
+
+
+def _worker_states(f):
+    """(N, S) float64, or None; checkpoints before local SGD held only --compress residuals."""
+    for name in ("workers/state", "workers/residuals"):
+        if name in f:
+            return f[name][()].astype(np.float64)
+    return None
 
 
 def latest_checkpoint(run_or_file) -> Path:

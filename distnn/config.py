@@ -53,6 +53,8 @@ class TrainConfig:
     mode: str = option("sync", "sync: one update from all workers' gradients; async: one per gradient",
                        ("sync", "async"))
     staleness: int | None = option(None, "async: how far a worker may run ahead of the slowest (default: no bound)")
+    sync_every: int = option(1, "sync: each worker takes this many steps with its own optimizer between "
+                                "averagings of the workers' parameters (local SGD); 1: one update per step")
     servers: int = option(1, "parameter-server shards")
     compress: str = option("none", "gradients on the wire: none, fp16 or topk:FRACTION (e.g. topk:0.01), with "
                                    "error feedback")
@@ -86,7 +88,7 @@ class TrainConfig:
             if allowed and getattr(self, f.name) not in allowed:
                 raise ConfigError(f"{f.name} = {getattr(self, f.name)!r} is not one of "
                                   f"{', '.join(str(a) for a in allowed if a is not None)}")
-        for name in ("epochs", "batch_size", "servers", "threads", "log_every"):
+        for name in ("epochs", "batch_size", "servers", "threads", "log_every", "sync_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("workers", "warmup", "max_steps", "checkpoint_every", "keep_checkpoints", "augment_pad",
@@ -116,6 +118,8 @@ class TrainConfig:
                  ("momentum", self.momentum is not None, self.optimizer in MOMENTUM_OPTIMIZERS,
                   "optimizer = 'momentum' or 'nesterov'"),
                  ("scale_lr", self.scale_lr, self.mode == "sync", "mode = 'sync'"),
+                 ("sync_every", self.sync_every != 1, self.mode == "sync" and self.compress == "none",
+                  "mode = 'sync' and compress = 'none'"),
                  ("address", self.address is not None, self.backend == "ray", "backend = 'ray'"),
                  ("augment_pad", self.augment_pad is not None, self.augment != "none",
                   "augment = 'crop' or 'crop+flip'")]
@@ -123,12 +127,17 @@ class TrainConfig:
             if given and not applies:
                 raise ConfigError(f"{name} = {getattr(self, name)!r} applies only with {needs}; drop it "
                                   f"(here {self._context(name)})")
+        if self.sync_every > 1 and self.checkpoint_every % self.sync_every:
+            raise ConfigError(f"checkpoint_every = {self.checkpoint_every} must be a multiple of sync_every = "
+                              f"{self.sync_every} (a checkpoint is taken where the workers' parameters agree)")
         if self.momentum is not None and not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
 
     def _context(self, name):
         key = {"staleness": "mode", "momentum": "optimizer", "scale_lr": "mode", "address": "backend",
-               "augment_pad": "augment"}[name]
+               "augment_pad": "augment", "sync_every": "mode"}[name]
+        if name == "sync_every" and self.mode == "sync":
+            key = "compress"
         return f"{key} = {getattr(self, key)!r}"
 
     @property

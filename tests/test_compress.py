@@ -104,7 +104,7 @@ def test_resume_with_compression_is_bit_identical(data_dir, tmp_path):
         trainer.run()
     trainer.close()
     ckpt = load_checkpoint(latest_checkpoint(tmp_path / "b"))
-    assert ckpt["worker_residuals"].shape == (2, p_whole.size) and np.abs(ckpt["worker_residuals"]).sum() > 0
+    assert ckpt["worker_states"].shape == (2, p_whole.size) and np.abs(ckpt["worker_states"]).sum() > 0
     resumed = Trainer(TrainConfig(**ckpt["config"]).validate(), log=lambda *a: None, progress=False, resume=ckpt)
     resumed.run()
     resumed.close()

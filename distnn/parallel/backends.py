@@ -68,17 +68,26 @@ class LocalBackend:
         return futures[:1], futures[1:]
 
     def sync_steps(self, workers, servers, first: int, n: int, bounds=None) -> list:
-        """``n`` synchronous steps from ``first``: each step every worker's gradient (K parts for K
-        shards), then one update per shard from the workers' parts in rank order. Returns one future
-        per worker of its list of step metrics, as the Ray backend's worker-driven steps do."""
-        k = len(servers)
-        parts = [self.call(s, "get") for s in servers]
-        per_worker = [[] for _ in workers]
-        for step in range(first, first + n):
-            outs = [self.call(w, "compute", *parts, step=step, bounds=bounds, num_returns=k + 1) for w in workers]
-            parts = [self.call(s, "apply_mean", *[o[i] for o in outs]) for i, s in enumerate(servers)]
-            for r, o in enumerate(outs):
-                per_worker[r].append(self.get(o[k]))
+        """``n`` synchronous steps from ``first``: each step every worker's ``step`` (its gradient's K
+        parts, or with local SGD its parameter moves at a round's end), then one update per shard
+        from the workers' parts in rank order. Returns one future per worker of its list of step
+        metrics, as the Ray backend's worker-driven steps do."""
+        try:
+            for w in workers:
+                if w.next_step != first:   # a new start, a resume or a recovery
+                    w.receive([s.params.copy() for s in servers])
+            per_worker = [[] for _ in workers]
+            for step in range(first, first + n):
+                outs = [w.step(step, bounds) for w in workers]
+                if outs[0][0] is not None:
+                    parts = [s.apply_mean(*[o[0][i] for o in outs], step=step).copy() for i, s in enumerate(servers)]
+                    for w in workers:
+                        w.receive(parts)
+                for r, (w, (_, metrics)) in enumerate(zip(workers, outs)):
+                    w.next_step = step + 1
+                    per_worker[r].append(metrics)
+        except Exception as e:  # delivered at get(), as Ray would
+            return [LocalFuture(error=e)] * len(workers)
         return [self.put(m) for m in per_worker]
 
     def async_round(self, workers, servers, counts, starts, bound=None, fresh=False, bounds=None) -> list:

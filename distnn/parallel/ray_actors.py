@@ -71,9 +71,9 @@ class ServerActor(ProcessInfo, ParameterServer):
         params, version = super().snapshot()
         return [params], version
 
-    def apply_mean(self, *grads):
+    def apply_mean(self, *grads, step=None):
         with self._step_done:
-            return super().apply_mean(*grads).copy()
+            return super().apply_mean(*grads, step=step).copy()
 
     def get(self):
         with self._step_done:
@@ -96,7 +96,7 @@ class WorkerActor(ProcessInfo, GradientWorker):
             return _fetch([s.push.remote(self.rank, g, step) for s, g in zip(servers, grads)])
 
         if self.next_step != first_step:  # a new start, a resume or a recovery
-            self.params = _fetch([s.published.remote() for s in servers])
+            self.receive(_fetch([s.published.remote() for s in servers]))
         return self.run_steps(push, first_step, steps, bounds)
 
     def run_async(self, servers: list, count: int, epoch: int, batch: int, bound=None, fresh=False,

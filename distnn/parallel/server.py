@@ -26,7 +26,7 @@ class ParameterServer:
     """
 
     def __init__(self, params: np.ndarray, optimizer: OptimizerSpec, schedule: ScheduleSpec, decay_mask=None,
-                 world: int = 1):
+                 world: int = 1, average: bool = False):
         self.params = np.array(params, np.float32, copy=True)
         self.optimizer = optimizer.make(self.params.size, decay_mask)
         self.base_lr = self.optimizer.lr
@@ -34,6 +34,7 @@ class ParameterServer:
         self.version = 0          # updates applied
         self.update_seconds = 0.0
         self.world = world
+        self.average = average    # local SGD: the workers send parameter moves, which are averaged
         self._pending = {}        # rank -> gradient of the step being collected
         self._step_done = threading.Condition()   # pushes of one step wait on it for each other
         self._aborted = None
@@ -48,16 +49,21 @@ class ParameterServer:
     def lr(self) -> float:
         return self.base_lr * self.schedule(self.version)
 
-    def _apply(self, grad: np.ndarray):
+    def _apply(self, grad: np.ndarray, step: int | None = None):
+        """One update; after synchronous ``step`` the update count is ``step + 1`` (a local SGD
+        round spans several steps)."""
         start = time.perf_counter()
         with np.errstate(all="ignore"):  # an overflow shows as a non-finite loss at the next step
-            self.optimizer.step(self.params, grad, lr=self.lr())
-        self.version += 1
+            if self.average:
+                self.params -= grad
+            else:
+                self.optimizer.step(self.params, grad, lr=self.lr())
+        self.version = self.version + 1 if step is None else step + 1
         self.update_seconds += time.perf_counter() - start
 
-    def apply_mean(self, *grads) -> np.ndarray:
-        """Synchronous step: average the workers' gradients in the order given, apply one update,
-        return the new parameters."""
+    def apply_mean(self, *grads, step: int | None = None) -> np.ndarray:
+        """Synchronous step: average the workers' gradients (local SGD: their parameter moves) in the
+        order given, apply one update, return the new parameters."""
         mean = np.array(dense(grads[0]), np.float32, copy=True)
         for g in grads[1:]:
             if isinstance(g, Sparse):
@@ -65,10 +71,10 @@ class ParameterServer:
             else:
                 mean += g
         mean *= np.float32(1.0 / len(grads))
-        self._apply(mean)
+        self._apply(mean, step)
         return self.params
 
-    def contribute(self, rank: int, grad: np.ndarray) -> bool:
+    def contribute(self, rank: int, grad: np.ndarray, step: int | None = None) -> bool:
         """Synchronous step, one worker at a time: keep ``grad`` until all ``world`` workers have given
         theirs, then apply their mean in rank order, exactly as ``apply_mean``. True when applied."""
         if rank in self._pending:
@@ -77,7 +83,7 @@ class ParameterServer:
         if len(self._pending) < self.world:
             return False
         grads = [self._pending.pop(r) for r in range(self.world)]
-        self.apply_mean(*grads)
+        self.apply_mean(*grads, step=step)
         return True
 
     # -- worker-driven synchronous steps: each worker's thread pushes and waits for the update ---------
@@ -91,7 +97,7 @@ class ParameterServer:
         applied (``contribute``); returns the published parameters after it. Raises StepAbandoned if
         the step is aborted while waiting."""
         with self._step_done:
-            if self.contribute(rank, grad):
+            if self.contribute(rank, grad, step):
                 self._published = self._publish()
                 self._step_done.notify_all()
             else:

@@ -56,3 +56,21 @@ class ScheduleSpec:
     def make(self):
         """step -> multiplier of the base learning rate."""
         return make_schedule(self.name, self.total_steps, self.warmup_steps)
+
+
+@dataclass(frozen=True)
+class LocalSpec:
+    """Local SGD (``sync_every`` > 1): a worker takes ``every`` steps with its own ``optimizer`` (the
+    learning rate of step s: ``optimizer.lr * schedule(s)``) and then sends how far its parameters
+    moved; the server averages those moves. A round also ends at every epoch's end and at the run's
+    last step (``steps_per_epoch``, ``total``)."""
+    optimizer: OptimizerSpec
+    schedule: ScheduleSpec
+    every: int
+    steps_per_epoch: int
+    total: int
+
+    def round_ends(self, step: int) -> bool:
+        """Whether the workers' parameters are averaged after ``step``."""
+        done = step + 1
+        return done % self.every == 0 or done % self.steps_per_epoch == 0 or done >= self.total

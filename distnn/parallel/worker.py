@@ -16,7 +16,7 @@ from ..data import Loader, open_dataset
 from ..models import build_model, builders, evaluate
 from ..nn import Dropout
 from .compress import Compressor
-from .specs import DataSpec
+from .specs import DataSpec, LocalSpec
 
 
 class NonFiniteError(RuntimeError):
@@ -47,6 +47,7 @@ class GradientWorker:
                                   labels=data.labels, shuffle=False, augment=False)
         self._dropouts = [m for _, m in self.model.named_modules() if isinstance(m, Dropout)]
         self.compressor = None if compress == "none" else Compressor(compress, self.model.flat_params.size)
+        self.local = self.local_opt = None   # local SGD (set_local)
         self._batches = None
         self.position = (0, 0)  # (epoch, next batch index)
         self.params, self.next_step = None, None  # worker-driven sync steps: where they go on from
@@ -78,6 +79,7 @@ class GradientWorker:
             self.start_epoch(0)
         start = time.perf_counter()
         x, y = next(self._batches)
+        data_s = time.perf_counter() - start
         epoch, b = self.position
         self.position = (epoch, b + 1)
         for i, m in enumerate(self._dropouts):  # masks depend on the batch, not on where a run began
@@ -99,18 +101,48 @@ class GradientWorker:
                                                                          [(0, grads.size)]]
         metrics = {"loss": value, "correct": int((logits.data.argmax(axis=1) == y).sum()), "count": len(y),
                    "rank": self.rank, "step": step, "epoch": epoch, "batch": b,
-                   "compute_s": time.perf_counter() - start, "sent_bytes": sum(p.nbytes for p in parts)}
+                   "compute_s": time.perf_counter() - start, "data_s": data_s, "sent_bytes": sum(p.nbytes for p in parts)}
         return (*parts, metrics)
 
+    def set_local(self, local: LocalSpec) -> None:
+        """Take ``local.every`` steps with an optimizer of this worker's own between averagings."""
+        self.local = local
+        self.local_opt = local.optimizer.make(self.model.flat_params.size, self.model.decay_mask())
+        self._local_lr = local.schedule.make()
+
+    def receive(self, param_parts) -> None:
+        """The parameters after an update (K parts); local SGD starts its next round from them."""
+        self.params = list(param_parts)
+        if self.local is not None:
+            joined = self.params[0] if len(self.params) == 1 else np.concatenate(self.params)
+            self.round_start = np.array(joined, np.float32, copy=True)
+            self.local_params = self.round_start.copy()
+
+    def step(self, step: int, bounds=None):
+        """One synchronous step from the parameters held: (what to send the shards, or None when a
+        local SGD round goes on; the metrics). What is sent is the gradient's K parts, or after a
+        local SGD round how far the parameters moved (start - end)."""
+        if self.local is None:
+            *grads, metrics = self.compute(*self.params, step=step, bounds=bounds)
+            return grads, metrics
+        grad, metrics = self.compute(self.local_params, step=step)
+        with np.errstate(all="ignore"):  # a divergence shows as a non-finite loss at the next step
+            self.local_opt.step(self.local_params, grad, lr=self.local.optimizer.lr * self._local_lr(step))
+        if not self.local.round_ends(step):
+            return None, metrics
+        moved = self.round_start - self.local_params
+        return [moved[lo:hi] for lo, hi in bounds or [(0, moved.size)]], metrics
+
     def run_steps(self, push, first_step: int, steps: int, bounds=None) -> list:
-        """Synchronous steps driven by this worker, from the parameter parts in ``self.params``:
-        compute the gradient of the next batch, ``push(grad_parts, step)`` it to the shards, which
-        returns once the step's update is applied, with the new parameter parts. Returns the steps'
-        metrics. (On Ray ``push`` is a call to the server actors; the tests use threads.)"""
+        """Synchronous steps driven by this worker, from the parameter parts it holds (``receive``):
+        ``step`` each, and when it has something to send, ``push(parts, step)`` it to the shards,
+        which returns once the step's update is applied, with the new parameter parts. Returns the
+        steps' metrics. (On Ray ``push`` is a call to the server actors; the tests use threads.)"""
         out = []
         for step in range(first_step, first_step + steps):
-            *grads, metrics = self.compute(*self.params, step=step, bounds=bounds)
-            self.params = push(grads, step)
+            parts, metrics = self.step(step, bounds)
+            if parts is not None:
+                self.receive(push(parts, step))
             self.next_step = step + 1
             out.append(metrics)
         return out
@@ -132,12 +164,27 @@ class GradientWorker:
         """The file this process built a user's model from (None for zoo and layer-list models)."""
         return builders.source_file(self.spec)
 
-    def residual(self) -> np.ndarray | None:
-        """What this worker has not sent of its gradients yet (--compress), or None."""
-        return None if self.compressor is None else self.compressor.residual.copy()
+    def local_state(self) -> np.ndarray | None:
+        """What this worker carries from step to step beyond the parameters, as one float64 vector
+        (exact for float32 values): the unsent part of its gradients (--compress), or its own
+        optimizer's slots and step count (local SGD); None when it carries nothing."""
+        if self.compressor is not None:
+            return self.compressor.residual.astype(np.float64)
+        if self.local_opt is not None:
+            state = self.local_opt.state_dict()
+            return np.concatenate([np.ravel(state[k]).astype(np.float64) for k in sorted(state)])
+        return None
 
-    def set_residual(self, vector: np.ndarray) -> None:
-        self.compressor.residual[...] = vector
+    def set_local_state(self, vector: np.ndarray) -> None:
+        if self.compressor is not None:
+            self.compressor.residual[...] = vector
+            return
+        state, at = self.local_opt.state_dict(), 0
+        for k in sorted(state):
+            n = np.size(state[k])
+            state[k] = vector[at:at + n].reshape(np.shape(state[k]))
+            at += n
+        self.local_opt.load_state_dict(state)
 
     def buffers(self) -> np.ndarray:
         """Batch-norm running statistics (flat; empty when the model has none)."""

@@ -53,7 +53,7 @@ class Checkpoints:
         path = self.folder / f"step-{step:08d}.h5"
         save_checkpoint(path, self.model, step=step, servers=states, worker_buffers=worker_buffers,
                         config=self.config, spec=self.spec, extra=None if done is None else {"done": list(done)},
-                        worker_residuals=fleet.worker_residuals())
+                        worker_states=fleet.worker_states())
         prune_checkpoints(self.folder, self.keep)
         self.last, self.last_step = path, step
 
@@ -87,7 +87,8 @@ class Checkpoints:
         buffers = fleet.mean_buffers(without=lost_workers)
         fleet.replace_workers()   # with --compress their residuals start again from zero (a checkpoint's: below)
         versions = [] if lost_servers else fleet.call_servers("recover")
-        if lost_servers or len(set(versions)) > 1 or buffers is None:
+        # local SGD workers' own optimizers are lost with them: back to the checkpoint that holds them
+        if lost_servers or len(set(versions)) > 1 or buffers is None or fleet.local is not None:
             restart, _ = self.restart(fleet, replace_workers=False)
         else:
             fleet.set_worker_buffers([buffers] * fleet.world)

@@ -28,6 +28,7 @@ class Fleet:
         self.backend, self.spec, self.data, self.compress = backend, spec, data, compress
         self.world, self.threads, self.owns_backend = world, threads, owns_backend
         self.workers, self.servers, self.bounds = [], [], []
+        self.local = None   # local SGD (set_local)
         self.pending = []   # futures of sync steps handed out and not yet collected
         try:
             for rank in range(world):
@@ -38,12 +39,16 @@ class Fleet:
             raise
 
     def _new_worker(self, rank):
-        return self.backend.create(GradientWorker, self.spec, self.data, rank, self.world, self.threads,
-                                   self.compress, cpus=self.threads)
+        worker = self.backend.create(GradientWorker, self.spec, self.data, rank, self.world, self.threads,
+                                     self.compress, cpus=self.threads)
+        if self.local is not None:
+            self.get(self.backend.call(worker, "set_local", self.local))
+        return worker
 
     def start_servers(self, params: np.ndarray, decay_mask: np.ndarray, optimizer: OptimizerSpec,
                       schedule: ScheduleSpec, k: int = 1) -> None:
-        """K shards, each given its slice of ``params`` (P,) and of ``decay_mask`` (P,)."""
+        """K shards, each given its slice of ``params`` (P,) and of ``decay_mask`` (P,); with local SGD
+        (``set_local`` first) they average the workers' parameter moves."""
         self.bounds = shard_bounds(params.size, k)
         self._server_args = (decay_mask, optimizer, schedule)
         self.servers = [self._new_server(i, params[lo:hi]) for i, (lo, hi) in enumerate(self.bounds)]
@@ -51,7 +56,8 @@ class Fleet:
     def _new_server(self, k, params):
         mask, optimizer, schedule = self._server_args
         lo, hi = self.bounds[k]
-        return self.backend.create(ParameterServer, params, optimizer, schedule, mask[lo:hi], world=self.world, cpus=0)
+        return self.backend.create(ParameterServer, params, optimizer, schedule, mask[lo:hi], world=self.world,
+                                   average=self.local is not None, cpus=0)
 
     @property
     def shard_bounds(self):
@@ -98,11 +104,12 @@ class Fleet:
         """(world, B): each worker's batch-norm running statistics (B = 0 without batch norm)."""
         return np.stack(self.call_workers("buffers"))
 
-    def worker_residuals(self) -> np.ndarray | None:
-        """(world, P): each worker's unsent gradient (--compress), or None."""
-        if self.compress == "none":
+    def worker_states(self) -> np.ndarray | None:
+        """(world, S): what each worker carries from step to step (``GradientWorker.local_state``:
+        --compress residuals, local SGD optimizer slots), or None."""
+        if self.compress == "none" and self.local is None:
             return None
-        return np.stack(self.call_workers("residual"))
+        return np.stack(self.call_workers("local_state"))
 
     def mean_buffers(self, without=()) -> np.ndarray | None:
         """(B,) float32: the mean batch-norm statistics of the workers whose ranks are not in
@@ -117,14 +124,19 @@ class Fleet:
         (--compress) residual."""
         self.load_server_states(ckpt["servers"])
         self.set_worker_buffers(ckpt["worker_buffers"])
-        self.set_worker_residuals(ckpt.get("worker_residuals"))
+        self.set_worker_states(ckpt.get("worker_states"))
 
     def load_server_states(self, states: list[dict]) -> None:
         self.get([self.backend.call(s, "load_state", st) for s, st in zip(self.servers, states)])
 
-    def set_worker_residuals(self, rows) -> None:
-        if rows is not None and self.compress != "none":
-            self.get([self.backend.call(w, "set_residual", r) for w, r in zip(self.workers, rows)])
+    def set_worker_states(self, rows) -> None:
+        if rows is not None and (self.compress != "none" or self.local is not None):
+            self.get([self.backend.call(w, "set_local_state", r) for w, r in zip(self.workers, rows)])
+
+    def set_local(self, local) -> None:
+        """Local SGD (``parallel.specs.LocalSpec``) on every worker, and on every replacement."""
+        self.local = local
+        self.call_workers("set_local", local)
 
     def set_worker_buffers(self, rows) -> None:
         self.get([self.backend.call(w, "set_buffers", b) for w, b in zip(self.workers, rows)])

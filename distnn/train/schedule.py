@@ -36,16 +36,22 @@ class RunLength:
 
 
 class SyncSchedule:
-    def __init__(self, length: RunLength, log_every: int, checkpoint_every: int = 0, depth: int = 2):
+    """``sync_every`` (local SGD): chunks end only where a round of that many steps ends (or the epoch
+    does), so that log lines, checkpoints and stops fall where the workers' parameters agree."""
+
+    def __init__(self, length: RunLength, log_every: int, checkpoint_every: int = 0, depth: int = 2,
+                 sync_every: int = 1):
         self.length, self.log_every, self.checkpoint_every, self.depth = length, log_every, checkpoint_every, depth
+        self.sync_every = sync_every
         self.total = length.total_updates
 
     def chunks(self, start: int, end: int) -> list[tuple[int, int]]:
-        """(first step, count) pieces of [start, end), cut at every log and checkpoint boundary."""
-        cuts = {end}
+        """(first step, count) pieces of [start, end), cut at every log and checkpoint boundary
+        (rounded up to a round's end)."""
+        cuts, h = {end}, self.sync_every
         for every in (self.log_every, self.checkpoint_every):
             if every:
-                cuts.update(range((start // every + 1) * every, end, every))
+                cuts.update(min(end, -(-c // h) * h) for c in range((start // every + 1) * every, end, every))
         edges = [start] + sorted(c for c in cuts if start < c <= end)
         return [(a, b - a) for a, b in zip(edges[:-1], edges[1:])]
 

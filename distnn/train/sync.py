@@ -17,7 +17,7 @@ def run_sync(t) -> None:
     """``t``: the Trainer (its fleet, length, config, checkpoints, report, step and stop flag)."""
     # a chunk queued on the local backend would run at once, before the one ahead of it is recorded
     schedule = SyncSchedule(t.length, t.config.log_every, t.config.checkpoint_every,
-                            depth=1 if t.fleet.backend.eager else 2)
+                            depth=1 if t.fleet.backend.eager else 2, sync_every=t.config.sync_every)
     t.checkpoints.save(t.fleet, t.step)  # step 0 (or the resumed step): a shard lost early restarts here
     while True:
         try:

@@ -13,6 +13,7 @@ from ..checkpoint import save_model
 from ..data import open_dataset
 from ..models import builders
 from ..parallel import NonFiniteError, make_backend
+from ..parallel.specs import LocalSpec
 from . import setup
 from .asynchronous import run_async
 from .checkpoints import Checkpoints
@@ -52,8 +53,11 @@ class Trainer:
             self.length = RunLength(self.fleet.steps_per_epoch, c.epochs, world, c.mode, c.max_steps)
             if self.length.steps_per_epoch < 1:
                 raise TrainingError(f"batch size {c.batch_size} is larger than a worker's part of the training data")
-            self.fleet.start_servers(self.model.flat_params, self.model.decay_mask(), setup.optimizer_spec(c, world),
-                                     setup.schedule_spec(c, self.length.total_updates), c.servers)
+            optimizer, schedule = setup.optimizer_spec(c, world), setup.schedule_spec(c, self.length.total_updates)
+            if c.sync_every > 1:
+                self.fleet.set_local(LocalSpec(optimizer, schedule, c.sync_every, self.length.steps_per_epoch,
+                                               self.length.total_updates))
+            self.fleet.start_servers(self.model.flat_params, self.model.decay_mask(), optimizer, schedule, c.servers)
             atomic_write_text(self.out / "config.json",
                               json.dumps({"config": c.as_dict(), "spec": self.spec, "workers": world}, indent=1))
             setup.write_run_info(self.out, self.dataset, c.labels)
