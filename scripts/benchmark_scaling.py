@@ -43,14 +43,14 @@ def fake_cifar(root: Path, n=8192):
            {"fine_labels": [str(i) for i in range(100)], "coarse_labels": [str(i) for i in range(20)]}, {}, 8, None, False)
 
 
-def run(model, case, data, backend, workers, out, backend_obj=None, mode="sync"):
+def run(model, case, data, backend, workers, out, backend_obj=None, mode="sync", sync_every=1):
     """Throughput, the per-step breakdown and where the CPU time went (summary.json's ``cpu``); an
     async run makes ``workers`` times the updates, so that both see the same samples."""
     steps = case["steps"] * (workers if mode == "async" else 1)
     cfg = TrainConfig(model=model, dataset=case["dataset"], labels="coarse" if case["dataset"] == "cifar100" else None,
                       data=str(data), workers=workers, backend=backend, batch_size=case["batch_size"], epochs=100,
                       max_steps=steps, out=str(out), log_every=1000, warmup=0, mode=mode,
-                      staleness=4 if mode == "async" else None).validate()
+                      staleness=4 if mode == "async" else None, sync_every=sync_every).validate()
     trainer = Trainer(cfg, backend=backend_obj, log=lambda *a: None, progress=False)
     try:
         summary = trainer.run()
@@ -81,6 +81,7 @@ def main(argv=None):
     ap.add_argument("--source", required=True, help="folder with the real MNIST files")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--sync-every", type=int, default=4, help="local SGD row: steps between averagings (1: none)")
     ap.add_argument("--out", default="benchmarks/scaling.json")
     args = ap.parse_args(argv)
     from distnn.parallel import RayBackend
@@ -95,11 +96,16 @@ def main(argv=None):
             local = run(model, case, tmp, "local", 1, tmp / f"{model}-local")
             dist = run(model, case, tmp, "ray", args.workers, tmp / f"{model}-ray", ray)
             asyn = run(model, case, tmp, "ray", args.workers, tmp / f"{model}-async", ray, mode="async")
+            local_sgd = None if args.sync_every == 1 else run(model, case, tmp, "ray", args.workers, tmp / f"{model}-h",
+                                                              ray, sync_every=args.sync_every)
             ref = torch_rate(model, case["batch_size"] * args.workers, args.workers)
             rows.append({"model": model, "batch_per_worker": case["batch_size"], "local_1x1": local,
                          f"ray_{args.workers}x1": dist, "speedup": round(dist["samples_per_s"] / local["samples_per_s"], 2),
                          f"ray_async_{args.workers}x1": asyn,
                          "async_vs_sync": round(asyn["samples_per_s"] / dist["samples_per_s"], 2),
+                         "sync_every": args.sync_every, f"ray_local_sgd_{args.workers}x1": local_sgd,
+                         "local_sgd_speedup": None if local_sgd is None else
+                         round(local_sgd["samples_per_s"] / local["samples_per_s"], 2),
                          f"torch_{args.workers}_threads": ref,
                          "ray_vs_torch": None if ref is None else round(dist["samples_per_s"] / ref, 2)})
     ray.shutdown()
@@ -116,10 +122,15 @@ def main(argv=None):
         print(f"{r['model']:<15}{r['local_1x1']['samples_per_s']:>10.0f}{d['samples_per_s']:>9.0f}{r['speedup']:>8.2f}"
               f"{a['samples_per_s']:>10.0f}{r['async_vs_sync']:>6.2f}{ts:>8}{vs:>9}"
               f"   {d['total']} / {d['compute']} / {d['server_update']} / {d['wait_and_transfer']}")
+    if args.sync_every > 1:
+        print(f"local SGD, averaging every {args.sync_every} steps ({n}x1): "
+              + ", ".join(f"{r['model']} {r[f'ray_local_sgd_{n}x1']['samples_per_s']:.0f} samples/s = "
+                          f"{r['local_sgd_speedup']:.2f}x local 1x1" for r in rows))
     print("where the CPU went, share of all cores over the run: workers / servers / driver / Ray's own / idle")
     for r in rows:
-        for label, key in (("sync", f"ray_{n}x1"), ("async", f"ray_async_{n}x1")):
-            print(f"{r['model']:<15}{label:<6}{cpu_shares(r[key]['cpu'])}")
+        for label, key in (("sync", f"ray_{n}x1"), ("async", f"ray_async_{n}x1"), (f"H={args.sync_every}", f"ray_local_sgd_{n}x1")):
+            if r.get(key):
+                print(f"{r['model']:<15}{label:<6}{cpu_shares(r[key]['cpu'])}")
     out = Path(args.out)
     result = {"rows": rows, "cpus": os.cpu_count(), "host": host,
               "command": "python scripts/benchmark_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)}

@@ -54,3 +54,15 @@ def test_simulate_scaling_measures_fits_and_plots(tmp_path):
     (per_shard,) = result["workers_per_shard"]
     assert per_shard["1GbE"] <= per_shard["10GbE"] <= per_shard["25GbE"]
     assert png.read_bytes()[:4] == b"\x89PNG" and "where a shard saturates" in proc.stdout
+
+
+def test_compiled_graph_ab_runs_both_ways(tmp_path):
+    from datagen import prepared_mnist
+    data = prepared_mnist(tmp_path / "data", n_train=256, n_test=32, seed=1, shards=2)
+    out = tmp_path / "ab.json"
+    proc = run_script(ROOT / "scripts" / "ab_compiled_graph.py", "--dataset", data / "mnist", "--batch", "8",
+                      "--steps", "3", "--rounds", "1", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    ms = json.loads(out.read_text())["ms_per_step"]
+    assert len(ms["compiled graph"]) == len(ms["worker-driven"]) == 1 and min(ms["compiled graph"] + ms["worker-driven"]) > 0
+    assert json.loads(out.read_text())["host"]["cpu"] and "compiled graph" in proc.stdout
