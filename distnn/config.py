@@ -53,6 +53,9 @@ class TrainConfig:
     mode: str = option("sync", "sync: one update from all workers' gradients; async: one per gradient",
                        ("sync", "async"))
     staleness: int | None = option(None, "async: how far a worker may run ahead of the slowest (default: no bound)")
+    pipeline: bool = option(False, "async: a worker sends a gradient and computes its next batch at once, from "
+                                   "the parameters the reply before brought (faster; each gradient one update "
+                                   "staler)")
     sync_every: int = option(1, "sync: each worker takes this many steps with its own optimizer between "
                                 "averagings of the workers' parameters (local SGD); 1: one update per step")
     servers: int = option(1, "parameter-server shards")
@@ -115,6 +118,8 @@ class TrainConfig:
     def _check_applies(self):
         """Options set where they would be ignored."""
         rules = [("staleness", self.staleness is not None, self.mode == "async", "mode = 'async'"),
+                 ("pipeline", self.pipeline, self.mode == "async" and self.staleness != 0,
+                  "mode = 'async' and a staleness bound of at least 1"),
                  ("momentum", self.momentum is not None, self.optimizer in MOMENTUM_OPTIMIZERS,
                   "optimizer = 'momentum' or 'nesterov'"),
                  ("scale_lr", self.scale_lr, self.mode == "sync", "mode = 'sync'"),
@@ -134,7 +139,7 @@ class TrainConfig:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
 
     def _context(self, name):
-        key = {"staleness": "mode", "momentum": "optimizer", "scale_lr": "mode", "address": "backend",
+        key = {"staleness": "mode", "pipeline": "staleness" if self.mode == "async" else "mode", "momentum": "optimizer", "scale_lr": "mode", "address": "backend",
                "augment_pad": "augment", "sync_every": "mode"}[name]
         if name == "sync_every" and self.mode == "sync":
             key = "compress"

@@ -162,3 +162,12 @@ def test_one_public_name_per_thing_with_docstrings():
         assert fn.__doc__ and fn.__doc__.strip(), f"ops.{name} has no docstring"
     for name in nn.LAYERS:
         assert nn.LAYERS[name].__doc__, f"nn.{name} has no docstring"
+
+
+def test_pipeline_needs_async_with_a_bound_of_at_least_one():
+    from distnn.config import ConfigError, TrainConfig
+    with pytest.raises(ConfigError, match=r"pipeline = True applies only with mode = 'async' and a staleness bound"):
+        TrainConfig(pipeline=True).validate()
+    with pytest.raises(ConfigError, match=r"here staleness = 0"):
+        TrainConfig(mode="async", staleness=0, pipeline=True).validate()
+    assert TrainConfig(mode="async", pipeline=True).validate().pipeline

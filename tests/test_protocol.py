@@ -120,7 +120,7 @@ def test_async_push_holds_a_worker_at_the_staleness_bound():
 
     def fast():
         for i in range(3):
-            seen.append(server.push_async(0, g, i, {"rank": 0}, bound=2, more=True)[1])
+            seen.append(server.push_async(0, g, i, {"rank": 0}, bound=2, ahead=0)[1])
     thread = threading.Thread(target=fast)
     thread.start()
     thread.join(timeout=2)
@@ -132,7 +132,7 @@ def test_async_push_holds_a_worker_at_the_staleness_bound():
     assert [m["staleness"] for m in server.take_applied()] == [0, 0, 0, 3] and server.take_applied() == []
     free = ParameterServer(np.zeros(4, np.float32), OptimizerSpec("sgd", 0.5), ScheduleSpec("constant", 10, 0),
                            world=2)
-    assert [free.push_async(0, g, i, more=True)[1] for i in range(5)] == [1, 2, 3, 4, 5]
+    assert [free.push_async(0, g, i, ahead=0)[1] for i in range(5)] == [1, 2, 3, 4, 5]
 
 
 def test_async_abort_releases_a_held_worker():
@@ -143,7 +143,7 @@ def test_async_abort_releases_a_held_worker():
     def fast():
         try:
             for i in range(2):
-                server.push_async(0, g, i, bound=0, more=True)
+                server.push_async(0, g, i, bound=0, ahead=0)
         except StepAbandoned as e:
             errors.append(e)
     thread = threading.Thread(target=fast)
@@ -153,3 +153,26 @@ def test_async_abort_releases_a_held_worker():
     server.abort("worker 1 died")
     thread.join(timeout=10)
     assert not thread.is_alive() and len(errors) == 1 and server.done == [1, 0]
+
+
+def test_pipelined_worker_takes_each_reply_one_push_later(data):
+    """A pipelined async worker computes batch i + 1 from the reply to gradient i - 1: each gradient
+    after the first two is computed at parameters one update older than the newest it pushed."""
+    params = build_model(SPEC).flat_params
+    servers = [ParameterServer(params, OPT, SCHED, np.ones_like(params), world=1)]
+    w = GradientWorker(SPEC, data, 0, 1)
+    snap = servers[0].snapshot()
+    w.params, w.seen = [snap[0]], snap[1]
+    pushes = []
+
+    def push(grads, seen, metrics, ahead):
+        pushes.append((seen, ahead))
+        reply = servers[0].push_async(0, grads[0], seen, metrics, bound=None, ahead=ahead)
+        return lambda: ([reply[0]], reply[1])
+    for _ in w.async_updates(push, 5, 0, 0, pipelined=True):
+        pass
+    # seen: 0, 0 (no reply yet), then the replies to updates 1, 2, 3; ahead: 1 while a batch follows
+    assert pushes == [(0, 1), (0, 1), (1, 1), (2, None), (3, None)]
+    assert w.seen == 5 and servers[0].version == 5
+    assert [m["staleness"] for m in servers[0].take_applied()] == [0, 1, 1, 1, 1]
+

@@ -90,33 +90,35 @@ class LocalBackend:
             return [LocalFuture(error=e)] * len(workers)
         return [self.put(m) for m in per_worker]
 
-    def async_round(self, workers, servers, counts, starts, bound=None, fresh=False, bounds=None) -> list:
+    def async_round(self, workers, servers, counts, starts, bound=None, fresh=False, bounds=None,
+                    pipelined=False) -> list:
         """Worker r makes ``counts[r]`` asynchronous updates from ``starts[r]`` (epoch, batch). Here the
         workers take turns, one update each, each computing at the parameters its own last update
-        returned (so a gradient is ``world - 1`` updates stale; no worker gets ahead by more than one,
-        so ``bound`` never has to hold one back). One future per worker with updates to make."""
+        returned (so a gradient is ``world - 1`` updates stale, ``world`` more when ``pipelined``; no
+        worker gets ahead by more than one, so ``bound`` never has to hold one back). One future per
+        worker with updates to make."""
         def push_to(rank):
-            def push(grads, seen, metrics, more):
+            def push(grads, seen, metrics, ahead):
                 replies = [s.push_async(rank, g, seen, metrics if k == 0 else None)
                            for k, (s, g) in enumerate(zip(servers, grads))]
-                return [r[0] for r in replies], replies[0][1]
+                return lambda: ([r[0] for r in replies], replies[0][1])
             return push
 
         try:
-            self._take_turns(workers, servers, counts, starts, fresh, bounds, push_to)
+            self._take_turns(workers, servers, counts, starts, fresh, bounds, push_to, pipelined)
         except Exception as e:  # delivered at get(), as Ray would
             return [LocalFuture(error=e)]
         return [LocalFuture(counts[r]) for r in range(len(workers)) if counts[r]]
 
     @staticmethod
-    def _take_turns(workers, servers, counts, starts, fresh, bounds, push_to):
+    def _take_turns(workers, servers, counts, starts, fresh, bounds, push_to, pipelined):
         turns = {}
         for r, w in enumerate(workers):
             if counts[r]:
                 if fresh or w.params is None:
                     snaps = [s.snapshot() for s in servers]
                     w.params, w.seen = [p for p, _ in snaps], snaps[0][1]
-                turns[r] = w.async_updates(push_to(r), counts[r], *starts[r], bounds=bounds)
+                turns[r] = w.async_updates(push_to(r), counts[r], *starts[r], bounds=bounds, pipelined=pipelined)
         while turns:
             for r in list(turns):
                 try:
@@ -195,14 +197,15 @@ class RayBackend:
 
     def create(self, cls, *args, cpus=1, **kwargs):
         """An actor of ``cls``, or of its Ray subclass (ray_actors.ACTORS) where it has one. A server
-        runs pushes concurrently (one thread per worker, plus a few for the driver's calls)."""
+        runs pushes concurrently: two threads per worker (an async worker may have two pushes there),
+        plus a few for the driver's calls."""
         from .ray_actors import ACTORS, ServerActor
         actor_cls = ACTORS.get(cls, cls)
         if actor_cls not in self._classes:
             self._classes[actor_cls] = self.ray.remote(actor_cls)
         options = {"num_cpus": cpus, "max_restarts": 0}
         if actor_cls is ServerActor:
-            options["max_concurrency"] = kwargs.get("world", 1) + 4
+            options["max_concurrency"] = 2 * kwargs.get("world", 1) + 4   # async: two pushes per worker
             options["scheduling_strategy"] = self._next_node()
             kwargs["inline_bytes"] = min(self.inline_bytes, PARAMS_INLINE_BYTES)
         return self._classes[actor_cls].options(**options).remote(*args, **kwargs)
@@ -222,10 +225,11 @@ class RayBackend:
         """Worker-driven steps (``WorkerActor.run_sync``): one future per worker of its step metrics."""
         return [self.call(w, "run_sync", servers, first, n, bounds) for w in workers]
 
-    def async_round(self, workers, servers, counts, starts, bound=None, fresh=False, bounds=None) -> list:
+    def async_round(self, workers, servers, counts, starts, bound=None, fresh=False, bounds=None,
+                    pipelined=False) -> list:
         """Worker-driven asynchronous updates (``WorkerActor.run_async``): one future per worker with
         updates to make."""
-        return [self.call(w, "run_async", servers, counts[r], *starts[r], bound, fresh, bounds)
+        return [self.call(w, "run_async", servers, counts[r], *starts[r], bound, fresh, bounds, pipelined)
                 for r, w in enumerate(workers) if counts[r]]
 
     def get(self, futures):

@@ -100,19 +100,25 @@ class WorkerActor(ProcessInfo, GradientWorker):
         return self.run_steps(push, first_step, steps, bounds)
 
     def run_async(self, servers: list, count: int, epoch: int, batch: int, bound=None, fresh=False,
-                  bounds=None) -> int:
+                  bounds=None, pipelined=False) -> int:
         """``count`` asynchronous updates from batch ``batch`` of ``epoch``, each pushed straight to
-        the shard actors ``servers`` (shard 0 keeps the metrics); ``fresh``: start from the shards'
-        current parameters. Returns ``count``."""
-        def push(grads, seen, metrics, more):
-            replies = ray.get([s.push_async.remote(self.rank, g, seen, metrics if k == 0 else None, bound, more)
-                               for k, (s, g) in enumerate(zip(servers, grads))])
-            return _fetch_parts([r[0] for r in replies]), replies[0][1]
+        the shard actors ``servers`` (shard 0 keeps the metrics), ``pipelined`` or not
+        (``async_updates``); ``fresh``: start from the shards' current parameters. Returns ``count``."""
+        def push(grads, seen, metrics, ahead):
+            refs = [s.push_async.remote(self.rank, g, seen, metrics if k == 0 else None, bound, ahead)
+                    for k, (s, g) in enumerate(zip(servers, grads))]
+
+            def reply():
+                replies = ray.get(refs)
+                return _fetch_parts([r[0] for r in replies]), replies[0][1]
+            return reply
 
         if fresh or self.params is None:
             replies = ray.get([s.snapshot.remote() for s in servers])
             self.params, self.seen = _fetch_parts([r[0] for r in replies]), replies[0][1]
-        for _ in self.async_updates(push, count, epoch, batch, bounds):
+        # the round's first batch (and with pipelining its second) is computed before any reply
+        ray.get(servers[0].turn.remote(self.rank, bound, 1 if pipelined and count > 1 else 0))
+        for _ in self.async_updates(push, count, epoch, batch, bounds, pipelined):
             pass
         return count
 

@@ -126,12 +126,13 @@ class ParameterServer:
 
     # -- worker-driven asynchronous updates --------------------------------------------------------
     def push_async(self, rank: int, grad, seen: int, metrics: dict | None = None, bound: int | None = None,
-                   more: bool = False):
-        """Apply worker ``rank``'s gradient, computed at the parameters of update ``seen``, at once.
-        With ``more`` (the worker has another batch to compute) and a staleness ``bound``, wait until
-        the worker is at most ``bound`` gradients ahead of the slowest. Returns (the parameters, their
-        update count). ``metrics`` (shard 0's push carries them) are kept, with the gradient's staleness
-        (updates applied since ``seen``), for ``take_applied``. Raises StepAbandoned once aborted."""
+                   ahead: int | None = None):
+        """Apply worker ``rank``'s gradient, computed at the parameters of update ``seen``, at once;
+        then, where the worker computes another batch next (``ahead``: how many of its gradients will
+        still be in flight then, 0 or 1) and there is a staleness ``bound``, wait for ``turn``.
+        Returns (the parameters, their update count). ``metrics`` (shard 0's push carries them) are
+        kept, with the gradient's staleness (updates applied since ``seen``), for ``take_applied``.
+        Raises StepAbandoned once aborted."""
         with self._step_done:
             if self._aborted:
                 raise StepAbandoned(f"update of worker {rank} refused: {self._aborted}")
@@ -140,13 +141,22 @@ class ParameterServer:
             self._apply(dense(grad))
             self.done[rank] += 1
             self._step_done.notify_all()
-            if more and bound is not None:
-                self._step_done.wait_for(lambda: self.done[rank] - min(self.done) <= bound or self._aborted)
-                if self._aborted:
-                    raise StepAbandoned(f"update of worker {rank} abandoned: {self._aborted}")
-            if more:
-                self.max_lead = max(self.max_lead, self.done[rank] - min(self.done))
+            if ahead is not None:
+                self._wait_turn(rank, bound, ahead)
             return self._publish(), self.version
+
+    def turn(self, rank: int, bound: int | None, ahead: int = 0) -> None:
+        """Return once worker ``rank`` may compute its next batch: it will then be ``done[rank] +
+        ahead`` gradients in, and must not be more than ``bound`` ahead of the slowest worker."""
+        with self._step_done:
+            self._wait_turn(rank, bound, ahead)
+
+    def _wait_turn(self, rank, bound, ahead):
+        if bound is not None:
+            self._step_done.wait_for(lambda: self.done[rank] + ahead - min(self.done) <= bound or self._aborted)
+            if self._aborted:
+                raise StepAbandoned(f"update of worker {rank} abandoned: {self._aborted}")
+        self.max_lead = max(self.max_lead, self.done[rank] + ahead - min(self.done))
 
     def snapshot(self):
         """(the current parameters, their update count): where an asynchronous worker starts."""

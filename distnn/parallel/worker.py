@@ -147,18 +147,31 @@ class GradientWorker:
             out.append(metrics)
         return out
 
-    def async_updates(self, push, count: int, epoch: int, batch: int, bounds=None):
+    def async_updates(self, push, count: int, epoch: int, batch: int, bounds=None, pipelined=False):
         """``count`` asynchronous updates from batch ``batch`` of ``epoch``, a generator that yields
         after each: compute the gradient at the newest parameters this worker holds (``self.params``,
-        of update ``self.seen``), then ``push(grad_parts, seen, metrics, more)`` applies it and returns
-        (parameter parts, their update count); ``more``: another batch follows. (On Ray ``run_async``
-        exhausts it against the server actors; the local backend runs the workers' generators in turn.)"""
+        of update ``self.seen``), then ``push(grad_parts, seen, metrics, ahead)`` applies it and
+        returns a function that waits for the reply: (parameter parts, their update count). ``ahead``
+        is None for a gradient after which no batch of this round is computed, else the gradients
+        still in flight when the next one is (see ``ParameterServer.push_async``).
+
+        ``pipelined``: send a gradient and compute the next batch at once, from the parameters the
+        reply to the gradient before brought (each gradient one update staler; the round trip hidden
+        behind the compute). (On Ray ``run_async`` exhausts it against the server actors; the local
+        backend runs the workers' generators in turn.)"""
         if self._batches is None or self.position != (epoch, batch):
             self.start_epoch(epoch, batch)
+        lag = 1 if pipelined else 0       # a reply is taken this many pushes after its own
+        replies = []
         for i in range(count):
             *grads, metrics = self.compute(*self.params, step=self.seen, bounds=bounds)
-            self.params, self.seen = push(grads, self.seen, metrics, i < count - 1)
+            follows = i + 1 + lag < count   # a batch is computed once this gradient's reply is in
+            replies.append(push(grads, self.seen, metrics, lag if follows else None))
+            if len(replies) > lag:
+                self.params, self.seen = replies.pop(0)()
             yield
+        for reply in replies:
+            self.params, self.seen = reply()
 
     def model_source(self) -> str | None:
         """The file this process built a user's model from (None for zoo and layer-list models)."""

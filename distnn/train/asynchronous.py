@@ -46,7 +46,7 @@ class AsyncLoop:
         workers = [fleet.workers[r] for r in ranks]
         futures = fleet.backend.async_round(workers, fleet.servers, [counts[r] for r in ranks],
                                             [starts[r] for r in ranks], c.staleness,
-                                            self.fresh if fresh is None else fresh, fleet.shard_bounds)
+                                            self.fresh if fresh is None else fresh, fleet.shard_bounds, c.pipeline)
         return dict(zip(ranks, futures))
 
     def run(self) -> None:
