@@ -1,7 +1,10 @@
-"""Scaling benchmark: training throughput of the local backend (1 worker x 1 thread) against Ray sync
-(N workers x 1 thread), with a per-step breakdown, and PyTorch with N threads at the same global batch.
+"""Scaling benchmark: training throughput of the local backend (1 worker x 1 thread) against Ray
+(N workers x 1 thread) sync, async (staleness 4), async pipelined and local SGD (``--sync-every``), with
+the sync step's breakdown, where every run's CPU time went (workers, servers, driver, Ray's own
+processes, idle), and PyTorch with N threads at the same global batch. Names the CPU and BLAS kernel.
 
-    python scripts/benchmark_scaling.py --source ../shared/data/mnist [--workers 2] [--out benchmarks/scaling.json]
+    python scripts/benchmark_scaling.py --source ../shared/data/mnist [--workers 2] [--sync-every 8]
+                                        [--models lenet5 cifar_convnet] [--out benchmarks/scaling.json]
 
 lenet5 runs on the real MNIST (batch 128 per worker); cifar_convnet and resnet20 on generated
 CIFAR-shaped data (batch 64 per worker), since no real CIFAR-100 is reachable offline.
@@ -43,14 +46,14 @@ def fake_cifar(root: Path, n=8192):
            {"fine_labels": [str(i) for i in range(100)], "coarse_labels": [str(i) for i in range(20)]}, {}, 8, None, False)
 
 
-def run(model, case, data, backend, workers, out, backend_obj=None, mode="sync", sync_every=1):
+def run(model, case, data, backend, workers, out, backend_obj=None, mode="sync", sync_every=1, pipeline=False):
     """Throughput, the per-step breakdown and where the CPU time went (summary.json's ``cpu``); an
     async run makes ``workers`` times the updates, so that both see the same samples."""
     steps = case["steps"] * (workers if mode == "async" else 1)
     cfg = TrainConfig(model=model, dataset=case["dataset"], labels="coarse" if case["dataset"] == "cifar100" else None,
                       data=str(data), workers=workers, backend=backend, batch_size=case["batch_size"], epochs=100,
                       max_steps=steps, out=str(out), log_every=1000, warmup=0, mode=mode,
-                      staleness=4 if mode == "async" else None, sync_every=sync_every).validate()
+                      staleness=4 if mode == "async" else None, sync_every=sync_every, pipeline=pipeline).validate()
     trainer = Trainer(cfg, backend=backend_obj, log=lambda *a: None, progress=False)
     try:
         summary = trainer.run()
@@ -96,6 +99,7 @@ def main(argv=None):
             local = run(model, case, tmp, "local", 1, tmp / f"{model}-local")
             dist = run(model, case, tmp, "ray", args.workers, tmp / f"{model}-ray", ray)
             asyn = run(model, case, tmp, "ray", args.workers, tmp / f"{model}-async", ray, mode="async")
+            piped = run(model, case, tmp, "ray", args.workers, tmp / f"{model}-piped", ray, mode="async", pipeline=True)
             local_sgd = None if args.sync_every == 1 else run(model, case, tmp, "ray", args.workers, tmp / f"{model}-h",
                                                               ray, sync_every=args.sync_every)
             ref = torch_rate(model, case["batch_size"] * args.workers, args.workers)
@@ -103,6 +107,8 @@ def main(argv=None):
                          f"ray_{args.workers}x1": dist, "speedup": round(dist["samples_per_s"] / local["samples_per_s"], 2),
                          f"ray_async_{args.workers}x1": asyn,
                          "async_vs_sync": round(asyn["samples_per_s"] / dist["samples_per_s"], 2),
+                         f"ray_async_pipelined_{args.workers}x1": piped,
+                         "pipelined_vs_sync": round(piped["samples_per_s"] / dist["samples_per_s"], 2),
                          "sync_every": args.sync_every, f"ray_local_sgd_{args.workers}x1": local_sgd,
                          "local_sgd_speedup": None if local_sgd is None else
                          round(local_sgd["samples_per_s"] / local["samples_per_s"], 2),
@@ -112,15 +118,16 @@ def main(argv=None):
     host = describe_host()
     print(f"CPU: {host['cpu']} x {os.cpu_count()}; BLAS: {host['blas']}  (samples/s)")
     n = args.workers
-    print(f"{'model':<15}{'local 1x1':>10}{f'sync {n}x1':>9}{'speedup':>8}{f'async {n}x1':>10}{'a/s':>6}{'torch':>8}"
-          f"{'vs torch':>9}   sync step ms: total / compute / server / wait+transfer")
+    print(f"{'model':<15}{'local 1x1':>10}{f'sync {n}x1':>9}{'speedup':>8}{f'async {n}x1':>10}{'a/s':>6}"
+          f"{'pipelined':>10}{'p/s':>6}{'torch':>8}{'vs torch':>9}   sync step ms: total / compute / server / wait+transfer")
     for r in rows:
-        d, a = r[f"ray_{n}x1"], r[f"ray_async_{n}x1"]
+        d, a, p = r[f"ray_{n}x1"], r[f"ray_async_{n}x1"], r[f"ray_async_pipelined_{n}x1"]
         t = r[f"torch_{n}_threads"]
         ts = "-" if t is None else f"{t:.0f}"
         vs = "-" if t is None else f"{r['ray_vs_torch']:.2f}"
         print(f"{r['model']:<15}{r['local_1x1']['samples_per_s']:>10.0f}{d['samples_per_s']:>9.0f}{r['speedup']:>8.2f}"
-              f"{a['samples_per_s']:>10.0f}{r['async_vs_sync']:>6.2f}{ts:>8}{vs:>9}"
+              f"{a['samples_per_s']:>10.0f}{r['async_vs_sync']:>6.2f}{p['samples_per_s']:>10.0f}{r['pipelined_vs_sync']:>6.2f}"
+              f"{ts:>8}{vs:>9}"
               f"   {d['total']} / {d['compute']} / {d['server_update']} / {d['wait_and_transfer']}")
     if args.sync_every > 1:
         print(f"local SGD, averaging every {args.sync_every} steps ({n}x1): "
@@ -128,7 +135,8 @@ def main(argv=None):
                           f"{r['local_sgd_speedup']:.2f}x local 1x1" for r in rows))
     print("where the CPU went, share of all cores over the run: workers / servers / driver / Ray's own / idle")
     for r in rows:
-        for label, key in (("sync", f"ray_{n}x1"), ("async", f"ray_async_{n}x1"), (f"H={args.sync_every}", f"ray_local_sgd_{n}x1")):
+        for label, key in (("sync", f"ray_{n}x1"), ("async", f"ray_async_{n}x1"), ("piped", f"ray_async_pipelined_{n}x1"),
+                           (f"H={args.sync_every}", f"ray_local_sgd_{n}x1")):
             if r.get(key):
                 print(f"{r['model']:<15}{label:<6}{cpu_shares(r[key]['cpu'])}")
     out = Path(args.out)
