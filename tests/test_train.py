@@ -14,7 +14,7 @@ from distnn import ops
 from distnn.cli import main as cli
 from distnn.config import ConfigError, TrainConfig, load_config
 from distnn.models import build_model
-from distnn.parallel import GradientWorker, LocalBackend
+from distnn.parallel import GradientWorker
 from distnn.parallel.specs import DataSpec, OptimizerSpec, ScheduleSpec
 from distnn.train import Trainer, TrainingError, shard_bounds, train
 

@@ -5,13 +5,16 @@ Both expose the same small interface, so the training loop is written once:
 ``get(futures)``, ``put(value)``, ``wait(futures)``, ``kill(handle)``, ``alive(handle)``,
 ``sync_steps(workers, servers, first, n)`` (a run of synchronous steps), and for errors ``cause(error)``
 (the exception behind a backend's wrapper), ``is_failure(error)`` (a process died) and
-``describe(error)`` (one line), ``discard(futures)`` (results no longer wanted). Futures of the
-local backend are values computed on the spot, in call order: the debug mode, usable under pdb. On Ray the workers drive synchronous steps themselves
-(``ray_actors``); the local backend runs the same steps from the driver, in rank order.
+``describe(error)`` (one line), ``discard(futures)`` (results no longer wanted),
+``async_round(...)`` (a round of asynchronous updates). The local backend (``local_backend``) runs
+every call in this process at once; on Ray the workers drive sync steps and async rounds themselves
+(``ray_actors``), where the local backend runs the same worker code from the driver, in rank order.
 """
 from __future__ import annotations
 
 import os
+
+from .local_backend import LocalBackend, describe
 
 
 INLINE_BYTES = 8 << 20
@@ -20,135 +23,6 @@ INLINE_BYTES = 8 << 20
 # 4.4 MB; see ray_actors.py).
 PARAMS_INLINE_BYTES = 1 << 20
 _started_here = {}  # what a cluster started by this process was configured with
-
-
-class LocalFuture:
-    __slots__ = ("value", "error")
-
-    def __init__(self, value=None, error=None):
-        self.value, self.error = value, error
-
-
-class LocalBackend:
-    name = "local"
-    eager = True   # a call runs when it is made: queuing work ahead gains nothing
-
-    def create(self, cls, *args, cpus=1, **kwargs):
-        return cls(*args, **kwargs)
-
-    def call(self, handle, method, *args, num_returns=1, **kwargs):
-        try:  # a failed argument fails the call, as in Ray
-            args = tuple(self._resolve(a) for a in args)
-            value = getattr(handle, method)(*args, **kwargs)
-        except Exception as e:  # delivered at get(), as Ray would
-            err = LocalFuture(error=e)
-            return err if num_returns == 1 else [err] * num_returns
-        if num_returns == 1:
-            return LocalFuture(value)
-        return [LocalFuture(v) for v in value]
-
-    @staticmethod
-    def _resolve(a):
-        if isinstance(a, LocalFuture):
-            if a.error is not None:
-                raise a.error
-            return a.value
-        return a
-
-    def get(self, futures):
-        if isinstance(futures, list):
-            return [self._resolve(f) for f in futures]
-        return self._resolve(futures)
-
-    def put(self, value):
-        return LocalFuture(value)
-
-    def wait(self, futures):
-        """The first future (all are complete) and the rest."""
-        return futures[:1], futures[1:]
-
-    def sync_steps(self, workers, servers, first: int, n: int, bounds=None) -> list:
-        """``n`` synchronous steps from ``first``: each step every worker's ``step`` (its gradient's K
-        parts, or with local SGD its parameter moves at a round's end), then one update per shard
-        from the workers' parts in rank order. Returns one future per worker of its list of step
-        metrics, as the Ray backend's worker-driven steps do."""
-        try:
-            for w in workers:
-                if w.next_step != first:   # a new start, a resume or a recovery
-                    w.receive([s.params.copy() for s in servers])
-            per_worker = [[] for _ in workers]
-            for step in range(first, first + n):
-                outs = [w.step(step, bounds) for w in workers]
-                if outs[0][0] is not None:
-                    parts = [s.apply_mean(*[o[0][i] for o in outs], step=step).copy() for i, s in enumerate(servers)]
-                    for w in workers:
-                        w.receive(parts)
-                for r, (w, (_, metrics)) in enumerate(zip(workers, outs)):
-                    w.next_step = step + 1
-                    per_worker[r].append(metrics)
-        except Exception as e:  # delivered at get(), as Ray would
-            return [LocalFuture(error=e)] * len(workers)
-        return [self.put(m) for m in per_worker]
-
-    def async_round(self, workers, servers, counts, starts, bound=None, fresh=False, bounds=None,
-                    pipelined=False) -> list:
-        """Worker r makes ``counts[r]`` asynchronous updates from ``starts[r]`` (epoch, batch). Here the
-        workers take turns, one update each, each computing at the parameters its own last update
-        returned (so a gradient is ``world - 1`` updates stale, ``world`` more when ``pipelined``; no
-        worker gets ahead by more than one, so ``bound`` never has to hold one back). One future per
-        worker with updates to make."""
-        def push_to(rank):
-            def push(grads, seen, metrics, ahead):
-                replies = [s.push_async(rank, g, seen, metrics if k == 0 else None)
-                           for k, (s, g) in enumerate(zip(servers, grads))]
-                return lambda: ([r[0] for r in replies], replies[0][1])
-            return push
-
-        try:
-            self._take_turns(workers, servers, counts, starts, fresh, bounds, push_to, pipelined)
-        except Exception as e:  # delivered at get(), as Ray would
-            return [LocalFuture(error=e)]
-        return [LocalFuture(counts[r]) for r in range(len(workers)) if counts[r]]
-
-    @staticmethod
-    def _take_turns(workers, servers, counts, starts, fresh, bounds, push_to, pipelined):
-        turns = {}
-        for r, w in enumerate(workers):
-            if counts[r]:
-                if fresh or w.params is None:
-                    snaps = [s.snapshot() for s in servers]
-                    w.params, w.seen = [p for p, _ in snaps], snaps[0][1]
-                turns[r] = w.async_updates(push_to(r), counts[r], *starts[r], bounds=bounds, pipelined=pipelined)
-        while turns:
-            for r in list(turns):
-                try:
-                    next(turns[r])
-                except StopIteration:
-                    del turns[r]
-
-    def cpus(self) -> int:
-        return os.cpu_count() or 1
-
-    def kill(self, handle):
-        pass
-
-    def alive(self, handle) -> bool:
-        return True
-
-    def cause(self, error):
-        return error
-
-    def discard(self, futures) -> None:
-        pass
-
-    def is_failure(self, error) -> bool:
-        return False
-
-    def describe(self, error) -> str:
-        return describe(error)
-
-    def shutdown(self):
-        pass
 
 
 class RayBackend:
@@ -296,12 +170,6 @@ class RayBackend:
     def shutdown(self):
         if self.started:
             self.ray.shutdown()
-
-
-def describe(error) -> str:
-    """One line for an exception: its type and the first line of its message."""
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
 
 
 def make_backend(name: str, address=None, num_cpus=None, runtime_env=None):
