@@ -252,6 +252,20 @@ def test_chaos_async_three_worker_kills_and_a_server_kill(learnable, tmp_path, r
     assert server["steps"] == whole["steps"] and abs(server["final"]["test_accuracy"] - acc) <= 0.05
 
 
+def test_pipelined_async_survives_worker_kills(learnable, tmp_path, ray_backend):
+    """A pipelined worker has two pushes in flight when it dies: the shards' counts say which landed,
+    its replacement computes the rest, and every batch of the run is applied once."""
+    common = dict(dataset="rule", mode="async", staleness=2, pipeline=True, lr=0.01, epochs=2, warmup=0,
+                  model_options={})
+    broken = run_trainer(mlp_config(learnable, tmp_path / "broken", **common), ray_backend,
+                         killer({30: "worker", 120: "worker"}, rng_seed=1))
+    events = broken["recoveries"]
+    assert len(events) == 2 and all(len(e["lost_workers"]) == 1 and not e["lost_servers"] for e in events)
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "broken"))
+    assert broken["steps"] == sum(ckpt["done"]) == ckpt["step"] and len(set(ckpt["done"])) == 1
+    assert broken["final"]["test_accuracy"] > 0.7 and broken["max_worker_lead"] <= 2
+
+
 def test_killed_driver_resumes_from_the_newest_periodic_checkpoint(data_dir, tmp_path):
     args = train_args(data_dir, tmp_path / "run", "--backend", "local", "--checkpoint-every", "10",
                       "--epochs", "6", "--log-every", "1")
