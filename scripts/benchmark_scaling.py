@@ -60,7 +60,8 @@ def run(model, case, data, backend, workers, out, backend_obj=None, mode="sync",
     finally:
         trainer.close()
     samples = summary["steps"] * case["batch_size"] * (1 if mode == "async" else workers)
-    return {"samples_per_s": round(samples / summary["train_seconds"], 1), **summary["per_step_ms"], "cpu": summary["cpu"]}
+    return {"samples_per_s": round(samples / summary["train_seconds"], 1), **summary["per_step_ms"],
+            "cpu": summary["cpu"]}
 
 
 def cpu_shares(cpu: dict) -> str:
@@ -119,7 +120,8 @@ def main(argv=None):
     print(f"CPU: {host['cpu']} x {os.cpu_count()}; BLAS: {host['blas']}  (samples/s)")
     n = args.workers
     print(f"{'model':<15}{'local 1x1':>10}{f'sync {n}x1':>9}{'speedup':>8}{f'async {n}x1':>10}{'a/s':>6}"
-          f"{'pipelined':>10}{'p/s':>6}{'torch':>8}{'vs torch':>9}   sync step ms: total / compute / server / wait+transfer")
+          f"{'pipelined':>10}{'p/s':>6}{'torch':>8}{'vs torch':>9}"
+          "   sync step ms: total / compute / server / wait+transfer")
     for r in rows:
         d, a, p = r[f"ray_{n}x1"], r[f"ray_async_{n}x1"], r[f"ray_async_pipelined_{n}x1"]
         t = r[f"torch_{n}_threads"]
@@ -135,8 +137,8 @@ def main(argv=None):
                           f"{r['local_sgd_speedup']:.2f}x local 1x1" for r in rows))
     print("where the CPU went, share of all cores over the run: workers / servers / driver / Ray's own / idle")
     for r in rows:
-        for label, key in (("sync", f"ray_{n}x1"), ("async", f"ray_async_{n}x1"), ("piped", f"ray_async_pipelined_{n}x1"),
-                           (f"H={args.sync_every}", f"ray_local_sgd_{n}x1")):
+        for label, key in (("sync", f"ray_{n}x1"), ("async", f"ray_async_{n}x1"),
+                           ("piped", f"ray_async_pipelined_{n}x1"), (f"H={args.sync_every}", f"ray_local_sgd_{n}x1")):
             if r.get(key):
                 print(f"{r['model']:<15}{label:<6}{cpu_shares(r[key]['cpu'])}")
     out = Path(args.out)

@@ -76,7 +76,8 @@ def test_chunks_end_where_rounds_end():
 
 @pytest.mark.parametrize("options, message", [
     ({"mode": "async", "sync_every": 4}, "sync_every = 4 applies only with mode = 'sync' and compress = 'none'"),
-    ({"compress": "fp16", "sync_every": 4}, "applies only with mode = 'sync' and compress = 'none'; drop it (here compress = 'fp16')"),
+    ({"compress": "fp16", "sync_every": 4},
+     "applies only with mode = 'sync' and compress = 'none'; drop it (here compress = 'fp16')"),
     ({"sync_every": 4, "checkpoint_every": 10}, "checkpoint_every = 10 must be a multiple of sync_every = 4"),
     ({"sync_every": 0}, "sync_every must be >= 1"),
 ])

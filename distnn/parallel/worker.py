@@ -101,7 +101,8 @@ class GradientWorker:
                                                                          [(0, grads.size)]]
         metrics = {"loss": value, "correct": int((logits.data.argmax(axis=1) == y).sum()), "count": len(y),
                    "rank": self.rank, "step": step, "epoch": epoch, "batch": b,
-                   "compute_s": time.perf_counter() - start, "data_s": data_s, "sent_bytes": sum(p.nbytes for p in parts)}
+                   "compute_s": time.perf_counter() - start, "data_s": data_s,
+                   "sent_bytes": sum(p.nbytes for p in parts)}
         return (*parts, metrics)
 
     def set_local(self, local: LocalSpec) -> None:

@@ -33,14 +33,17 @@ class AsyncLoop:
 
     def launch(self) -> None:
         """Queue rounds while fewer than two are in flight and none ahead ends at a checkpoint."""
-        while len(self.inflight) < 2 and not self.t.stop_requested and not (self.inflight and self.inflight[-1][0].rest):
+        while len(self.inflight) < 2 and not self.t.stop_requested:
+            if self.inflight and self.inflight[-1][0].rest:
+                return
             rnd = self.rounds.next_round()
             if rnd is None:
                 return
-            self.inflight.append((rnd, self._start(rnd, range(self.fleet.world), rnd.counts, rnd.starts)))
+            self.inflight.append((rnd, self._start(range(self.fleet.world), rnd.counts, rnd.starts)))
             self.fresh = False
 
-    def _start(self, rnd, ranks, counts, starts, fresh=None) -> dict:
+    def _start(self, ranks, counts, starts, fresh=None) -> dict:
+        """Start ``counts[r]`` updates from ``starts[r]`` on each worker r of ``ranks``; {rank: future}."""
         fleet, c = self.fleet, self.t.config
         ranks = [r for r in ranks if counts[r]]
         workers = [fleet.workers[r] for r in ranks]
@@ -122,7 +125,7 @@ class AsyncLoop:
                 count = rnd.done[r] - max(first, begin)
                 if count > 0:
                     starts = {r: divmod(max(first, begin), self.t.length.steps_per_epoch)}
-                    futures.update(self._start(rnd, [r], {r: count}, starts, fresh=True))
+                    futures.update(self._start([r], {r: count}, starts, fresh=True))
 
 
 def run_async(t) -> None:
