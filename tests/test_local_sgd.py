@@ -43,6 +43,9 @@ def test_local_and_ray_bit_identical(data_dir, tmp_path, ray_backend):
     _, p_every = run(config(data_dir, tmp_path / "every", sync_every=1))
     assert np.array_equal(p_local, p_ray) and not np.allclose(p_local, p_every)
     assert s_local["steps"] == s_ray["steps"] == 2 * 8               # 8 steps per epoch (256 / 32)
+    # Ray's worker-driven steps split their wait: the last worker's push, and the others' wait for it
+    assert s_ray["per_step_ms"]["push_round_trip"] > 0 and s_ray["per_step_ms"]["barrier"] >= 0
+    assert "push_round_trip" not in s_local["per_step_ms"]
 
 
 def test_one_worker_local_sgd_is_plain_training(data_dir, tmp_path):

@@ -143,7 +143,9 @@ class GradientWorker:
         for step in range(first_step, first_step + steps):
             parts, metrics = self.step(step, bounds)
             if parts is not None:
+                sent = time.perf_counter()
                 self.receive(push(parts, step))
+                metrics["push_s"] = time.perf_counter() - sent   # the round trip, and the wait for the others
             self.next_step = step + 1
             out.append(metrics)
         return out

@@ -3,7 +3,9 @@ console lines and ``summary.json``.
 
 Timing: ``train_seconds`` is the wall time of the training loop less the time spent in evaluations
 and recoveries (``paused``); per-step figures divide it by the steps run (redone steps included),
-so compute + server + wait always add up to the total.
+so compute + server + wait always add up to the total. Worker-driven sync steps (Ray) also split the
+wait, per push: ``push_round_trip`` (the last worker's push: transfer, update, reply) and
+``barrier`` (how much longer the first worker waited for it).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class RunReport:
         self.sent_bytes = 0                 # gradient bytes the workers sent (compressed)
         self.compute_seconds = 0.0
         self.paused_seconds = 0.0
+        self.pushes = [0, 0.0, 0.0]         # worker-driven sync steps: count, shortest push, longest - shortest
 
     def start(self, step: int) -> None:
         self.started = time.perf_counter()
@@ -65,6 +68,11 @@ class RunReport:
         self.steps_run += 1
         self.sent_bytes += sum(m.get("sent_bytes", 0) for m in metrics_list)
         self.compute_seconds += compute
+        pushes = [m["push_s"] for m in metrics_list if "push_s" in m]
+        if len(pushes) == len(metrics_list) > 1:
+            self.pushes[0] += 1
+            self.pushes[1] += min(pushes)
+            self.pushes[2] += max(pushes) - min(pushes)
         if staleness is not None:
             self.staleness.append(staleness)
         self.bar.update(1)
@@ -101,6 +109,10 @@ class RunReport:
             ms = {"total": train, "compute": self.compute_seconds, "server_update": server_seconds}
             ms["wait_and_transfer"] = max(0.0, train - self.compute_seconds - server_seconds)
             summary["per_step_ms"] = {k: round(1e3 * v / self.steps_run, 2) for k, v in ms.items()}
+            if self.pushes[0]:   # the wait split: the last worker's push (round trip) and the others' wait for it
+                n = self.pushes[0]
+                summary["per_step_ms"].update(push_round_trip=round(1e3 * self.pushes[1] / n, 2),
+                                              barrier=round(1e3 * self.pushes[2] / n, 2))
             summary["bytes_per_step"] = {"gradients_to_servers": round(self.sent_bytes / self.steps_run),
                                          "parameters_to_workers": params_bytes}
         if cpu is not None:
