@@ -82,7 +82,8 @@ class LocalBackend:
         worker with updates to make."""
         def push_to(rank):
             def push(grads, seen, metrics, ahead):
-                replies = [s.push_async(rank, g, seen, metrics if k == 0 else None)
+                # applied at once: nothing of this worker's is in flight when it computes again
+                replies = [s.push_async(rank, g, seen, metrics if k == 0 else None, None, None if ahead is None else 0)
                            for k, (s, g) in enumerate(zip(servers, grads))]
                 return lambda: ([r[0] for r in replies], replies[0][1])
             return push
