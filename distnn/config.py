@@ -116,34 +116,31 @@ class TrainConfig:
         return self
 
     def _check_applies(self):
-        """Options set where they would be ignored."""
-        rules = [("staleness", self.staleness is not None, self.mode == "async", "mode = 'async'"),
-                 ("pipeline", self.pipeline, self.mode == "async" and self.staleness != 0,
-                  "mode = 'async' and a staleness bound of at least 1"),
-                 ("momentum", self.momentum is not None, self.optimizer in MOMENTUM_OPTIMIZERS,
-                  "optimizer = 'momentum' or 'nesterov'"),
-                 ("scale_lr", self.scale_lr, self.mode == "sync", "mode = 'sync'"),
-                 ("sync_every", self.sync_every != 1, self.mode == "sync" and self.compress == "none",
-                  "mode = 'sync' and compress = 'none'"),
-                 ("address", self.address is not None, self.backend == "ray", "backend = 'ray'"),
-                 ("augment_pad", self.augment_pad is not None, self.augment != "none",
-                  "augment = 'crop' or 'crop+flip'")]
-        for name, given, applies, needs in rules:
-            if given and not applies:
-                raise ConfigError(f"{name} = {getattr(self, name)!r} applies only with {needs}; drop it "
-                                  f"(here {self._context(name)})")
+        """Options set where they would be ignored, named with the setting that rules them out."""
+        async_, sync = self.mode == "async", self.mode == "sync"
+        # (option, given, what it needs: [(condition, its wording, the setting named when it fails)])
+        rules = [("staleness", self.staleness is not None, [(async_, "mode = 'async'", "mode")]),
+                 ("pipeline", self.pipeline, [(async_, "mode = 'async'", "mode"),
+                                              (self.staleness != 0, "a staleness bound of at least 1", "staleness")]),
+                 ("momentum", self.momentum is not None,
+                  [(self.optimizer in MOMENTUM_OPTIMIZERS, "optimizer = 'momentum' or 'nesterov'", "optimizer")]),
+                 ("scale_lr", self.scale_lr, [(sync, "mode = 'sync'", "mode")]),
+                 ("sync_every", self.sync_every != 1, [(sync, "mode = 'sync'", "mode"),
+                                                       (self.compress == "none", "compress = 'none'", "compress")]),
+                 ("address", self.address is not None, [(self.backend == "ray", "backend = 'ray'", "backend")]),
+                 ("augment_pad", self.augment_pad is not None,
+                  [(self.augment != "none", "augment = 'crop' or 'crop+flip'", "augment")])]
+        for name, given, needs in rules:
+            failed = [key for ok, _, key in needs if not ok]
+            if given and failed:
+                raise ConfigError(f"{name} = {getattr(self, name)!r} applies only with "
+                                  f"{' and '.join(words for _, words, _ in needs)}; drop it "
+                                  f"(here {failed[0]} = {getattr(self, failed[0])!r})")
         if self.sync_every > 1 and self.checkpoint_every % self.sync_every:
             raise ConfigError(f"checkpoint_every = {self.checkpoint_every} must be a multiple of sync_every = "
                               f"{self.sync_every} (a checkpoint is taken where the workers' parameters agree)")
         if self.momentum is not None and not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
-
-    def _context(self, name):
-        key = {"staleness": "mode", "pipeline": "staleness" if self.mode == "async" else "mode", "momentum": "optimizer", "scale_lr": "mode", "address": "backend",
-               "augment_pad": "augment", "sync_every": "mode"}[name]
-        if name == "sync_every" and self.mode == "sync":
-            key = "compress"
-        return f"{key} = {getattr(self, key)!r}"
 
     @property
     def model_name(self) -> str:

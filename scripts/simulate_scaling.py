@@ -94,10 +94,10 @@ def run_async(backend, workers, servers, size, seconds, compute_ms, staleness=4)
     n = len(workers)
     bounds = shard_bounds(size, len(servers)) if len(servers) > 1 else None
     each = max(2, int(seconds * 1e3 / compute_ms))
-    backend.get(backend.async_round(workers, servers, [1] * n, [(0, 0)] * n, staleness, True, bounds))  # warm up
+    backend.get(backend.async_round(workers, servers, [1] * n, [(0, 0)] * n, staleness, bounds))  # warm up
     cpu = backend.get([backend.call(s, "cpu_seconds") for s in servers])
     t = time.perf_counter()
-    backend.get(backend.async_round(workers, servers, [each] * n, [(0, 1)] * n, staleness, False, bounds))
+    backend.get(backend.async_round(workers, servers, [each] * n, [(0, 1)] * n, staleness, bounds))
     wall = time.perf_counter() - t
     backend.get([backend.call(s, "take_applied") for s in servers])
     return n * each / wall, busy(backend, servers, cpu, wall)

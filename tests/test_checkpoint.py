@@ -164,12 +164,6 @@ def run_with_kill(config, backend, victim, at_step=22):
 
 
 @pytest.fixture(scope="module")
-def ray_backend():
-    from distnn.parallel import RayBackend
-    return RayBackend(num_cpus=4)
-
-
-@pytest.fixture(scope="module")
 def reference(mnist_dir, tmp_path_factory, ray_backend):
     out = tmp_path_factory.mktemp("ref") / "run"
     summary = uninterrupted(mlp_cfg(mnist_dir, out), ray_backend)

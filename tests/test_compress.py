@@ -45,12 +45,6 @@ def data_dir(tmp_path_factory):
     return prepared_mnist(tmp_path_factory.mktemp("compress-data"), n_train=512, n_test=64, seed=9, shards=2)
 
 
-@pytest.fixture(scope="module")
-def ray_backend():
-    from distnn.parallel import RayBackend
-    return RayBackend(num_cpus=4)
-
-
 def run(data_dir, out, handle=None, **kw):
     base = dict(model="mlp", data=str(data_dir), workers=2, batch_size=32, epochs=1, backend="local", out=str(out),
                 log_every=4, seed=3, servers=2, model_options={"hidden": [32]})

@@ -183,12 +183,6 @@ def test_killed_worker_console_says_one_line(data_dir, tmp_path):
     assert same(final_state(tmp_path / "whole"), final_state(tmp_path / "run"))
 
 
-@pytest.fixture(scope="module")
-def ray_backend():
-    from distnn.parallel import RayBackend
-    return RayBackend(num_cpus=4)
-
-
 def killer(schedule, rng_seed=0):
     """An on_step hook that SIGKILLs, at each step of ``schedule`` (step -> 'worker' | 'server'), a worker
     (a random rank) or a server; a step redone after a recovery is not killed twice."""

@@ -16,12 +16,6 @@ def data_dir(tmp_path_factory):
     return prepared_mnist(tmp_path_factory.mktemp("local-sgd"), n_train=512, n_test=64, seed=4, shards=2)
 
 
-@pytest.fixture(scope="module")
-def ray_backend():
-    from distnn.parallel import RayBackend
-    return RayBackend(num_cpus=4)
-
-
 def config(data_dir, out, **kw):
     base = dict(model="mlp", data=str(data_dir), workers=2, batch_size=32, epochs=2, backend="local", out=str(out),
                 log_every=3, seed=3, sync_every=3, warmup=2, model_options={"hidden": [32]})

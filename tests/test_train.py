@@ -26,14 +26,6 @@ def data_dir(tmp_path_factory):
     return prepared_mnist(tmp_path_factory.mktemp("train-data"), n_train=512, n_test=128, seed=4, shards=4)
 
 
-@pytest.fixture(scope="session")
-def ray_backend():
-    from distnn.parallel import RayBackend
-    backend = RayBackend(num_cpus=4)
-    yield backend
-    backend.ray.shutdown()
-
-
 def config(data_dir, tmp_path, **kw):
     base = dict(model="mlp", data=str(data_dir), workers=2, batch_size=32, epochs=1, backend="local",
                 out=str(tmp_path / "run"), log_every=2, seed=3)

@@ -99,11 +99,10 @@ class RayBackend:
         """Worker-driven steps (``WorkerActor.run_sync``): one future per worker of its step metrics."""
         return [self.call(w, "run_sync", servers, first, n, bounds) for w in workers]
 
-    def async_round(self, workers, servers, counts, starts, bound=None, fresh=False, bounds=None,
-                    pipelined=False) -> list:
+    def async_round(self, workers, servers, counts, starts, bound=None, bounds=None, pipelined=False) -> list:
         """Worker-driven asynchronous updates (``WorkerActor.run_async``): one future per worker with
         updates to make."""
-        return [self.call(w, "run_async", servers, counts[r], *starts[r], bound, fresh, bounds, pipelined)
+        return [self.call(w, "run_async", servers, counts[r], *starts[r], bound, bounds, pipelined)
                 for r, w in enumerate(workers) if counts[r]]
 
     def get(self, futures):

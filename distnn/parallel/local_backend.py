@@ -56,14 +56,16 @@ class LocalBackend:
         from the workers' parts in rank order. Returns one future per worker of its list of step
         metrics, as the Ray backend's worker-driven steps do."""
         try:
+            # The workers hold the shards' own arrays, not copies: every worker has computed from them
+            # (and local SGD has copied them) before the next update changes them.
             for w in workers:
                 if w.next_step != first:   # a new start, a resume or a recovery
-                    w.receive([s.params.copy() for s in servers])
+                    w.receive([s.params for s in servers])
             per_worker = [[] for _ in workers]
             for step in range(first, first + n):
                 outs = [w.step(step, bounds) for w in workers]
                 if outs[0][0] is not None:
-                    parts = [s.apply_mean(*[o[0][i] for o in outs], step=step).copy() for i, s in enumerate(servers)]
+                    parts = [s.apply_mean(*[o[0][i] for o in outs], step=step) for i, s in enumerate(servers)]
                     for w in workers:
                         w.receive(parts)
                 for r, (w, (_, metrics)) in enumerate(zip(workers, outs)):
@@ -73,8 +75,7 @@ class LocalBackend:
             return [LocalFuture(error=e)] * len(workers)
         return [self.put(m) for m in per_worker]
 
-    def async_round(self, workers, servers, counts, starts, bound=None, fresh=False, bounds=None,
-                    pipelined=False) -> list:
+    def async_round(self, workers, servers, counts, starts, bound=None, bounds=None, pipelined=False) -> list:
         """Worker r makes ``counts[r]`` asynchronous updates from ``starts[r]`` (epoch, batch). Here the
         workers take turns, one update each, each computing at the parameters its own last update
         returned (so a gradient is ``world - 1`` updates stale, ``world`` more when ``pipelined``; no
@@ -89,19 +90,19 @@ class LocalBackend:
             return push
 
         try:
-            self._take_turns(workers, servers, counts, starts, fresh, bounds, push_to, pipelined)
+            self._take_turns(workers, servers, counts, starts, bounds, push_to, pipelined)
         except Exception as e:  # delivered at get(), as Ray would
-            return [LocalFuture(error=e)]
-        return [LocalFuture(counts[r]) for r in range(len(workers)) if counts[r]]
+            return [LocalFuture(error=e) for c in counts if c]
+        return [LocalFuture(c) for c in counts if c]
 
     @staticmethod
-    def _take_turns(workers, servers, counts, starts, fresh, bounds, push_to, pipelined):
+    def _take_turns(workers, servers, counts, starts, bounds, push_to, pipelined):
         turns = {}
         for r, w in enumerate(workers):
             if counts[r]:
-                if fresh or w.params is None:
+                if w.params is None:   # a new worker: from the shards' current parameters
                     snaps = [s.snapshot() for s in servers]
-                    w.params, w.seen = [p for p, _ in snaps], snaps[0][1]
+                    w.receive([p for p, _ in snaps], snaps[0][1])
                 turns[r] = w.async_updates(push_to(r), counts[r], *starts[r], bounds=bounds, pipelined=pipelined)
         while turns:
             for r in list(turns):
@@ -133,7 +134,6 @@ class LocalBackend:
 
     def shutdown(self):
         pass
-
 
 
 def describe(error) -> str:

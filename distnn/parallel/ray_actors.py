@@ -99,11 +99,11 @@ class WorkerActor(ProcessInfo, GradientWorker):
             self.receive(_fetch([s.published.remote() for s in servers]))
         return self.run_steps(push, first_step, steps, bounds)
 
-    def run_async(self, servers: list, count: int, epoch: int, batch: int, bound=None, fresh=False,
-                  bounds=None, pipelined=False) -> int:
+    def run_async(self, servers: list, count: int, epoch: int, batch: int, bound=None, bounds=None,
+                  pipelined=False) -> int:
         """``count`` asynchronous updates from batch ``batch`` of ``epoch``, each pushed straight to
         the shard actors ``servers`` (shard 0 keeps the metrics), ``pipelined`` or not
-        (``async_updates``); ``fresh``: start from the shards' current parameters. Returns ``count``."""
+        (``async_updates``). Returns ``count``."""
         def push(grads, seen, metrics, ahead):
             refs = [s.push_async.remote(self.rank, g, seen, metrics if k == 0 else None, bound, ahead)
                     for k, (s, g) in enumerate(zip(servers, grads))]
@@ -113,9 +113,9 @@ class WorkerActor(ProcessInfo, GradientWorker):
                 return _fetch_parts([r[0] for r in replies]), replies[0][1]
             return reply
 
-        if fresh or self.params is None:
+        if self.params is None:   # a new process: from the shards' current parameters
             replies = ray.get([s.snapshot.remote() for s in servers])
-            self.params, self.seen = _fetch_parts([r[0] for r in replies]), replies[0][1]
+            self.receive(_fetch_parts([r[0] for r in replies]), replies[0][1])
         # the round's first batch (and with pipelining its second) is computed before any reply
         ray.get(servers[0].turn.remote(self.rank, bound, 1 if pipelined and count > 1 else 0))
         for _ in self.async_updates(push, count, epoch, batch, bounds, pipelined):

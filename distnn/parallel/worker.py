@@ -111,9 +111,12 @@ class GradientWorker:
         self.local_opt = local.optimizer.make(self.model.flat_params.size, self.model.decay_mask())
         self._local_lr = local.schedule.make()
 
-    def receive(self, param_parts) -> None:
-        """The parameters after an update (K parts); local SGD starts its next round from them."""
+    def receive(self, param_parts, version: int | None = None) -> None:
+        """The parameters after an update (K parts; ``version``: their update count, which async
+        staleness is measured from); local SGD starts its next round from them."""
         self.params = list(param_parts)
+        if version is not None:
+            self.seen = version
         if self.local is not None:
             joined = self.params[0] if len(self.params) == 1 else np.concatenate(self.params)
             self.round_start = np.array(joined, np.float32, copy=True)
@@ -153,7 +156,7 @@ class GradientWorker:
     def async_updates(self, push, count: int, epoch: int, batch: int, bounds=None, pipelined=False):
         """``count`` asynchronous updates from batch ``batch`` of ``epoch``, a generator that yields
         after each: compute the gradient at the newest parameters this worker holds (``self.params``,
-        of update ``self.seen``), then ``push(grad_parts, seen, metrics, ahead)`` applies it and
+        of update ``self.seen``; a new worker is first given the shards' current ones), then ``push(grad_parts, seen, metrics, ahead)`` applies it and
         returns a function that waits for the reply: (parameter parts, their update count). ``ahead``
         is None for a gradient after which no batch of this round is computed, else the gradients
         still in flight when the next one is (see ``ParameterServer.push_async``).
@@ -171,10 +174,10 @@ class GradientWorker:
             follows = i + 1 + lag < count   # a batch is computed once this gradient's reply is in
             replies.append(push(grads, self.seen, metrics, lag if follows else None))
             if len(replies) > lag:
-                self.params, self.seen = replies.pop(0)()
+                self.receive(*replies.pop(0)())
             yield
         for reply in replies:
-            self.params, self.seen = reply()
+            self.receive(*reply())
 
     def model_source(self) -> str | None:
         """The file this process built a user's model from (None for zoo and layer-list models)."""

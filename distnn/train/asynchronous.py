@@ -28,7 +28,6 @@ class AsyncLoop:
         c = self.t.config
         self.rounds = AsyncRounds(self.t.length, done, c.log_every, c.checkpoint_every)
         self.inflight = deque()    # (round, {rank: future})
-        self.fresh = True          # the workers start from the shards' parameters
         self.fleet.call_servers("set_counts", list(done))
 
     def launch(self) -> None:
@@ -40,16 +39,15 @@ class AsyncLoop:
             if rnd is None:
                 return
             self.inflight.append((rnd, self._start(range(self.fleet.world), rnd.counts, rnd.starts)))
-            self.fresh = False
 
-    def _start(self, ranks, counts, starts, fresh=None) -> dict:
-        """Start ``counts[r]`` updates from ``starts[r]`` on each worker r of ``ranks``; {rank: future}."""
+    def _start(self, ranks, counts, starts) -> dict:
+        """Start ``counts[r]`` updates from ``starts[r]`` on each worker r of ``ranks``; {rank: future}.
+        (A new worker process starts from the shards' current parameters.)"""
         fleet, c = self.fleet, self.t.config
         ranks = [r for r in ranks if counts[r]]
         workers = [fleet.workers[r] for r in ranks]
         futures = fleet.backend.async_round(workers, fleet.servers, [counts[r] for r in ranks],
-                                            [starts[r] for r in ranks], c.staleness,
-                                            self.fresh if fresh is None else fresh, fleet.shard_bounds, c.pipeline)
+                                            [starts[r] for r in ranks], c.staleness, fleet.shard_bounds, c.pipeline)
         return dict(zip(ranks, futures))
 
     def run(self) -> None:
@@ -125,7 +123,7 @@ class AsyncLoop:
                 count = rnd.done[r] - max(first, begin)
                 if count > 0:
                     starts = {r: divmod(max(first, begin), self.t.length.steps_per_epoch)}
-                    futures.update(self._start([r], {r: count}, starts, fresh=True))
+                    futures.update(self._start([r], {r: count}, starts))
 
 
 def run_async(t) -> None:
