@@ -1,4 +1,7 @@
+import functools
+import http.server
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,3 +17,33 @@ def ray_backend():
     backend = RayBackend(num_cpus=4)
     yield backend
     backend.ray.shutdown()
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A file server on loopback serving tmp_path/www (with Range requests): (root, its URL)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(_RangeHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+class _RangeHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        rng = self.headers.get("Range")
+        path = Path(self.translate_path(self.path))
+        if not rng or not path.is_file():
+            return super().do_GET()
+        start = int(rng.split("=")[1].split("-")[0])
+        data = path.read_bytes()[start:]
+        self.send_response(206)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)

@@ -1,14 +1,11 @@
 """Preparation and reading of HDF5 shards, on generated files in the real formats."""
-import functools
 import gzip
-import http.server
 import json
 import os
 import pickle
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import h5py
@@ -235,35 +232,6 @@ p.prepare("mnist", out={str(tmp_path / 'ds')!r}, source={str(tmp_path / 'raw')!r
 
 
 # -- downloads ------------------------------------------------------------------------------------
-
-@pytest.fixture
-def http_server(tmp_path):
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = functools.partial(_RangeHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-
-
-class _RangeHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        rng = self.headers.get("Range")
-        path = Path(self.translate_path(self.path))
-        if not rng or not path.is_file():
-            return super().do_GET()
-        start = int(rng.split("=")[1].split("-")[0])
-        data = path.read_bytes()[start:]
-        self.send_response(206)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
 
 def test_download_from_second_mirror_with_resume(tmp_path, http_server):
     www, url = http_server

@@ -14,6 +14,7 @@ from distnn.config import FIELDS, ConfigError, TrainConfig, load_config
 from distnn.parallel import GradientWorker, LocalBackend
 from distnn.parallel.specs import DataSpec
 from distnn.train import Trainer, TrainingError
+from distnn.train import setup
 from distnn.train.fleet import Fleet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,18 +130,29 @@ class FailingBackend(LocalBackend):
 def test_fleet_that_fails_half_way_closes_what_it_started(tmp_path):
     data = prepared_mnist(tmp_path, n_train=64, n_test=16, seed=1, shards=1)
     backend = FailingBackend(fail_at=2)
+    plan = setup.plan(TrainConfig(model="mlp", data=str(data), workers=3, batch_size=8, backend="local",
+                                  out=str(tmp_path / "run")).validate(), cpus=3, log=lambda *a: None, progress=False)
     with pytest.raises(RuntimeError, match="no room"):
-        Fleet(backend, {"model": "mlp", "num_classes": 10}, DataSpec(str(data / "mnist"), 8), world=3,
-              owns_backend=True)
+        Fleet(backend, plan, owns_backend=True)
     assert len(backend.created) == 2 and backend.killed == backend.created and backend.shut
 
 
-def test_trainer_that_cannot_start_leaks_nothing(tmp_path):
+def test_trainer_that_cannot_plan_starts_nothing(tmp_path):
     data = prepared_mnist(tmp_path, n_train=64, n_test=16, seed=1, shards=1)
     backend = FailingBackend(fail_at=99)
     cfg = TrainConfig(model="mlp", data=str(data), workers=2, batch_size=512, backend="local",
                       out=str(tmp_path / "run")).validate()
     with pytest.raises(TrainingError, match="batch size 512 is larger"):
+        Trainer(cfg, backend=backend, log=lambda *a: None, progress=False)
+    assert backend.created == [] and not backend.shut
+
+
+def test_trainer_that_cannot_start_leaks_nothing(tmp_path):
+    data = prepared_mnist(tmp_path, n_train=64, n_test=16, seed=1, shards=1)
+    backend = FailingBackend(fail_at=2)     # the two workers start, the server shard cannot
+    cfg = TrainConfig(model="mlp", data=str(data), workers=2, batch_size=8, backend="local",
+                      out=str(tmp_path / "run")).validate()
+    with pytest.raises(RuntimeError, match="no room"):
         Trainer(cfg, backend=backend, log=lambda *a: None, progress=False)
     assert len(backend.created) == 2 and backend.killed == backend.created
     assert not backend.shut           # a backend passed in belongs to the caller

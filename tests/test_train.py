@@ -1,5 +1,6 @@
 """Data-parallel training: backends agree bit for bit, gradients average right, staleness is bounded,
 sharding changes nothing, a two-node cluster trains, the CLI runs end to end, bad input is named."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from datagen import prepared_mnist
 from distnn import ops
 from distnn.cli import main as cli
 from distnn.config import ConfigError, TrainConfig, load_config
+from distnn.data import DataError, sources
 from distnn.models import build_model
 from distnn.parallel import GradientWorker
 from distnn.parallel.specs import DataSpec, OptimizerSpec, ScheduleSpec
@@ -187,8 +189,10 @@ def test_cli_config_error_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "lr must be a number" in err
 
 
-def test_dataset_not_prepared_names_command(tmp_path):
-    with pytest.raises(TrainingError, match="scripts/prepare_data.py mnist"):
+def test_dataset_not_prepared_and_not_downloadable_names_the_fix(tmp_path, http_server, monkeypatch):
+    _, url = http_server     # serves nothing: every mirror answers 404
+    monkeypatch.setitem(sources.SOURCES, "mnist", dataclasses.replace(sources.SOURCES["mnist"], mirrors=[url]))
+    with pytest.raises(DataError, match="could not download .* pass its folder with --source"):
         Trainer(config(tmp_path / "empty", tmp_path), log=lambda *a: None, progress=False)
 
 

@@ -16,6 +16,7 @@ from ..data import Loader, open_dataset
 from ..models import build_model, builders, evaluate
 from ..nn import Dropout
 from .compress import Compressor
+from .local_sgd import LocalRounds
 from .specs import DataSpec, LocalSpec
 
 
@@ -47,7 +48,7 @@ class GradientWorker:
                                   labels=data.labels, shuffle=False, augment=False)
         self._dropouts = [m for _, m in self.model.named_modules() if isinstance(m, Dropout)]
         self.compressor = None if compress == "none" else Compressor(compress, self.model.flat_params.size)
-        self.local = self.local_opt = None   # local SGD (set_local)
+        self.local = None   # local SGD (set_local): LocalRounds
         self._batches = None
         self.position = (0, 0)  # (epoch, next batch index)
         self.params, self.next_step = None, None  # worker-driven sync steps: where they go on from
@@ -107,9 +108,7 @@ class GradientWorker:
 
     def set_local(self, local: LocalSpec) -> None:
         """Take ``local.every`` steps with an optimizer of this worker's own between averagings."""
-        self.local = local
-        self.local_opt = local.optimizer.make(self.model.flat_params.size, self.model.decay_mask())
-        self._local_lr = local.schedule.make()
+        self.local = LocalRounds(local, self.model.flat_params.size, self.model.decay_mask())
 
     def receive(self, param_parts, version: int | None = None) -> None:
         """The parameters after an update (K parts; ``version``: their update count, which async
@@ -118,9 +117,7 @@ class GradientWorker:
         if version is not None:
             self.seen = version
         if self.local is not None:
-            joined = self.params[0] if len(self.params) == 1 else np.concatenate(self.params)
-            self.round_start = np.array(joined, np.float32, copy=True)
-            self.local_params = self.round_start.copy()
+            self.local.begin(self.params[0] if len(self.params) == 1 else np.concatenate(self.params))
 
     def step(self, step: int, bounds=None):
         """One synchronous step from the parameters held: (what to send the shards, or None when a
@@ -129,13 +126,8 @@ class GradientWorker:
         if self.local is None:
             *grads, metrics = self.compute(*self.params, step=step, bounds=bounds)
             return grads, metrics
-        grad, metrics = self.compute(self.local_params, step=step)
-        with np.errstate(all="ignore"):  # a divergence shows as a non-finite loss at the next step
-            self.local_opt.step(self.local_params, grad, lr=self.local.optimizer.lr * self._local_lr(step))
-        if not self.local.round_ends(step):
-            return None, metrics
-        moved = self.round_start - self.local_params
-        return [moved[lo:hi] for lo, hi in bounds or [(0, moved.size)]], metrics
+        grad, metrics = self.compute(self.local.params, step=step)
+        return self.local.step(grad, step, bounds), metrics
 
     def run_steps(self, push, first_step: int, steps: int, bounds=None) -> list:
         """Synchronous steps driven by this worker, from the parameter parts it holds (``receive``):
@@ -189,21 +181,13 @@ class GradientWorker:
         optimizer's slots and step count (local SGD); None when it carries nothing."""
         if self.compressor is not None:
             return self.compressor.residual.astype(np.float64)
-        if self.local_opt is not None:
-            state = self.local_opt.state_dict()
-            return np.concatenate([np.ravel(state[k]).astype(np.float64) for k in sorted(state)])
-        return None
+        return None if self.local is None else self.local.state()
 
     def set_local_state(self, vector: np.ndarray) -> None:
         if self.compressor is not None:
             self.compressor.residual[...] = vector
-            return
-        state, at = self.local_opt.state_dict(), 0
-        for k in sorted(state):
-            n = np.size(state[k])
-            state[k] = vector[at:at + n].reshape(np.shape(state[k]))
-            at += n
-        self.local_opt.load_state_dict(state)
+        else:
+            self.local.load_state(vector)
 
     def buffers(self) -> np.ndarray:
         """Batch-norm running statistics (flat; empty when the model has none)."""

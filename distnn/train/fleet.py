@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..parallel import GradientWorker, ParameterServer
-from ..parallel.specs import DataSpec, OptimizerSpec, ScheduleSpec
 
 
 def shard_bounds(size: int, k: int) -> list[tuple[int, int]]:
@@ -20,20 +19,21 @@ def shard_bounds(size: int, k: int) -> list[tuple[int, int]]:
 
 
 class Fleet:
-    def __init__(self, backend, spec: dict, data: DataSpec, world: int, threads: int = 1, owns_backend=False,
-                 compress: str = "none"):
-        """Start the workers and read their data; ``steps_per_epoch`` is the smallest worker's count
-        of batches. ``owns_backend``: ``close`` shuts the backend down too. ``compress``: how the
-        workers send gradients (``parallel.compress``)."""
-        self.backend, self.spec, self.data, self.compress = backend, spec, data, compress
-        self.world, self.threads, self.owns_backend = world, threads, owns_backend
+    def __init__(self, backend, plan, owns_backend=False):
+        """Start the ``plan.world`` workers of a ``setup.RunPlan`` and read their data. ``owns_backend``:
+        ``close`` shuts the backend down too."""
+        self.backend, self.plan, self.owns_backend = backend, plan, owns_backend
+        self.spec, self.data, self.world, self.local = plan.spec, plan.data, plan.world, plan.local
+        self.threads, self.compress = plan.config.threads, plan.config.compress
         self.workers, self.servers, self.bounds = [], [], []
-        self.local = None   # local SGD (set_local)
         self.pending = []   # futures of sync steps handed out and not yet collected
         try:
-            for rank in range(world):
+            for rank in range(self.world):
                 self.workers.append(self._new_worker(rank))
-            self.steps_per_epoch = min(self.call_workers("ready"))
+            batches = self.call_workers("ready")
+            if min(batches) != plan.length.steps_per_epoch:   # the plan and the workers read one manifest
+                raise RuntimeError(f"workers read {batches} batches per epoch; the plan counted "
+                                   f"{plan.length.steps_per_epoch}")
         except BaseException:
             self.close()
             raise
@@ -45,19 +45,17 @@ class Fleet:
             self.get(self.backend.call(worker, "set_local", self.local))
         return worker
 
-    def start_servers(self, params: np.ndarray, decay_mask: np.ndarray, optimizer: OptimizerSpec,
-                      schedule: ScheduleSpec, k: int = 1) -> None:
-        """K shards, each given its slice of ``params`` (P,) and of ``decay_mask`` (P,); with local SGD
-        (``set_local`` first) they average the workers' parameter moves."""
-        self.bounds = shard_bounds(params.size, k)
-        self._server_args = (decay_mask, optimizer, schedule)
+    def start_servers(self, params: np.ndarray, decay_mask: np.ndarray) -> None:
+        """The plan's ``servers`` shards, each given its slice of ``params`` (P,) and of ``decay_mask``
+        (P,); with local SGD they average the workers' parameter moves."""
+        self.bounds = shard_bounds(params.size, self.plan.config.servers)
+        self._mask = decay_mask
         self.servers = [self._new_server(i, params[lo:hi]) for i, (lo, hi) in enumerate(self.bounds)]
 
     def _new_server(self, k, params):
-        mask, optimizer, schedule = self._server_args
         lo, hi = self.bounds[k]
-        return self.backend.create(ParameterServer, params, optimizer, schedule, mask[lo:hi], world=self.world,
-                                   average=self.local is not None, cpus=0)
+        return self.backend.create(ParameterServer, params, self.plan.optimizer, self.plan.schedule,
+                                   self._mask[lo:hi], world=self.world, average=self.local is not None, cpus=0)
 
     @property
     def shard_bounds(self):
@@ -132,11 +130,6 @@ class Fleet:
     def set_worker_states(self, rows) -> None:
         if rows is not None and (self.compress != "none" or self.local is not None):
             self.get([self.backend.call(w, "set_local_state", r) for w, r in zip(self.workers, rows)])
-
-    def set_local(self, local) -> None:
-        """Local SGD (``parallel.specs.LocalSpec``) on every worker, and on every replacement."""
-        self.local = local
-        self.call_workers("set_local", local)
 
     def set_worker_buffers(self, rows) -> None:
         self.get([self.backend.call(w, "set_buffers", b) for w, b in zip(self.workers, rows)])

@@ -1,17 +1,82 @@
-"""From a TrainConfig to what a run starts with: the prepared dataset, the model spec, the worker
-and server specs, the number of workers and the run folder."""
+"""From a TrainConfig and the cluster's CPUs to one ``RunPlan``: what a run starts with (the
+prepared dataset, the model spec, the number of workers, the run folder, the worker / optimizer /
+schedule / local SGD specs and the run's length). A fresh run, a resumed one, a change of membership
+and a search trial all start from a plan; it is plain data, made without any process of the run."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from .._io import atomic_write_text
 from ..config import TrainConfig
-from ..data import SOURCES, ShardedDataset, prepare
+from ..data import SOURCES, Loader, ShardedDataset, open_dataset, prepare
 from ..data.dataset import MANIFEST
 from ..models import build_model, builders
-from ..parallel.specs import DataSpec, OptimizerSpec, ScheduleSpec
+from ..parallel import make_backend
+from ..parallel.specs import DataSpec, LocalSpec, OptimizerSpec, ScheduleSpec
 from .errors import TrainingError
+from .schedule import RunLength
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One run, planned. ``config``: as run (``out`` filled in, so a checkpoint's config names its
+    run); ``dataset``: the prepared folder, absolute; ``spec``: what every process builds the network
+    from; ``world``: gradient workers; ``data``, ``optimizer``, ``schedule``: what the workers and the
+    server shards are given; ``local``: local SGD (``sync_every`` > 1) or None; ``length``: how many
+    updates, from the smallest worker's part of the data."""
+    config: TrainConfig
+    dataset: Path
+    spec: dict
+    world: int
+    out: Path
+    data: DataSpec
+    optimizer: OptimizerSpec
+    schedule: ScheduleSpec
+    local: LocalSpec | None
+    length: RunLength
+
+
+def plan(c: TrainConfig, cpus: int, resuming: bool = False, log=print, progress=True) -> RunPlan:
+    """The plan of a run of ``c`` on a cluster of ``cpus`` CPUs: prepares the dataset when it is a
+    named source not prepared yet, and claims the run folder (``run_folder``)."""
+    path = prepared_dataset(c, log, progress)
+    dataset = open_dataset(path)
+    spec = model_spec(c, dataset)
+    world = world_size(c, cpus)
+    length = run_length(c, dataset, world)
+    out = run_folder(c, resuming=resuming, log=log)
+    optimizer, schedule = optimizer_spec(c, world), schedule_spec(c, length.total_updates)
+    local = None if c.sync_every == 1 else LocalSpec(optimizer, schedule, c.sync_every, length.steps_per_epoch,
+                                                     length.total_updates)
+    return RunPlan(config=dataclasses.replace(c, out=str(out)), dataset=path, spec=spec, world=world, out=out,
+                   data=data_spec(c, path), optimizer=optimizer, schedule=schedule, local=local, length=length)
+
+
+def start_backend(c: TrainConfig):
+    """The backend ``c`` asks for; a user's model code travels to every node in the Ray job's
+    runtime environment."""
+    env = None
+    if builders.is_reference(c.model):
+        try:
+            env = builders.runtime_env(builders.make_spec(c.model, (), 0))
+        except builders.BuilderError as e:
+            raise TrainingError(str(e)) from None
+    return make_backend(c.backend, c.address, runtime_env=env)
+
+
+def run_length(c: TrainConfig, dataset: ShardedDataset, world: int) -> RunLength:
+    """The run's length: ``c.epochs`` of the smallest worker part's full batches (or ``c.max_steps``)."""
+    per_worker = min(len(Loader(dataset, "train", r, world, c.batch_size, labels=c.labels, drop_last=True))
+                     for r in range(world))
+    if per_worker < 1:
+        raise TrainingError(f"batch size {c.batch_size} is larger than a worker's part of the training data "
+                            f"({dataset.path}, {world} workers); use a smaller --batch-size or fewer workers")
+    return RunLength(per_worker, c.epochs, world, c.mode, c.max_steps)
 
 
 def dataset_path(c: TrainConfig) -> Path:
@@ -21,17 +86,15 @@ def dataset_path(c: TrainConfig) -> Path:
 
 
 def prepared_dataset(c: TrainConfig, log=print, progress=True) -> Path:
-    """The dataset folder, absolute; a named source (mnist, ...) is prepared first when missing (from
-    ``c.source``, or by download into the default folder)."""
+    """The dataset folder, absolute. A named source (mnist, ...) missing under ``c.data``, whatever
+    that folder, is prepared there first: from ``c.source`` when given, else downloaded (into
+    ``c.data/.downloads``)."""
     path = dataset_path(c)
     if not (path / MANIFEST).is_file():
         if c.dataset not in SOURCES:
             raise TrainingError(f"{path}: no prepared dataset; make it with `distnn prepare idx|npz|folder|hdf5 "
                                 f"--source YOUR_DATA --name {path.name} --out {path.parent}`")
-        if c.source is None and Path(c.data) != Path("datasets"):
-            raise TrainingError(f"{path}: dataset not prepared; run `python scripts/prepare_data.py {c.dataset} "
-                                f"--out {c.data} --source RAW_FOLDER` (or pass --source to distnn train)")
-        log(f"{path}: not prepared yet; preparing it now")
+        log(f"{path}: not prepared yet; preparing it now from {c.source or 'a download'}")
         prepare(c.dataset, out=c.data, source=c.source, progress=progress, log=log)
     return path.resolve()
 
@@ -109,13 +172,13 @@ def build(spec: dict):
         raise TrainingError(f"cannot build the model: {e}") from None
 
 
-def write_run_info(out: Path, dataset: ShardedDataset, labels: str | None) -> None:
-    """RUN/dataset.json: what a prediction needs without the dataset (its kind, shape, normalisation
-    and class names)."""
-    import json
-
-    from .._io import atomic_write_text
+def write_run_files(p: RunPlan) -> None:
+    """RUN/config.json (how to rebuild the run) and RUN/dataset.json (what a prediction needs without
+    the dataset: its kind, shape, normalisation and class names)."""
+    atomic_write_text(p.out / "config.json",
+                      json.dumps({"config": p.config.as_dict(), "spec": p.spec, "workers": p.world}, indent=1))
+    dataset, labels = open_dataset(p.dataset), p.config.labels
     info = {"path": str(dataset.path), "kind": dataset.kind, "input_shape": list(dataset.input_shape),
             "mean": dataset.manifest["mean"], "std": dataset.manifest["std"],
             "labels": dataset.label_field(labels), "classes": dataset.class_names(labels)}
-    atomic_write_text(Path(out) / "dataset.json", json.dumps(info, indent=1))
+    atomic_write_text(p.out / "dataset.json", json.dumps(info, indent=1))

@@ -1,78 +1,63 @@
-"""Trainer: one run, orchestrated. The jobs live in their own modules: ``setup`` (config -> specs),
+"""Trainer: one run, orchestrated. The jobs live in their own modules: ``setup`` (config -> RunPlan),
 ``fleet`` (the processes), ``schedule`` with ``sync`` and ``asynchronous`` (which step runs when),
 ``checkpoints`` (save, restore, recover) and ``report`` (progress, metrics, summary)."""
 from __future__ import annotations
 
-import json
 import signal
 import threading
 
-from .._io import WriteFailed, atomic_write_text
+from .._io import WriteFailed
 from ..config import TrainConfig
 from ..checkpoint import save_model
-from ..data import open_dataset
-from ..models import builders
-from ..parallel import NonFiniteError, make_backend
-from ..parallel.specs import LocalSpec
+from ..parallel import NonFiniteError
 from . import setup
 from .asynchronous import run_async
 from .checkpoints import Checkpoints
 from .errors import RunWriteFailed, TrainingError, TrainingInterrupted
 from .fleet import Fleet
 from .report import RunReport
-from .schedule import RunLength
 from .usage import UsageMeter
 from .sync import run_sync
 
 
 class Trainer:
+    """One run: its plan (``setup.plan``), its processes (``Fleet``), its checkpoints and its report."""
+
     def __init__(self, config: TrainConfig, backend=None, log=print, progress=True, resume: dict | None = None,
                  on_step=None):
         """``backend``: a backend to use (default: made from the config, and shut down by ``close``);
         ``resume``: a loaded checkpoint (``checkpoint.load_checkpoint``) to continue from;
         ``on_step(trainer, step)``: called after every update (tests stop or kill processes there)."""
-        c = self.config = config
         self.log, self.on_step = log, on_step
         self.step, self.stop_requested, self.max_lead = 0, False, 0
-        self.fleet = self.report = self._own_backend = None
-        path = setup.prepared_dataset(c, log, progress)
-        self.dataset = open_dataset(path)
-        self.spec = setup.model_spec(c, self.dataset)
-        self.model = setup.build(self.spec)
+        self.fleet = self.report = None
+        owned = None if backend is not None else setup.start_backend(config)  # shut down here until the fleet owns it
         try:
-            owns = backend is None
-            # a user's model code travels to every node in the job's runtime environment
-            backend = backend or make_backend(c.backend, c.address, runtime_env=builders.runtime_env(self.spec))
-            self._own_backend = backend if owns else None   # shut down by close until the fleet owns it
-            world = setup.world_size(c, backend.cpus())
-            self.out = setup.run_folder(c, resuming=resume is not None, log=log)
-            c.out = str(self.out)  # a checkpoint's config names its run
-            self.fleet = Fleet(backend, self.spec, setup.data_spec(c, path), world, c.threads, owns_backend=owns,
-                               compress=c.compress)
-            self._own_backend = None
-            self.length = RunLength(self.fleet.steps_per_epoch, c.epochs, world, c.mode, c.max_steps)
-            if self.length.steps_per_epoch < 1:
-                raise TrainingError(f"batch size {c.batch_size} is larger than a worker's part of the training data")
-            optimizer, schedule = setup.optimizer_spec(c, world), setup.schedule_spec(c, self.length.total_updates)
-            if c.sync_every > 1:
-                self.fleet.set_local(LocalSpec(optimizer, schedule, c.sync_every, self.length.steps_per_epoch,
-                                               self.length.total_updates))
-            self.fleet.start_servers(self.model.flat_params, self.model.decay_mask(), optimizer, schedule, c.servers)
-            atomic_write_text(self.out / "config.json",
-                              json.dumps({"config": c.as_dict(), "spec": self.spec, "workers": world}, indent=1))
-            setup.write_run_info(self.out, self.dataset, c.labels)
-            self.checkpoints = Checkpoints(self.out / "checkpoints", c.keep_checkpoints, self.model, self.spec,
-                                           c.as_dict())
-            self.done = [0] * world  # async: gradients applied per worker
+            self.plan = p = setup.plan(config, (backend or owned).cpus(), resume is not None, log, progress)
+            self.config, self.out, self.spec, self.length = p.config, p.out, p.spec, p.length
+            self.model = setup.build(p.spec)
+            self.fleet = Fleet(backend or owned, p)
+            self.fleet.owns_backend, owned = owned is not None, None
+            self.fleet.start_servers(self.model.flat_params, self.model.decay_mask())
+            setup.write_run_files(p)
+            self.checkpoints = Checkpoints(p.out / "checkpoints", p.config.keep_checkpoints, self.model, p.spec,
+                                           p.config.as_dict())
+            self.done = [0] * p.world  # async: gradients applied per worker
             if resume is not None:
-                self.step, done = self.checkpoints.restore(self.fleet, resume, c.mode)
-                self.done = done or self.done
-                log(f"resuming {c.model_name} from {resume['path']} at step {self.step} of {self.length.total_updates}")
-            self.report = RunReport(self.out, world, self.length.total_updates, log, progress, c.log_every,
+                self._restore(resume)
+            self.report = RunReport(p.out, p.world, p.length.total_updates, log, progress, p.config.log_every,
                                     resume_step=None if resume is None else self.step)
         except BaseException:
             self.close()
+            if owned is not None:
+                owned.shutdown()
             raise
+
+    def _restore(self, ckpt: dict) -> None:
+        self.step, done = self.checkpoints.restore(self.fleet, ckpt, self.config.mode)
+        self.done = done or self.done
+        self.log(f"resuming {self.config.model_name} from {ckpt['path']} at step {self.step} of "
+                 f"{self.length.total_updates}")
 
     def run(self) -> dict:
         c, n = self.config, self.length
@@ -167,8 +152,6 @@ class Trainer:
             self.report.close()
         if self.fleet is not None:
             self.fleet.close()
-        elif self._own_backend is not None:
-            self._own_backend.shutdown()
 
 
 def catch_signals(trainer):
