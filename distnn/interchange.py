@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .nn import LSTM, RNN
+from .nn import LSTM, RNN, BatchNorm1d, BatchNorm2d
 
 RECURRENT = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
@@ -21,17 +21,21 @@ def _recurrent_prefixes(model) -> set:
     return {path for path, m in model.named_modules() if isinstance(m, (RNN, LSTM))}
 
 
+def _batch_norm_prefixes(model) -> set:
+    return {path for path, m in model.named_modules() if isinstance(m, (BatchNorm1d, BatchNorm2d))}
+
+
 def to_torch_names(model) -> dict:
     """The model's parameters and buffers as a dict of arrays named as in a PyTorch state dict."""
-    recurrent = _recurrent_prefixes(model)
+    recurrent, batch_norms = _recurrent_prefixes(model), _batch_norm_prefixes(model)
     out = {}
     for name, value in model.state_dict().items():
         prefix, _, leaf = name.rpartition(".")
         if prefix in recurrent and leaf in RECURRENT:
             name = f"{name}_l0"
         out[name] = value
-        if leaf == "running_var":
-            out[f"{prefix}.num_batches_tracked"] = np.array(0, np.int64)
+    for prefix in sorted(batch_norms):   # PyTorch's BatchNorm counts its batches; distnn's does not
+        out[f"{prefix}.num_batches_tracked" if prefix else "num_batches_tracked"] = np.array(0, np.int64)
     return out
 
 

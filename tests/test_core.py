@@ -293,3 +293,15 @@ def test_matches_pytorch_conv_pool_lstm():
     ref_seq, (rh, rc) = t_lstm(torch.tensor(seq))
     np.testing.assert_allclose(ours_seq.data, ref_seq.detach().numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(c.data, rc[0].detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [6, 5])
+def test_winograd_output_is_hwnc_memory_for_even_and_odd_sizes(size):
+    """A Winograd convolution returns (H, W, N, C) memory, also when an odd output size crops its
+    even tiles, so the layer after it reads its layout instead of copying to channels-first."""
+    from distnn.ops.layout import channels_last_order
+    rng = np.random.default_rng(0)
+    x = Variable(rng.standard_normal((2, 8, size, size)).astype(np.float32))
+    y = ops.conv2d(x, Variable(rng.standard_normal((4, 8, 3, 3)).astype(np.float32)), padding=1).data
+    assert y.shape == (2, 4, size, size) and channels_last_order(y) == (2, 3, 0, 1)
+    assert y.transpose(2, 3, 0, 1).flags.c_contiguous

@@ -181,14 +181,22 @@ def _xent(out):
     return ops.softmax_cross_entropy(out, np.arange(out.shape[0]) % out.shape[1])
 
 
+def _random_affine(norm, r):
+    """A norm layer's scale and shift away from ones and zeros, under which a wrongly broadcast scale
+    or a dropped shift would still pass."""
+    norm.weight.data[...] = r.uniform(0.5, 2.0, norm.weight.data.shape)
+    norm.bias.data[...] = r.normal(0.0, 1.0, norm.bias.data.shape)
+    return norm
+
+
 LAYER_CASES = {
     nn.Linear: lambda r: (nn.Linear(4, 3, rng=r), rand(5, 4)),
     nn.Conv2d: lambda r: (nn.Conv2d(3, 4, 3, stride=2, padding=1, rng=r), rand(2, 3, 7, 7)),
     nn.MaxPool2d: lambda r: (nn.MaxPool2d(3, 2), distinct(2, 2, 7, 7)),
     nn.AvgPool2d: lambda r: (nn.AvgPool2d(3, 2), rand(2, 2, 7, 7)),
     nn.GlobalAvgPool2d: lambda r: (nn.GlobalAvgPool2d(), rand(2, 3, 4, 5)),
-    nn.BatchNorm1d: lambda r: (nn.BatchNorm1d(3), rand(6, 3)),
-    nn.BatchNorm2d: lambda r: (nn.BatchNorm2d(3), rand(4, 3, 3, 3)),
+    nn.BatchNorm1d: lambda r: (_random_affine(nn.BatchNorm1d(3), r), rand(6, 3)),
+    nn.BatchNorm2d: lambda r: (_random_affine(nn.BatchNorm2d(3), r), rand(4, 3, 3, 3)),
     nn.Dropout: lambda r: (_seeded_dropout(nn.Dropout(0.4)), rand(5, 6)),
     nn.Flatten: lambda r: (nn.Flatten(), rand(2, 3, 2, 2)),
     nn.Reshape: lambda r: (nn.Reshape(4, 3), rand(2, 12)),

@@ -10,6 +10,12 @@ from distnn.models import build_model, input_shape
 
 SPECS = [{"model": "mlp"}, {"model": "lenet5"}, {"model": "cifar_convnet", "num_classes": 20},
          {"model": "lstm_classifier"}]
+# a layer list as a contributor's new layer would be tried (docs/architecture.md, A layer): input (1, 8, 8)
+LAYER_LIST = {"layers": [{"type": "Conv2d", "in_channels": 1, "out_channels": 8, "kernel_size": 3, "padding": 1},
+                         {"type": "BatchNorm2d", "num_features": 8}, {"type": "ReLU"},
+                         {"type": "Conv2d", "in_channels": 8, "out_channels": 8, "kernel_size": 3, "padding": 1},
+                         {"type": "BatchNorm2d", "num_features": 8}, {"type": "MaxPool2d", "kernel_size": 2},
+                         {"type": "Flatten"}, {"type": "Linear", "in_features": 128, "out_features": 10}]}
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s["model"])
@@ -27,7 +33,7 @@ def test_npz_round_trip_through_cli(spec, tmp_path):
     np.testing.assert_array_equal(load_model(tmp_path / "back.h5").flat_params, model.flat_params)
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s["model"])
+@pytest.mark.parametrize("spec", SPECS + [LAYER_LIST], ids=lambda s: s.get("model", "layer_list"))
 def test_same_outputs_as_pytorch(spec, tmp_path):
     torch = pytest.importorskip("torch")
     model = build_model({**spec, "seed": 1})
@@ -36,7 +42,7 @@ def test_same_outputs_as_pytorch(spec, tmp_path):
         b[...] = rng.uniform(0.5, 1.5, b.shape)
     twin = torch_twin(spec).eval()
     twin.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in to_torch_names(model).items()})
-    x = rng.standard_normal((4, *input_shape(spec))).astype(np.float32)
+    x = rng.standard_normal((4, *(input_shape(spec) or (1, 8, 8)))).astype(np.float32)
     with eval_mode():
         ours = model(x).data
     theirs = twin(torch.from_numpy(x)).detach().numpy()
@@ -55,3 +61,22 @@ def test_import_wrong_model_names_the_mismatch(tmp_path, capsys):
     assert cli(["export", str(tmp_path / "m.h5"), "--format", "npz"]) == 0
     assert cli(["import", str(tmp_path / "m.npz"), "--model", "lenet5", "--out", str(tmp_path / "x.h5")]) == 2
     assert "missing" in capsys.readouterr().err and not (tmp_path / "x.h5").exists()
+
+
+def test_batch_norm_counter_follows_the_layer_type_not_a_name():
+    """PyTorch's num_batches_tracked goes with each batch-norm layer, and with nothing else that
+    happens to hold a buffer called running_var."""
+    from distnn import nn
+
+    class Tracker(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("running_var", np.ones(3, np.float32))
+
+        def forward(self, x):
+            return x
+
+    model = nn.Sequential(nn.Linear(3, 3), Tracker(), nn.BatchNorm1d(3))
+    state = to_torch_names(model)
+    assert [k for k in state if k.endswith("num_batches_tracked")] == ["2.num_batches_tracked"]
+    assert "1.running_var" in state

@@ -133,7 +133,7 @@ def conv3x3(xp: np.ndarray, w: np.ndarray, keep_tiles: bool = False):
         transform_input(xe[2 * t0:2 * t1 + 2], v.reshape(4, 4, t1 - t0, tw, n, c))
         m = np.matmul(v, u)
         transform_output(m.reshape(4, 4, t1 - t0, tw, n, -1), y[2 * t0:2 * t1])
-    y = y if y.shape[:2] == (ho, wo) else y[:ho, :wo]
+    y = y if y.shape[:2] == (ho, wo) else np.ascontiguousarray(y[:ho, :wo])   # (H, W, N, O) memory, as promised
     return (y, v_all, xe.shape) if keep_tiles else y
 
 
