@@ -3,8 +3,10 @@
 For each model, batch size and BLAS thread count, times steps on random inputs of the model's shape
 and reports samples/s (median of several timed rounds). When PyTorch is installed, the same
 architectures are timed in PyTorch with the same shapes and threads, and the ratio distnn / PyTorch is
-reported. Peak resident memory of a distnn cifar_convnet step at batch 256 is measured in a fresh
-process. Prints a table and writes JSON.
+reported. Each row also gives the step's GFLOP/s (from the model's multiply-adds) beside this core's
+sgemm rate measured in the same run, and the convolution algorithm of each conv layer. Peak resident
+memory of a distnn cifar_convnet step at batch 256 is measured in a fresh process. Prints a table and
+writes JSON. DISTNN_KERNELS=numpy times the numpy reference kernels.
 
     python scripts/benchmark_core.py [--models mlp lenet5 ...] [--batches 64 256] [--threads 1 2]
                                      [--seconds 3] [--out benchmarks/core.json] [--no-torch]
@@ -28,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distnn._io import atomic_write_text  # noqa: E402
 from distnn._hardware import describe as describe_host  # noqa: E402
 
-from distnn import ops, tune_allocator  # noqa: E402
+from distnn import kernels, ops, tune_allocator  # noqa: E402
 from distnn.interchange import torch_twin  # noqa: E402
 from distnn.models import ZOO, build_model, input_shape  # noqa: E402
 from distnn.optim import Adam  # noqa: E402
@@ -75,6 +77,59 @@ def torch_stepper(name, n):
         loss_fn(net(x), y).backward()
         opt.step()
     return step
+
+
+def forward_macs(x, w, y, kind):
+    """Multiply-adds of one operator call from its input, weight and output shapes."""
+    if kind == "Conv2d":                       # (N, O, Ho, Wo) outputs, each C * kh * kw products
+        return int(np.prod(y.shape)) * int(np.prod(w.shape[1:]))
+    if kind in ("Linear", "MatMul"):           # (..., K) @ (K, M) or x (..., in) with w (out, in)
+        return int(np.prod(x.shape[:-1])) * int(np.prod(w.shape))
+    return int(np.prod(y.shape[:-1])) * int(np.prod(w.shape))   # recurrent: hidden state (..., H) @ w_hh (G, H)
+
+
+def trace_step(name, n=8):
+    """(multiply-adds of one sample's forward pass, the convolution algorithm of each conv call) of a
+    zoo model, from one forward pass in evaluation mode with the operators watched."""
+    from distnn.autograd import eval_mode, no_grad
+    classes = {"Conv2d": ops.conv.Conv2d, "Linear": ops.basic.Linear, "MatMul": ops.basic.MatMul,
+               "RNNCell": ops.recurrent.RNNCell, "LSTMCell": ops.recurrent.LSTMCell,
+               "LSTMSequence": ops.recurrent.LSTMSequence}
+    macs, algorithms, saved = [0], [], {}
+    for kind, cls in classes.items():
+        def forward(self, *arrays, _kind=kind, _inner=cls.forward):
+            y = _inner(self, *arrays)
+            out = y[0] if isinstance(y, tuple) else y
+            x, w = arrays[0], arrays[-1] if _kind in ("RNNCell", "LSTMCell", "LSTMSequence") else arrays[1]
+            macs[0] += forward_macs(x, w.T if _kind == "MatMul" else w, out, _kind)
+            if _kind == "Conv2d":
+                algorithms.append("winograd" if self.winograd else "im2col")
+            return y
+        saved[cls] = cls.forward
+        cls.forward = forward
+    try:
+        with eval_mode(), no_grad():
+            build_model(spec_for(name))(batch(name, n, np.random.default_rng(0))[0])
+    finally:
+        for cls, fn in saved.items():
+            cls.forward = fn
+    return macs[0] / n, algorithms
+
+
+def sgemm_gflops(threads: int, size: int = 1024) -> float:
+    """This core's (or these cores') float32 matrix-product rate: the best of several
+    (size x size) @ (size x size) products in numpy."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size)).astype(np.float32) for _ in range(2))
+    out = np.empty_like(a)
+    best = float("inf")
+    with threadpool_limits(limits=threads, user_api="blas"):
+        np.matmul(a, b, out=out)
+        for _ in range(10):
+            t = time.perf_counter()
+            np.matmul(a, b, out=out)
+            best = min(best, time.perf_counter() - t)
+    return 2 * size ** 3 / best / 1e9
 
 
 def measure(step, n, seconds):
@@ -124,11 +179,18 @@ def main(argv=None):
 
     rows = []
     host = describe_host()
-    print(f"CPU: {host['cpu']}, L2 {host['l2_bytes'] >> 10} kB per core; BLAS: {host['blas']}")
-    header = f"{'model':<16}{'batch':>6}{'threads':>8}{'distnn/s':>11}{'torch/s':>10}{'ratio':>7}"
+    sgemm = {t: sgemm_gflops(t) for t in args.threads}
+    print(f"CPU: {host['cpu']}, L2 {host['l2_bytes'] >> 10} kB per core; BLAS: {host['blas']}; kernels: "
+          f"{kernels.mode()}; sgemm 1024^3: " + ", ".join(f"{g:.0f} GFLOP/s on {t} thread(s)" for t, g in sgemm.items()))
+    print("step GFLOP/s = 6 x forward multiply-adds x samples/s (2 FLOPs per multiply-add, backward twice the "
+          "forward); eff = that / sgemm")
+    header = (f"{'model':<16}{'batch':>6}{'threads':>8}{'distnn/s':>11}{'torch/s':>10}{'ratio':>7}"
+              f"{'GFLOP/s':>9}{'eff':>6}{'torch eff':>10}  convolutions")
     print(header)
     print("-" * len(header))
     for name in args.models:
+        macs, algorithms = trace_step(name)
+        convs = ", ".join(f"{a} x{algorithms.count(a)}" for a in sorted(set(algorithms))) or "-"
         for n in args.batches:
             for threads in args.threads:
                 with threadpool_limits(limits=threads, user_api="blas"):
@@ -137,14 +199,21 @@ def main(argv=None):
                 if torch is not None:
                     torch.set_num_threads(threads)
                     ref = measure(torch_stepper(name, n), n, args.seconds)
+                gflops = 6 * macs * ours / 1e9
                 row = {"model": name, "batch": n, "threads": threads, "distnn_samples_per_s": round(ours, 1),
                        "torch_samples_per_s": None if ref is None else round(ref, 1),
-                       "ratio": None if ref is None else round(ours / ref, 3)}
+                       "ratio": None if ref is None else round(ours / ref, 3), "forward_macs_per_sample": macs,
+                       "step_gflops": round(gflops, 2), "sgemm_gflops": round(sgemm[threads], 1),
+                       "efficiency": round(gflops / sgemm[threads], 3),
+                       "torch_efficiency": None if ref is None else round(6 * macs * ref / 1e9 / sgemm[threads], 3),
+                       "convolutions": algorithms}
                 rows.append(row)
                 print(f"{name:<16}{n:>6}{threads:>8}{ours:>11.0f}"
-                      f"{'-' if ref is None else f'{ref:.0f}':>10}{'-' if ref is None else f'{ours / ref:.2f}':>7}",
-                      flush=True)
-    result = {"benchmark": "core", "host": host, "rows": rows, "python": platform.python_version(), "numpy": np.__version__,
+                      f"{'-' if ref is None else f'{ref:.0f}':>10}{'-' if ref is None else f'{ours / ref:.2f}':>7}"
+                      f"{gflops:>9.1f}{row['efficiency']:>6.0%}"
+                      f"{'-' if ref is None else format(row['torch_efficiency'], '.0%'):>10}  {convs}", flush=True)
+    result = {"benchmark": "core", "host": host, "kernels": kernels.mode(), "sgemm_gflops": sgemm, "rows": rows,
+              "python": platform.python_version(), "numpy": np.__version__,
               "torch": None if torch is None else torch.__version__, "cpus": os.cpu_count(),
               "command": "python scripts/benchmark_core.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     if not args.no_memory and "cifar_convnet" in args.models:

@@ -9,6 +9,17 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+@pytest.fixture(params=["numpy", "numba"])
+def kernel_path(request):
+    """Run the test on the numpy reference and on the compiled kernels (distnn.kernels)."""
+    from distnn import kernels
+    kernels.use(request.param)
+    if kernels.mode() != request.param:
+        pytest.fail(f"kernel path {request.param} is not available (is numba installed?)")
+    yield request.param
+    kernels.use(None)
+
+
 @pytest.fixture(scope="session")
 def ray_backend():
     """One local Ray cluster of 4 logical CPUs for every test that trains on Ray, shut down at the end

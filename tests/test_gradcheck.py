@@ -123,9 +123,9 @@ def _hwnc(x):
     return ops.transpose(x, (2, 3, 0, 1))
 
 
-def _bn(training):
+def _bn(training, relu=False):
     def fn(x, g, b):
-        return ops.batch_norm(x, g, b, np.zeros(3), np.ones(3) * 1.5, training=training)
+        return ops.batch_norm(x, g, b, np.zeros(3), np.ones(3) * 1.5, training=training, relu=relu)
     return fn
 
 
@@ -134,7 +134,21 @@ CASES[ops.norm.BatchNorm] = [(_bn(True), [rand(6, 3), rand(3, seed=1), rand(3, s
                         (_bn(False), [rand(4, 3, 3, 2), rand(3, seed=1), rand(3, seed=2)]),
                         # an (H, W, N, C)-ordered input, as a Winograd convolution returns
                         (lambda x, g, b: _bn(True)(_hwnc(x), g, b),
-                         [rand(3, 2, 4, 3), rand(3, seed=1), rand(3, seed=2)])]
+                         [rand(3, 2, 4, 3), rand(3, seed=1), rand(3, seed=2)]),
+                        # with its ReLU fused, in every layout
+                        (_bn(True, relu=True), [rand(6, 3), rand(3, seed=1), rand(3, seed=2)]),
+                        (_bn(True, relu=True), [rand(4, 3, 3, 2), rand(3, seed=1), rand(3, seed=2)]),
+                        (_bn(False, relu=True), [rand(4, 3, 3, 2), rand(3, seed=1), rand(3, seed=2)]),
+                        (lambda x, g, b: _bn(True, relu=True)(_hwnc(x), g, b),
+                         [rand(3, 2, 4, 3), rand(3, seed=1), rand(3, seed=2)]),
+                        (lambda xh, g, b: _bn(True, relu=True)(_nchw(xh), g, b),
+                         [rand(4, 3, 2, 3), rand(3, seed=1), rand(3, seed=2)])]
+CASES[ops.activation.AddReLU] = [
+    (ops.add_relu, [rand(2, 3, 4, 5), rand(2, 3, 4, 5, seed=1)]),
+    (ops.add_relu, [rand(3, 4), rand(3, 4, seed=1)]),
+    # both (H, W, N, C) memory (the kernel runs over memory), and two layouts (the numpy path)
+    (lambda a, b: ops.add_relu(_hwnc(a), _hwnc(b)), [rand(4, 5, 2, 3), rand(4, 5, 2, 3, seed=1)]),
+    (lambda a, bh: ops.add_relu(_hwnc(a), _nchw(bh)), [rand(4, 5, 2, 3), rand(2, 4, 5, 3, seed=1)])]
 
 
 def test_every_operator_has_a_gradient_check():
@@ -145,7 +159,7 @@ def test_every_operator_has_a_gradient_check():
 @pytest.mark.parametrize("op,fn,inputs", [(op, fn, inputs) for op, cases in CASES.items() for fn, inputs in cases],
                          ids=lambda v: v.__name__ if isinstance(v, type) else "")
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_operator_gradient(op, fn, inputs, mode):
+def test_operator_gradient(op, fn, inputs, mode, kernel_path):
     with train_mode() if mode == "train" else eval_mode():
         assert gradcheck(fn, inputs, rtol=RTOL) <= RTOL
 
@@ -223,7 +237,7 @@ def test_every_layer_has_a_gradient_check():
 
 @pytest.mark.parametrize("layer", list(LAYER_CASES), ids=lambda c: c.__name__)
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_layer_gradient(layer, mode):
+def test_layer_gradient(layer, mode, kernel_path):
     module, x = LAYER_CASES[layer](np.random.default_rng(0))
     with train_mode() if mode == "train" else eval_mode():
         if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and mode == "eval":

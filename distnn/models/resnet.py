@@ -38,9 +38,8 @@ class BasicBlock(Module):
         return ops.concat([half, x, half], axis=1)
 
     def forward(self, x):
-        out = ops.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return ops.relu(out + self.shortcut(x))
+        out = self.bn1(self.conv1(x), relu=True)              # batch norm and its ReLU in one pass
+        return ops.add_relu(self.bn2(self.conv2(out)), self.shortcut(x))
 
 
 class ResNet(Module):
@@ -59,7 +58,7 @@ class ResNet(Module):
         self.depth = len(blocks)
 
     def forward(self, x):
-        x = ops.relu(self.bn(self.conv(x)))
+        x = self.bn(self.conv(x), relu=True)
         for name, block in self._modules.items():
             if name.startswith("layer"):
                 x = block(x)

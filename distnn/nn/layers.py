@@ -106,11 +106,15 @@ class _BatchNorm(Module):
         self.register_buffer("running_mean", np.zeros(num_features, np.float32))
         self.register_buffer("running_var", np.ones(num_features, np.float32))
 
-    def forward(self, x):
+    fuses_relu = True
+
+    def forward(self, x, relu=False):
+        """``relu``: max(., 0) of the result, in the same pass (a ReLU layer after this one in a
+        Sequential, or a model's own forward, asks for it)."""
         x = check_input(self, x, self.ndim, self.shape_text.replace("C", str(self.num_features)), 1,
                         self.num_features)
         return ops.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
-                              config.train, self.momentum, self.eps)
+                              config.train, self.momentum, self.eps, relu)
 
     def extra_repr(self):
         return f"{self.num_features}"
@@ -175,7 +179,7 @@ class Embedding(Module):
         return ops.embedding(ids.data if isinstance(ids, Variable) else np.asarray(ids), self.weight)
 
 
-def _activation(name, fn, doc):
+def _activation(name, fn, doc, **attrs):
     def forward(self, x):
         return fn(x, **self.kwargs)
 
@@ -184,10 +188,11 @@ def _activation(name, fn, doc):
         self.kwargs = kwargs
 
     return type(name, (Module,), {"__init__": __init__, "forward": forward, "__doc__": doc,
-                                  "extra_repr": lambda self: ", ".join(f"{k}={v}" for k, v in self.kwargs.items())})
+                                  "extra_repr": lambda self: ", ".join(f"{k}={v}" for k, v in self.kwargs.items()),
+                                  **attrs})
 
 
-ReLU = _activation("ReLU", ops.relu, "max(x, 0)")
+ReLU = _activation("ReLU", ops.relu, "max(x, 0)", is_relu=True)
 LeakyReLU = _activation("LeakyReLU", ops.leaky_relu, "x if x > 0 else slope x (slope=0.01)")
 ELU = _activation("ELU", ops.elu, "x if x > 0 else alpha (e^x - 1) (alpha=1)")
 SELU = _activation("SELU", ops.selu, "scaled ELU with the self-normalising constants")

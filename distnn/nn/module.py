@@ -25,6 +25,9 @@ class Module:
     """A building block with named parameters, buffers (non-learned state such as running
     statistics) and child modules, all kept in registration order."""
 
+    fuses_relu = False   # forward(x, relu=True) applies a ReLU in the same pass (Sequential pairs them)
+    is_relu = False      # a plain ReLU layer
+
     def __init__(self):
         object.__setattr__(self, "_params", OrderedDict())
         object.__setattr__(self, "_buffers", OrderedDict())
@@ -200,8 +203,8 @@ class Module:
     def forward(self, *args):
         raise NotImplementedError
 
-    def __call__(self, *args):
-        return self.forward(*args)
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
 
     def extra_repr(self):
         return ""
@@ -230,6 +233,13 @@ class Sequential(Module):
         return list(self._modules.values())[i]
 
     def forward(self, x):
-        for layer in self._modules.values():
-            x = layer(x)
+        """Each child in turn. A child that can apply a ReLU in its own pass (``fuses_relu``: batch
+        norm) followed by a ReLU layer does so, and the ReLU layer is passed over: the same maths."""
+        layers = list(self._modules.values())
+        i = 0
+        while i < len(layers):
+            if layers[i].fuses_relu and i + 1 < len(layers) and layers[i + 1].is_relu:
+                x, i = layers[i](x, relu=True), i + 2
+            else:
+                x, i = layers[i](x), i + 1
         return x

@@ -8,8 +8,8 @@ images), conv, winograd, pool, norm (batch norm, dropout), activation, loss, rec
 """
 from ..autograd import Operator
 from . import activation, basic, conv, layout, loss, norm, pool, recurrent, shape, winograd  # noqa: F401
-from .activation import (elu, gelu, leaky_relu, log_softmax, prelu, relu, selu, sigmoid, softmax, softplus,
-                         tanh)
+from .activation import (add_relu, elu, gelu, leaky_relu, log_softmax, prelu, relu, selu, sigmoid, softmax,
+                         softplus, tanh)
 from .basic import add, div, exp, linear, log, matmul, mul, neg, pow, sub
 from .conv import conv2d
 from .loss import bce_with_logits, mse, softmax_cross_entropy

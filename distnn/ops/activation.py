@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 
+from .. import kernels
 from ..autograd import Operator
 
 
@@ -19,7 +20,52 @@ class ReLU(Operator):
         return y
 
     def backward(self, gy):
-        return gy * (self.y > 0)
+        return relu_grad(gy, self.y)
+
+
+class AddReLU(Operator):
+    """max(a + b, 0): a residual connection and the ReLU after it, in one pass each way. The result
+    has a's memory layout (the residual branch's), so that a chain of blocks keeps one layout."""
+
+    def forward(self, a, b):
+        if a.shape != b.shape:
+            raise ValueError(f"add_relu: shapes {a.shape} and {b.shape} differ")
+        y = np.empty_like(a)
+        fused = kernels.compiled()
+        if fused is not None and kernels.dense_flat(a, y) is not None:
+            if b.strides != a.strides:   # the shortcut in another layout: copied into a's
+                b = _copy_like(a, b)
+            fused.add_relu(*kernels.dense_flat(a, b, y))
+        else:
+            np.add(a, b, out=y)
+            np.maximum(y, 0, out=y)
+        self.y = y
+        return y
+
+    def backward(self, gy):
+        g = relu_grad(gy, self.y)
+        return g, g
+
+
+def _copy_like(like, x):
+    """x's values in like's memory layout."""
+    out = np.empty_like(like)
+    np.copyto(out, x)
+    return out
+
+
+def relu_grad(gy, y):
+    """gy where y > 0, else 0 (the gradient through a ReLU whose output was y). The kernel returns it
+    in y's memory layout (gy arriving in another, from a strided convolution or a sum of two paths,
+    is copied once here rather than in every operator before), numpy in gy's."""
+    fused = kernels.compiled()
+    if fused is None or kernels.dense_flat(y) is None:
+        return gy * (y > 0)
+    if gy.strides != y.strides:
+        gy = _copy_like(y, gy)
+    g = np.empty_like(y)
+    fused.relu_grad(*kernels.dense_flat(gy, y, g))
+    return g
 
 
 class LeakyReLU(Operator):
@@ -183,6 +229,11 @@ def softmax_array(x, axis=-1):
 def relu(x):
     """max(x, 0) element-wise; any shape."""
     return ReLU()(x)
+
+
+def add_relu(a, b):
+    """max(a + b, 0) element-wise for a and b of one shape (a residual add and its ReLU, fused)."""
+    return AddReLU()(a, b)
 
 
 def leaky_relu(x, slope=0.01):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import kernels
 from ..autograd import Operator, as_variable, config
 from .basic import add_row_vector, column_sums
 from .layout import channel_rows, channels_last_order, from_channel_rows
@@ -20,27 +21,33 @@ def _as_rows(x, order=None):
 
 
 class BatchNorm(Operator):
-    """y = gamma (x - mean) / sqrt(var + eps) + beta over all axes but the channel axis 1.
+    """y = gamma (x - mean) / sqrt(var + eps) + beta over all axes but the channel axis 1, followed by
+    max(y, 0) when ``relu`` (the pair a network has after most convolutions, in one pass).
 
     x (N, C) or (N, C, H, W); gamma, beta (C,). In training the batch statistics are used and the
     running statistics (plain arrays, updated in place) move towards them by ``momentum``; the
     running variance is the unbiased one, as in PyTorch. In evaluation the running statistics are
-    used and nothing is updated.
+    used and nothing is updated. The numpy code here is the reference; ``kernels.fused`` does the
+    same in two passes each way (``DISTNN_KERNELS``).
     """
 
-    def __init__(self, running_mean, running_var, training, momentum=0.1, eps=1e-5):
+    def __init__(self, running_mean, running_var, training, momentum=0.1, eps=1e-5, relu=False):
         self.running_mean, self.running_var = running_mean, running_var
-        self.training, self.momentum, self.eps = training, momentum, eps
+        self.training, self.momentum, self.eps, self.relu = training, momentum, eps, relu
 
     def forward(self, x, gamma, beta):
         rows, back, self.order = _as_rows(x)
         m = rows.shape[0]
+        fused = kernels.compiled()
         if self.training:
             if m < 2:
                 raise ValueError(f"batch_norm: training needs more than one value per channel, got input {x.shape}")
-            mean = column_sums(rows) / m
-            centered = rows - mean
-            var = np.einsum("ij,ij->j", centered, centered) / m
+            if fused is not None:
+                mean, var = (a.astype(x.dtype) for a in fused.batch_stats(np.ascontiguousarray(rows)))
+            else:
+                mean = column_sums(rows) / m
+                centered = rows - mean
+                var = np.einsum("ij,ij->j", centered, centered) / m
             mom = self.momentum
             self.running_mean *= 1 - mom
             self.running_mean += mom * mean.astype(self.running_mean.dtype, copy=False)
@@ -49,22 +56,39 @@ class BatchNorm(Operator):
         else:
             mean = self.running_mean.astype(x.dtype, copy=False)
             var = self.running_var.astype(x.dtype, copy=False)
-            centered = rows - mean
         invstd = 1.0 / np.sqrt(var + np.asarray(self.eps, x.dtype))
-        # xhat = centered * invstd is never stored: y and the gradients fold invstd into per-channel
-        # factors, which saves a pass over the activations each way.
-        y = np.multiply(centered, gamma * invstd)
-        add_row_vector(y, beta)
-        self.centered, self.invstd, self.gamma, self.back = centered, invstd, gamma, back
+        scale = gamma * invstd
+        if fused is not None:
+            rows = np.ascontiguousarray(rows)
+            y = np.empty_like(rows)
+            fused.scale_shift(rows, scale, beta - mean * scale, self.relu, y)
+            self.rows = rows   # x itself: the kernel's backward recomputes x - mean as it goes
+        else:
+            # xhat = centered * invstd is never stored: y and the gradients fold invstd into per-channel
+            # factors, which saves a pass over the activations each way.
+            self.centered = centered if self.training else rows - mean
+            y = np.multiply(self.centered, scale)
+            add_row_vector(y, beta)
+            if self.relu:
+                np.maximum(y, 0, out=y)
+        self.mean, self.invstd, self.scale, self.back, self.fused = mean, invstd, scale, back, fused
+        self.y = y if self.relu else None
         self.running_mean = self.running_var = None
         return back(y)
 
     def backward(self, gy):
         g, _, _ = _as_rows(gy, self.order)  # rows in the forward's order
-        centered, invstd = self.centered, self.invstd
+        if self.fused is not None:
+            gx = np.empty_like(self.rows)
+            y = self.y if self.relu else gx   # (not read without relu)
+            ggamma, gbeta = self.fused.batch_norm_backward(np.ascontiguousarray(g), self.rows, y, self.mean,
+                                                           self.invstd, self.scale, self.relu, self.training, gx)
+            return self.back(gx), ggamma.astype(gx.dtype), gbeta.astype(gx.dtype)
+        if self.relu:
+            g = g * (self.y > 0)
+        centered, invstd, scale = self.centered, self.invstd, self.scale
         gbeta = column_sums(g)
         ggamma = np.einsum("ij,ij->j", g, centered) * invstd
-        scale = self.gamma * invstd
         if self.training:
             # gx = scale * (g - gbeta / m - xhat * ggamma / m), with xhat = centered * invstd
             m = g.shape[0]
@@ -87,12 +111,12 @@ class Dropout(Operator):
         return gy * self.mask, None
 
 
-def batch_norm(x, gamma, beta, running_mean, running_var, training=None, momentum=0.1, eps=1e-5):
+def batch_norm(x, gamma, beta, running_mean, running_var, training=None, momentum=0.1, eps=1e-5, relu=False):
     """(x - mean) / sqrt(var + eps) * gamma + beta per channel: x (N, C) or (N, C, H, W); gamma, beta,
     running_mean, running_var (C,). Training uses the batch's statistics and updates the running ones
-    (momentum as in PyTorch); evaluation uses the running ones."""
+    (momentum as in PyTorch); evaluation uses the running ones. ``relu``: then max(., 0), fused."""
     training = config.train if training is None else training
-    return BatchNorm(running_mean, running_var, training, momentum, eps)(x, gamma, beta)
+    return BatchNorm(running_mean, running_var, training, momentum, eps, relu)(x, gamma, beta)
 
 
 def dropout_mask(shape, p, rng: np.random.Generator, dtype=np.float32) -> np.ndarray:

@@ -1,0 +1,120 @@
+"""The compiled kernels (distnn.kernels) against their numpy reference on random float32 inputs, in
+every memory layout the operators meet, and the switch between the two paths."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from distnn import kernels, nn, ops
+from distnn.autograd import Variable, eval_mode, train_mode
+
+SHAPE = (6, 5, 7, 4)
+LAYOUTS = {"nchw": (0, 1, 2, 3), "nhwc": (0, 2, 3, 1), "hwnc": (2, 3, 0, 1)}
+
+
+def laid_out(x, layout):
+    """x (N, C, H, W) with the same values in the given memory order."""
+    order = LAYOUTS[layout]
+    return np.ascontiguousarray(x.transpose(order)).transpose(np.argsort(order))
+
+
+def run(path, fn, arrays, grad):
+    """fn's output and every input's gradient on the given kernel path."""
+    kernels.use(path)
+    try:
+        vs = [Variable(a.copy(order="K"), requires_grad=True) for a in arrays]   # keeps the layout
+        y = fn(*vs)
+        y.backward(grad)
+        return [y.data] + [v.grad for v in vs]
+    finally:
+        kernels.use(None)
+
+
+def same_on_both_paths(fn, arrays, grad, rtol=2e-5, atol=2e-5):
+    ours, ref = run("numba", fn, arrays, grad), run("numpy", fn, arrays, grad)
+    for a, b in zip(ours, ref):
+        assert a.dtype == b.dtype == np.float32 and a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+    return ours
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_kernel_equals_numpy(layout, relu, training):
+    rng = np.random.default_rng(0)
+    x = laid_out(rng.normal(1.5, 2.0, SHAPE).astype(np.float32), layout)
+    gamma, beta = rng.uniform(0.5, 2, 5).astype(np.float32), rng.normal(0, 1, 5).astype(np.float32)
+    stats = {}
+
+    def fn(xv, g, b):
+        mean, var = np.full(5, 0.3, np.float32), np.full(5, 1.7, np.float32)
+        stats.setdefault(kernels.mode(), (mean, var))
+        return ops.batch_norm(xv, g, b, mean, var, training=training, relu=relu)
+
+    grad = laid_out(rng.standard_normal(SHAPE).astype(np.float32), layout)
+    y, gx, _, _ = same_on_both_paths(fn, [x, gamma, beta], grad)
+    for a, b in zip(stats["numba"], stats["numpy"]):        # the running statistics move alike
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert (y >= 0).all() if relu else (y < 0).any()
+    if layout != "nchw":                                     # (channels-first input is copied to nhwc)
+        assert gx.strides == x.strides                       # the gradient comes back in x's layout
+
+
+@pytest.mark.parametrize("layouts", [("hwnc", "hwnc"), ("nhwc", "nhwc"), ("hwnc", "nchw")])
+def test_add_relu_kernel_equals_numpy(layouts):
+    rng = np.random.default_rng(1)
+    a, b = (laid_out(rng.standard_normal(SHAPE).astype(np.float32), lay) for lay in layouts)
+    grad = rng.standard_normal(SHAPE).astype(np.float32)
+    y, ga, gb = same_on_both_paths(ops.add_relu, [a, b], grad)
+    np.testing.assert_array_equal(y, np.maximum(a + b, 0))
+    np.testing.assert_array_equal(ga, gb)
+
+
+def test_relu_backward_kernel_equals_numpy():
+    rng = np.random.default_rng(2)
+    x = laid_out(rng.standard_normal(SHAPE).astype(np.float32), "hwnc")
+    y, gx = same_on_both_paths(ops.relu, [x], laid_out(rng.standard_normal(SHAPE).astype(np.float32), "hwnc"))
+    assert ((gx == 0) == (x <= 0)).all()
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_sequential_fuses_batch_norm_and_relu_without_changing_the_maths(mode, kernel_path):
+    """A BatchNorm2d then a ReLU in a Sequential run as one fused operator, with the outputs and
+    gradients of the two layers run one after the other."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 3, 5, 5)).astype(np.float32)
+    fused = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU())
+    plain = nn.BatchNorm2d(3)
+    fused[0].weight.data[...] = plain.weight.data[...] = rng.uniform(0.5, 2, 3)
+    with train_mode() if mode == "train" else eval_mode():
+        xf, xp = Variable(x.copy(), requires_grad=True), Variable(x.copy(), requires_grad=True)
+        yf, yp = fused(xf), ops.relu(plain(xp))
+        assert type(yf.creator).__name__ == "BatchNorm" and yf.creator.relu
+        g = rng.standard_normal(yf.shape).astype(np.float32)
+        yf.backward(g)
+        yp.backward(g)
+    np.testing.assert_allclose(yf.data, yp.data, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(xf.grad, xp.grad, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fused[0].weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(fused[0].running_mean, plain.running_mean)
+
+
+def test_environment_selects_the_path():
+    code = "from distnn import kernels; print(kernels.mode())"
+    env = {k: v for k, v in os.environ.items() if k != "DISTNN_KERNELS"}
+    for value, expected in (("numpy", "numpy"), ("numba", "numba"), (None, "numba")):
+        run_env = env if value is None else {**env, "DISTNN_KERNELS": value}
+        out = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True)
+        assert out.stdout.strip() == expected, out.stderr
+    bad = subprocess.run([sys.executable, "-c", code], env={**env, "DISTNN_KERNELS": "fast"},
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "DISTNN_KERNELS='fast': choose numba or numpy" in bad.stderr
+
+
+def test_importing_distnn_does_not_import_numba():
+    out = subprocess.run([sys.executable, "-c", "import sys, distnn, distnn.nn, distnn.models; "
+                          "print('numba' in sys.modules)"], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
