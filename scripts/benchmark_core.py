@@ -103,7 +103,7 @@ def trace_step(name, n=8):
             x, w = arrays[0], arrays[-1] if _kind in ("RNNCell", "LSTMCell", "LSTMSequence") else arrays[1]
             macs[0] += forward_macs(x, w.T if _kind == "MatMul" else w, out, _kind)
             if _kind == "Conv2d":
-                algorithms.append("winograd" if self.winograd else "im2col")
+                algorithms.append(self.algorithm)
             return y
         saved[cls] = cls.forward
         cls.forward = forward

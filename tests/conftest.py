@@ -1,12 +1,22 @@
+import atexit
 import functools
 import http.server
+import os
+import shutil
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# The convolution choices the tests calibrate go to a cache of this session's own, not the user's
+# (set before any worker process or subprocess starts, so that they inherit it); removed at the end.
+_CACHE = tempfile.mkdtemp(prefix="distnn-test-cache-")
+os.environ["DISTNN_CACHE_DIR"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, True)
 
 
 @pytest.fixture(params=["numpy", "numba"])

@@ -296,10 +296,11 @@ def test_matches_pytorch_conv_pool_lstm():
 
 
 @pytest.mark.parametrize("size", [6, 5])
-def test_winograd_output_is_hwnc_memory_for_even_and_odd_sizes(size):
+def test_winograd_output_is_hwnc_memory_for_even_and_odd_sizes(size, monkeypatch):
     """A Winograd convolution returns (H, W, N, C) memory, also when an odd output size crops its
     even tiles, so the layer after it reads its layout instead of copying to channels-first."""
     from distnn.ops.layout import channels_last_order
+    monkeypatch.setenv("DISTNN_CONV", "winograd")
     rng = np.random.default_rng(0)
     x = Variable(rng.standard_normal((2, 8, size, size)).astype(np.float32))
     y = ops.conv2d(x, Variable(rng.standard_normal((4, 8, 3, 3)).astype(np.float32)), padding=1).data

@@ -164,6 +164,14 @@ def test_operator_gradient(op, fn, inputs, mode, kernel_path):
         assert gradcheck(fn, inputs, rtol=RTOL) <= RTOL
 
 
+@pytest.mark.parametrize("fn,inputs", CASES[ops.conv.Conv2d])
+@pytest.mark.parametrize("algorithm", ops.conv_choice.ALGORITHMS)
+def test_every_convolution_algorithm_gradient(fn, inputs, algorithm, kernel_path, monkeypatch):
+    """Each algorithm forced (DISTNN_CONV) on every conv case it applies to (others fall back)."""
+    monkeypatch.setenv("DISTNN_CONV", algorithm)
+    assert gradcheck(fn, inputs, rtol=RTOL) <= RTOL
+
+
 def test_gradcheck_catches_a_wrong_gradient():
     class Wrong(distnn.Operator):
         def forward(self, x):

@@ -4,10 +4,11 @@ with ``forward``/``backward`` on ndarrays) stay in their modules (``distnn.ops.c
 no name here means something else in ``distnn.nn``, where ``Conv2d`` is the layer.
 
 Modules: basic (arithmetic, matmul, linear), shape (reshape ... embedding), layout (memory orders of
-images), conv, winograd, pool, norm (batch norm, dropout), activation, loss, recurrent.
+images), conv (with conv_choice, winograd, shifted), pool, norm (batch norm, dropout), activation, loss, recurrent.
 """
 from ..autograd import Operator
-from . import activation, basic, conv, layout, loss, norm, pool, recurrent, shape, winograd  # noqa: F401
+from . import (activation, basic, conv, conv_choice, layout, loss, norm, pool, recurrent, shape,  # noqa: F401
+               shifted, winograd)
 from .activation import (add_relu, elu, gelu, leaky_relu, log_softmax, prelu, relu, selu, sigmoid, softmax,
                          softplus, tanh)
 from .basic import add, div, exp, linear, log, matmul, mul, neg, pow, sub

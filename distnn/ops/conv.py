@@ -1,15 +1,18 @@
-"""Convolution of images: im2col and one matrix product, or Winograd F(2x2, 3x3) for 3x3 kernels at
-stride 1 with enough channels (``winograd.py``). (N, C, H, W) at the interface, channels-last in
-memory (``layout.py``).
+"""Convolution of images by one of three algorithms chosen per layer shape on the host
+(``conv_choice.py``): im2col and one matrix product, Winograd F(2x2, 3x3) (``winograd.py``) or shifted
+products (``shifted.py``). (N, C, H, W) at the interface, channels-last in memory (``layout.py``).
 """
 from __future__ import annotations
+
+import time
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..autograd import Operator
-from . import winograd
+from . import conv_choice, shifted, winograd
 from .basic import add_row_vector, column_sums
+from .conv_choice import ConvShape
 from .layout import channel_rows, channels_last_order, from_channel_rows, nchw_view, nhwc
 
 
@@ -74,15 +77,13 @@ def window(i, j, sh, sw, ho, wo):
     return (slice(None), slice(i, i + sh * (ho - 1) + 1, sh), slice(j, j + sw * (wo - 1) + 1, sw))
 
 
-WINOGRAD_MIN_CHANNELS = 8
-
-
 class Conv2d(Operator):
     """Cross-correlation. x (N, C, H, W), W (O, C, kh, kw), b (O,) -> (N, O, Ho, Wo).
 
-    3x3 kernels at stride 1 with at least WINOGRAD_MIN_CHANNELS input channels run as Winograd
-    F(2x2, 3x3) (ops/winograd.py) and return (H, W, N, C)-ordered memory; every other shape runs as
-    im2col and one matrix product.
+    Three algorithms, chosen per layer shape on the host (``conv_choice``): ``im2col`` (any shape;
+    returns (N, H, W, C) memory), ``winograd`` F(2x2, 3x3) (3x3 at stride 1, ``winograd.py``; (H, W, N, C)
+    memory) and ``shifted`` (stride 1, ``shifted.py``; (N, H, W, C) memory). Each returns its input
+    gradient in the memory order its input came in.
     """
 
     def __init__(self, stride=1, padding=0):
@@ -96,13 +97,29 @@ class Conv2d(Operator):
         o, cw, kh, kw = w.shape
         if c != cw:
             raise ValueError(f"conv2d: input has {c} channels, weight expects {cw}")
-        sh, sw = self.stride
         pads = conv_padding(self.padding, (kh, kw), self.stride)
-        ho = out_size(h, pads[0] + pads[1], kh, sh, "conv2d")
-        wo = out_size(wd, pads[2] + pads[3], kw, sw, "conv2d")
-        if (kh, kw) == (3, 3) and (sh, sw) == (1, 1) and max(pads) <= 2 and c >= WINOGRAD_MIN_CHANNELS:
-            return self._forward_winograd(x, w, b, pads)
-        self.winograd = False
+        ho = out_size(h, pads[0] + pads[1], kh, self.stride[0], "conv2d")
+        wo = out_size(wd, pads[2] + pads[3], kw, self.stride[1], "conv2d")
+        if not hasattr(self, "algorithm"):   # (set beforehand when calibrating)
+            shape = ConvShape(n, c, h, wd, o, (kh, kw), self.stride, pads, x.dtype.name)
+            self.algorithm = conv_choice.choose(shape, lambda a: self._time(a, x, w, b))
+        self.pads, self.w, self.x_order = pads, w, channels_last_order(x)
+        y = getattr(self, f"_forward_{self.algorithm}")(x, w, pads, (ho, wo))   # channels-last, contiguous
+        if b is not None:
+            add_row_vector(y.reshape(-1, o), b)
+        return y.transpose(2, 3, 0, 1) if self.algorithm == "winograd" else nchw_view(y)
+
+    def _time(self, algorithm, x, w, b) -> float:
+        """Seconds of one forward + backward of this convolution by ``algorithm`` (calibration)."""
+        op = Conv2d(self.stride, self.padding)
+        op.algorithm, op.needs_grad = algorithm, (True, True, True)[:2 + (b is not None)]
+        start = time.perf_counter()
+        y = op.forward(x, w) if b is None else op.forward(x, w, b)
+        op.backward(np.ones_like(y))
+        return time.perf_counter() - start
+
+    def _forward_im2col(self, x, w, pads, out):
+        (n, c, _, _), (o, _, kh, kw), (sh, sw), (ho, wo) = x.shape, w.shape, self.stride, out
         wm = w.transpose(0, 2, 3, 1).reshape(o, kh * kw * c)
         if x.flags.c_contiguous:
             # A channels-first input (the images entering a network): gather the columns transposed,
@@ -126,12 +143,15 @@ class Conv2d(Operator):
             y = cols @ wm.T
             self.cols, self.cols_t = cols if self.needs_grad[1] else None, None
             xp_shape = xp.shape
-        if b is not None:
-            add_row_vector(y, b)
         self.wm, self.geom = wm, (x.shape, xp_shape, pads, (kh, kw), (ho, wo))
-        return nchw_view(y.reshape(n, ho, wo, o))
+        return y.reshape(n, ho, wo, o)
 
-    def _forward_winograd(self, x, w, b, pads):
+    def _forward_shifted(self, x, w, pads, out):
+        xp = _pad_nhwc(nhwc(x), pads)
+        self.rows, self.padded_shape = xp.reshape(-1, xp.shape[3]), xp.shape
+        return shifted.forward(self.rows, w, xp.shape)
+
+    def _forward_winograd(self, x, w, pads, out):
         n, c, h, wd = x.shape
         t, bottom, l, r = pads
         xp = np.zeros((h + t + bottom, wd + l + r, n, c), x.dtype)
@@ -140,42 +160,49 @@ class Conv2d(Operator):
         y = winograd.conv3x3(xp, w, keep_tiles=keep)
         if keep:
             y, self.tiles, self.even_shape = y
-        if b is not None:
-            if y.flags.c_contiguous:
-                add_row_vector(y.reshape(-1, y.shape[-1]), b)
-            else:  # cropped to an odd size
-                y += b
-        self.winograd, self.w, self.pads, self.x_order = True, w, pads, channels_last_order(x)
-        return y.transpose(2, 3, 0, 1)
+        return y
+
+    def backward(self, gy):
+        gx, gw, gb = getattr(self, f"_backward_{self.algorithm}")(gy)
+        if gx is not None:   # in the input's memory order, so that the element-wise backward passes
+            #                  before (ReLU, batch norm) read arrays laid out alike
+            gx = from_channel_rows(channel_rows(gx, self.x_order), self.x_order, gx.shape)
+        return (gx, gw, gb)[:len(self.needs_grad)]
+
+    def _bias_grad(self, rows):
+        return column_sums(rows) if len(self.needs_grad) == 3 and self.needs_grad[2] else None
+
+    def _backward_shifted(self, gy):
+        (kh, kw), (t, _, l, _) = self.w.shape[2:], self.pads
+        g = nhwc(gy)   # (N, Ho, Wo, O)
+        grows = shifted.spread(g, self.padded_shape)
+        gw = shifted.filter_grad(self.rows, grows, (kh, kw), self.padded_shape[2]) if self.needs_grad[1] else None
+        gx = None
+        if self.needs_grad[0]:
+            h, wd = self.padded_shape[1] - sum(self.pads[:2]), self.padded_shape[2] - sum(self.pads[2:])
+            gx = nchw_view(shifted.input_grad(grows, self.w, self.padded_shape)[:, t:t + h, l:l + wd])
+        self.rows = None
+        return gx, gw, self._bias_grad(g.reshape(-1, g.shape[3]))
 
     def _backward_winograd(self, gy):
         g = np.ascontiguousarray(gy.transpose(2, 3, 0, 1))  # (Ho, Wo, N, O): free after a Winograd conv
-        gx = gw = gb = None
+        gw = gx = None
         if self.needs_grad[1]:
             gw = winograd.filter_grad(self.tiles, g, self.even_shape)
             self.tiles = None
-        if len(self.needs_grad) == 3 and self.needs_grad[2]:
-            gb = column_sums(g.reshape(-1, g.shape[3]))
         if self.needs_grad[0]:
-            # returned in the input's memory order, so that the backward of the element-wise layers
-            # before (ReLU, batch norm) reads gradient and saved arrays in the same order
             gx = winograd.input_grad(g, self.w, self.pads).transpose(2, 3, 0, 1)
-            gx = from_channel_rows(channel_rows(gx, self.x_order), self.x_order, gx.shape)
-        return (gx, gw) if len(self.needs_grad) == 2 else (gx, gw, gb)
+        return gx, gw, self._bias_grad(g.reshape(-1, g.shape[3]))
 
-    def backward(self, gy):
-        if self.winograd:
-            return self._backward_winograd(gy)
+    def _backward_im2col(self, gy):
         (n, c, h, wd), xp_shape, pads, (kh, kw), (ho, wo) = self.geom
         sh, sw = self.stride
         g2 = nhwc(gy).reshape(-1, gy.shape[1])
-        gw = gb = gx = None
+        gw = gx = None
         if self.needs_grad[1]:
             gw = g2.T @ self.cols if self.cols is not None else (self.cols_t @ g2).T
             gw = gw.reshape(-1, kh, kw, c).transpose(0, 3, 1, 2)
             self.cols = self.cols_t = None
-        if len(self.needs_grad) == 3 and self.needs_grad[2]:
-            gb = column_sums(g2)
         if self.needs_grad[0]:
             # col2im one kernel offset at a time: (N*Ho*Wo, O) @ (O, C) lands contiguous and is added
             # into the input positions that offset saw, without the (N*Ho*Wo, kh*kw*C) column gradient.
@@ -188,7 +215,7 @@ class Conv2d(Operator):
                     gxp[window(i, j, sh, sw, ho, wo)] += part.reshape(n, ho, wo, c)
             t, _, l, _ = pads
             gx = nchw_view(np.ascontiguousarray(gxp[:, t:t + h, l:l + wd]) if any(pads) else gxp)
-        return (gx, gw) if len(self.needs_grad) == 2 else (gx, gw, gb)
+        return gx, gw, self._bias_grad(g2)
 
 
 def conv2d(x, w, b=None, stride=1, padding=0):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import kernels
 from .._hardware import cache_bytes
 
 G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
@@ -125,14 +126,15 @@ def conv3x3(xp: np.ndarray, w: np.ndarray, keep_tiles: bool = False):
     y = np.empty((2 * th, 2 * tw, n, u.shape[2]), xp.dtype)
     v_all = np.empty((16, th * tw * n, c), xp.dtype) if keep_tiles else None
     per_row = tw * n
+    fused = kernels.compiled()
     for t0, t1 in _bands(th, tw, n, c):
         if keep_tiles:
             v = v_all[:, t0 * per_row:t1 * per_row]
         else:
             v = np.empty((16, (t1 - t0) * per_row, c), xp.dtype)
         transform_input(xe[2 * t0:2 * t1 + 2], v.reshape(4, 4, t1 - t0, tw, n, c))
-        m = np.matmul(v, u)
-        transform_output(m.reshape(4, 4, t1 - t0, tw, n, -1), y[2 * t0:2 * t1])
+        m = np.matmul(v, u).reshape(4, 4, t1 - t0, tw, n, -1)
+        (fused.winograd_output if fused is not None else transform_output)(m, y[2 * t0:2 * t1])
     y = y if y.shape[:2] == (ho, wo) else np.ascontiguousarray(y[:ho, :wo])   # (H, W, N, O) memory, as promised
     return (y, v_all, xe.shape) if keep_tiles else y
 

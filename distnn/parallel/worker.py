@@ -11,6 +11,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from .. import ops
+from ..ops import conv_choice
 from ..autograd import train_mode
 from ..data import Loader, open_dataset
 from ..models import build_model, builders, evaluate
@@ -28,12 +29,15 @@ class GradientWorker:
     """Computes the mean gradient of the loss over its next minibatch at given parameters.
 
     ``spec``: the model (``models.build_model``); ``data``: what to read (``DataSpec``); ``threads``:
-    BLAS threads while it computes (the host's own limit is put back after each call). Every random
+    BLAS threads while it computes (the host's own limit is put back after each call);
+    ``convolutions``: the run's fixed algorithm of each conv layer (``ops.conv_choice.pin``). Every random
     draw (data order, augmentation, dropout masks) comes from generators seeded by (seed, rank, epoch).
     """
 
     def __init__(self, spec: dict, data: DataSpec, rank: int, world_size: int, threads: int = 1,
-                 compress: str = "none"):
+                 compress: str = "none", convolutions: dict | None = None):
+        if convolutions is not None:   # the run's algorithm of each conv layer (ops.conv_choice)
+            conv_choice.pin(convolutions)
         self.rank, self.world_size = rank, world_size
         self.threads = threads
         self._blas = ThreadpoolController()

@@ -19,10 +19,12 @@ def shard_bounds(size: int, k: int) -> list[tuple[int, int]]:
 
 
 class Fleet:
-    def __init__(self, backend, plan, owns_backend=False):
+    def __init__(self, backend, plan, owns_backend=False, convolutions: dict | None = None):
         """Start the ``plan.world`` workers of a ``setup.RunPlan`` and read their data. ``owns_backend``:
-        ``close`` shuts the backend down too."""
+        ``close`` shuts the backend down too; ``convolutions``: the run's algorithm of each conv layer
+        (``setup.kernel_choices``), given to every worker and every replacement."""
         self.backend, self.plan, self.owns_backend = backend, plan, owns_backend
+        self.convolutions = convolutions
         self.spec, self.data, self.world, self.local = plan.spec, plan.data, plan.world, plan.local
         self.threads, self.compress = plan.config.threads, plan.config.compress
         self.workers, self.servers, self.bounds = [], [], []
@@ -40,7 +42,7 @@ class Fleet:
 
     def _new_worker(self, rank):
         worker = self.backend.create(GradientWorker, self.spec, self.data, rank, self.world, self.threads,
-                                     self.compress, cpus=self.threads)
+                                     self.compress, self.convolutions, cpus=self.threads)
         if self.local is not None:
             self.get(self.backend.call(worker, "set_local", self.local))
         return worker

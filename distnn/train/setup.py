@@ -11,11 +11,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from .. import kernels, ops
+from .._hardware import describe as describe_host
 from .._io import atomic_write_text
+from ..autograd import train_mode
 from ..config import TrainConfig
 from ..data import SOURCES, Loader, ShardedDataset, open_dataset, prepare
 from ..data.dataset import MANIFEST
 from ..models import build_model, builders
+from ..ops import conv_choice
 from ..parallel import make_backend
 from ..parallel.specs import DataSpec, LocalSpec, OptimizerSpec, ScheduleSpec
 from .errors import TrainingError
@@ -55,6 +61,30 @@ def plan(c: TrainConfig, cpus: int, resuming: bool = False, log=print, progress=
                                                      length.total_updates)
     return RunPlan(config=dataclasses.replace(c, out=str(out)), dataset=path, spec=spec, world=world, out=out,
                    data=data_spec(c, path), optimizer=optimizer, schedule=schedule, local=local, length=length)
+
+
+def kernel_choices(p: RunPlan, resuming: bool = False) -> dict:
+    """The run's convolution algorithm of each conv layer (``ops.conv_choice``), fixed once: read from
+    RUN/kernels.json when resuming a run that has one, else chosen here by one forward and backward of
+    the model at the run's batch size - calibrating the shapes this host has not timed yet, and
+    compiling the fused kernels into numba's cache before the workers start - and recorded there."""
+    path = p.out / "kernels.json"
+    if resuming and path.is_file():
+        try:
+            return json.loads(path.read_text())["convolutions"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise TrainingError(f"{path}: unreadable ({e}); remove it to choose the algorithms again") from None
+    start = time.perf_counter()
+    model, shape = build(p.spec), open_dataset(p.dataset).input_shape
+    x = np.zeros((p.data.batch_size, *shape), np.float32)
+    try:
+        with conv_choice.recording() as table, train_mode():
+            ops.softmax_cross_entropy(model(x), np.zeros(len(x), np.int64)).backward()
+    except ValueError as e:
+        raise TrainingError(f"the model cannot train on a batch of {len(x)} inputs {tuple(shape)}: {e}") from None
+    atomic_write_text(path, json.dumps({"convolutions": table, "kernels": kernels.mode(), "host": describe_host(),
+                                        "seconds": round(time.perf_counter() - start, 3)}, indent=1))
+    return table
 
 
 def start_backend(c: TrainConfig):

@@ -9,6 +9,7 @@ import threading
 from .._io import WriteFailed
 from ..config import TrainConfig
 from ..checkpoint import save_model
+from ..ops import conv_choice
 from ..parallel import NonFiniteError
 from . import setup
 from .asynchronous import run_async
@@ -36,7 +37,7 @@ class Trainer:
             self.plan = p = setup.plan(config, (backend or owned).cpus(), resume is not None, log, progress)
             self.config, self.out, self.spec, self.length = p.config, p.out, p.spec, p.length
             self.model = setup.build(p.spec)
-            self.fleet = Fleet(backend or owned, p)
+            self.fleet = Fleet(backend or owned, p, convolutions=setup.kernel_choices(p, resume is not None))
             self.fleet.owns_backend, owned = owned is not None, None
             self.fleet.start_servers(self.model.flat_params, self.model.decay_mask())
             setup.write_run_files(p)
@@ -152,6 +153,7 @@ class Trainer:
             self.report.close()
         if self.fleet is not None:
             self.fleet.close()
+        conv_choice.pin(None)   # the local backend's workers pinned this process
 
 
 def catch_signals(trainer):

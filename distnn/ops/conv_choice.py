@@ -1,0 +1,182 @@
+"""Which algorithm a convolution runs, per layer shape, chosen on the host it runs on.
+
+The algorithms (``ops/conv.py``): ``im2col`` (one matrix product over copied windows; any shape),
+``winograd`` (F(2x2, 3x3): 3x3 at stride 1, ``ops/winograd.py``) and ``shifted`` (kh*kw products over
+shifted rows of channels-last data: stride 1, ``ops/shifted.py``). No one of them wins at every shape
+on every CPU, so, as cuDNN's benchmark mode does, the first use of a shape times forward + backward of
+each algorithm that applies (a short calibration) and keeps the fastest. The result is kept in a cache
+file per host (``DISTNN_CACHE_DIR``, else ``$XDG_CACHE_HOME/distnn`` or ``~/.cache/distnn``) that
+every process on the machine reads, so a shape is calibrated once per machine.
+
+Calibration is noisy, so a training run fixes its choices once (``pin``): the driver calibrates the
+model's shapes before the workers start, records them in the run folder, and every worker (on any
+node, and after a resume or a recovery) runs exactly those, so that runs stay bit-identical. A shape a
+pinned process was not given runs the fixed rule of ``default``. ``DISTNN_CONV=im2col|winograd|shifted``
+forces one algorithm wherever it applies (the tests run each).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ALGORITHMS = ("im2col", "winograd", "shifted")
+REPEATS = 3                # timed runs of each algorithm after one warm-up; the best counts
+_pinned: dict | None = None
+_recording: list = []      # dicts that note each layer's choice (``recording``)
+_memo: dict = {}           # shape key -> algorithm, for this process
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """A convolution call: input (N, C, H, W), weight (O, C, kh, kw), stride, padding (top, bottom,
+    left, right), dtype. ``layer`` names it without the batch size (what a run pins), ``key`` with it
+    (what the host cache keeps: the best algorithm can change with N)."""
+    n: int
+    c: int
+    h: int
+    w: int
+    o: int
+    kernel: tuple
+    stride: tuple
+    pads: tuple
+    dtype: str
+
+    @property
+    def layer(self) -> str:
+        return (f"c{self.c}-h{self.h}-w{self.w}-o{self.o}-k{self.kernel[0]}x{self.kernel[1]}-"
+                f"s{self.stride[0]}x{self.stride[1]}-p{''.join(map(str, self.pads))}-{self.dtype}")
+
+    @property
+    def key(self) -> str:
+        return f"n{self.n}-{self.layer}"
+
+
+def applicable(shape: ConvShape) -> list[str]:
+    """The algorithms that can run this shape."""
+    found = ["im2col"]
+    if shape.stride == (1, 1):
+        if shape.kernel == (3, 3) and max(shape.pads) <= 2:
+            found.append("winograd")
+        found.append("shifted")
+    return found
+
+
+def default(shape: ConvShape) -> str:
+    """The fixed rule where nothing was measured: Winograd for 3x3 stride-1 layers with at least 8
+    input channels (its transforms outweigh its saving below that), im2col otherwise."""
+    return "winograd" if "winograd" in applicable(shape) and shape.c >= 8 else "im2col"
+
+
+def choose(shape: ConvShape, measure) -> str:
+    """The algorithm for ``shape``: forced by DISTNN_CONV, else pinned by the run, else this host's
+    calibrated choice (``measure(algorithm)`` -> seconds of one forward + backward, called when the
+    shape has not been calibrated here yet)."""
+    forced = os.environ.get("DISTNN_CONV")
+    if forced:
+        if forced not in ALGORITHMS:
+            raise ValueError(f"DISTNN_CONV={forced!r}: choose one of {', '.join(ALGORITHMS)}")
+        chosen = forced if forced in applicable(shape) else default(shape)
+    elif _pinned is not None:
+        chosen = _pinned.get(shape.layer) or default(shape)
+    else:
+        chosen = _memo.get(shape.key) or _from_host_cache(shape) or calibrate(shape, measure)
+        _memo[shape.key] = chosen
+    for record in _recording:
+        record[shape.layer] = chosen
+    return chosen
+
+
+def calibrate(shape: ConvShape, measure) -> str:
+    """Time every applicable algorithm (interleaved, best of REPEATS after a warm-up), keep the
+    fastest in the host cache, return it."""
+    algorithms = applicable(shape)
+    if len(algorithms) == 1:
+        return algorithms[0]
+    best = dict.fromkeys(algorithms, float("inf"))
+    for rep in range(REPEATS + 1):
+        for a in algorithms:
+            seconds = measure(a)
+            if rep:
+                best[a] = min(best[a], seconds)
+    chosen = min(algorithms, key=best.get)
+    _store(shape, chosen, {a: round(s * 1e3, 3) for a, s in best.items()})
+    return chosen
+
+
+def pin(table: dict | None) -> None:
+    """Fix this process's choices to ``table`` (layer -> algorithm, from ``recording``); None: back
+    to calibrating on first use."""
+    global _pinned
+    _pinned = None if table is None else dict(table)
+
+
+class recording:
+    """``with recording() as table:`` collects layer -> algorithm of every convolution run inside,
+    chosen on this host (forced, cached or calibrated) whatever this process has pinned."""
+
+    def __enter__(self) -> dict:
+        global _pinned
+        self.table, self.pinned, _pinned = {}, _pinned, None
+        _recording.append(self.table)
+        return self.table
+
+    def __exit__(self, *exc):
+        global _pinned
+        _recording.remove(self.table)
+        _pinned = self.pinned
+
+
+# -- the host cache ---------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    own = os.environ.get("DISTNN_CACHE_DIR")
+    if own:
+        return Path(own)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "distnn"
+
+
+def cache_file() -> Path:
+    return cache_dir() / f"conv-{socket.gethostname()}.json"
+
+
+def _host() -> dict:
+    from .._hardware import blas_kernel, cpu_name
+    return {"cpu": cpu_name(), "blas": blas_kernel()}
+
+
+def _entry_key(shape: ConvShape) -> str:
+    """The cache's key: the shape with its batch size, and the element-wise kernels (numba or numpy)
+    that Winograd's output transform runs on."""
+    from .. import kernels
+    return f"{shape.key}-{kernels.mode()}"
+
+
+def _read() -> dict:
+    """The host cache's entries, or {} when it is missing, unreadable or made on another CPU or BLAS."""
+    try:
+        data = json.loads(cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data.get("choices", {}) if data.get("host") == _host() else {}
+
+
+def _from_host_cache(shape: ConvShape) -> str | None:
+    entry = _read().get(_entry_key(shape))
+    return entry["algorithm"] if entry and entry.get("algorithm") in applicable(shape) else None
+
+
+def _store(shape: ConvShape, chosen: str, ms: dict) -> None:
+    """Add one entry (read, merge, write to a temporary name, rename; a lost race loses one entry)."""
+    choices = _read()
+    choices[_entry_key(shape)] = {"algorithm": chosen, "ms": ms, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    path = cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"host": _host(), "choices": choices}, indent=1))
+        os.replace(tmp, path)
+    except OSError:   # a read-only home: the choice still holds for this process (_memo)
+        pass

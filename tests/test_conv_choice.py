@@ -1,0 +1,131 @@
+"""Convolution algorithms chosen per layer shape (distnn.ops.conv_choice): every algorithm equals the
+others, the calibration keeps the fastest in a host cache, a run fixes its choices once."""
+import json
+
+import numpy as np
+import pytest
+
+from datagen import prepared_mnist
+from distnn import ops
+from distnn.autograd import Variable
+from distnn.config import TrainConfig
+from distnn.ops import conv_choice
+from distnn.ops.conv_choice import ConvShape
+from distnn.parallel import GradientWorker
+from distnn.train import setup
+
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    """No memo, nothing pinned, nothing forced, and a host cache of the test's own."""
+    monkeypatch.setenv("DISTNN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("DISTNN_CONV", raising=False)
+    monkeypatch.setattr(conv_choice, "_memo", {})
+    monkeypatch.setattr(conv_choice, "_pinned", None)
+    return tmp_path / "cache"
+
+
+SHAPES = [  # (x shape, w shape, stride, padding)
+    ((3, 8, 6, 7), (5, 8, 3, 3), 1, 1),      # every algorithm applies
+    ((2, 4, 9, 8), (3, 4, 3, 3), 1, (0, 2)),
+    ((2, 3, 8, 8), (4, 3, 5, 5), 1, 2),      # im2col, shifted
+    ((2, 6, 9, 9), (4, 6, 3, 3), 2, 1),      # im2col only
+]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "hwnc"])
+@pytest.mark.parametrize("xs,ws,stride,padding", SHAPES)
+def test_every_algorithm_computes_the_same_convolution(xs, ws, stride, padding, layout, fresh, monkeypatch):
+    rng = np.random.default_rng(0)
+    order = {"nchw": (0, 1, 2, 3), "nhwc": (0, 2, 3, 1), "hwnc": (2, 3, 0, 1)}[layout]
+    x = np.ascontiguousarray(rng.standard_normal(xs).astype(np.float32).transpose(order)).transpose(np.argsort(order))
+    w, b = rng.standard_normal(ws).astype(np.float32), rng.standard_normal(ws[0]).astype(np.float32)
+    results, g = {}, None
+    for algorithm in conv_choice.ALGORITHMS:
+        monkeypatch.setenv("DISTNN_CONV", algorithm)
+        xv, wv, bv = (Variable(a.copy(order="K"), requires_grad=True) for a in (x, w, b))
+        y = ops.conv2d(xv, wv, bv, stride=stride, padding=padding)
+        applies = algorithm == "im2col" or (stride == 1 and (algorithm == "shifted" or ws[2:] == (3, 3)))
+        assert y.creator.algorithm == (algorithm if applies else "im2col")
+        g = rng.standard_normal(y.shape).astype(np.float32) if g is None else g
+        y.backward(g)
+        assert xv.grad.strides == x.strides or layout == "nchw"   # the gradient in the input's layout
+        results[algorithm] = (y.data, xv.grad, wv.grad, bv.grad)
+    for algorithm, values in results.items():
+        for ours, ref in zip(values, results["im2col"]):
+            np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4, err_msg=algorithm)
+
+
+def shape(n=8, c=16, kernel=(3, 3), stride=(1, 1)):
+    return ConvShape(n, c, 12, 12, 16, kernel, stride, (1, 1, 1, 1), "float32")
+
+
+def test_calibration_keeps_the_fastest_in_the_host_cache(fresh):
+    seconds = {"im2col": 3.0, "winograd": 2.0, "shifted": 1.0}
+    timed = []
+    assert conv_choice.choose(shape(), lambda a: timed.append(a) or seconds[a]) == "shifted"
+    assert sorted(set(timed)) == sorted(seconds) and len(timed) == 3 * (conv_choice.REPEATS + 1)
+    cached = json.loads(conv_choice.cache_file().read_text())
+    (entry,) = cached["choices"].values()
+    assert entry["algorithm"] == "shifted" and entry["ms"] == {"im2col": 3000.0, "winograd": 2000.0, "shifted": 1000.0}
+
+    def never(a):
+        raise AssertionError("calibrated again")
+    conv_choice._memo.clear()                   # another process on this host reads the cache
+    assert conv_choice.choose(shape(), never) == "shifted"
+    conv_choice._memo.clear()
+    assert conv_choice.choose(shape(n=64), lambda a: seconds[a] if a != "winograd" else 0.5) == "winograd"
+
+
+def test_a_cache_made_on_another_cpu_is_not_read(fresh):
+    conv_choice.choose(shape(), lambda a: {"im2col": 1.0}.get(a, 2.0))
+    data = json.loads(conv_choice.cache_file().read_text())
+    data["host"]["cpu"] = "another CPU"
+    conv_choice.cache_file().write_text(json.dumps(data))
+    conv_choice._memo.clear()
+    assert conv_choice.choose(shape(), lambda a: {"shifted": 1.0}.get(a, 2.0)) == "shifted"
+
+
+def test_pinned_choices_are_kept_and_unknown_layers_take_the_fixed_rule(fresh):
+    def never(a):
+        raise AssertionError("a pinned process never calibrates")
+    conv_choice.pin({shape().layer: "shifted"})
+    try:
+        assert conv_choice.choose(shape(n=500), never) == "shifted"           # any batch size: the layer's
+        assert conv_choice.choose(shape(c=4), never) == "im2col"              # not pinned: the fixed rule
+        assert conv_choice.choose(shape(c=32), never) == "winograd"
+        with conv_choice.recording() as table:                                # the driver chooses anew
+            conv_choice.choose(shape(), lambda a: {"im2col": 1.0}.get(a, 2.0))
+        assert table == {shape().layer: "im2col"} and conv_choice._pinned == {shape().layer: "shifted"}
+    finally:
+        conv_choice.pin(None)
+
+
+def test_forcing_an_algorithm(fresh, monkeypatch):
+    monkeypatch.setenv("DISTNN_CONV", "winograd")
+    assert conv_choice.choose(shape(), None) == "winograd"
+    assert conv_choice.choose(shape(kernel=(5, 5)), None) == "im2col"        # where it does not apply
+    monkeypatch.setenv("DISTNN_CONV", "fft")
+    with pytest.raises(ValueError, match="DISTNN_CONV='fft': choose one of im2col, winograd, shifted"):
+        conv_choice.choose(shape(), None)
+
+
+def test_a_run_fixes_its_choices_and_its_workers_use_them(fresh, tmp_path):
+    data = prepared_mnist(tmp_path, n_train=64, n_test=16, seed=1, shards=1)
+    c = TrainConfig(model="lenet5", data=str(data), workers=1, batch_size=8, backend="local",
+                    out=str(tmp_path / "run")).validate()
+    plan = setup.plan(c, cpus=1, log=lambda *a: None, progress=False)
+    table = setup.kernel_choices(plan)
+    recorded = json.loads((tmp_path / "run" / "kernels.json").read_text())
+    assert recorded["convolutions"] == table and len(table) == 2     # lenet5's two conv layers
+    assert set(table.values()) <= set(conv_choice.ALGORITHMS) and recorded["host"]["cpu"]
+    # a resume reads the file, whatever this host would choose now
+    forced = {layer: "im2col" for layer in table}
+    (tmp_path / "run" / "kernels.json").write_text(json.dumps({**recorded, "convolutions": forced}))
+    assert setup.kernel_choices(plan, resuming=True) == forced
+    try:
+        worker = GradientWorker(plan.spec, plan.data, 0, 1, convolutions=forced)
+        worker.compute(worker.model.flat_params.copy())
+        assert conv_choice._pinned == forced
+    finally:
+        conv_choice.pin(None)
