@@ -85,6 +85,25 @@ def worker_driven(backend, data, p0, opt, sched, steps):
             backend.kill(h)
 
 
+def _semaphores() -> set:
+    """The named POSIX semaphores in /dev/shm (Ray's compiled-graph channels make sem.hdr* / sem.obj*)."""
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("sem.*")} if shm.is_dir() else set()
+
+
+def _remove_orphans(names, seconds: float = 10.0) -> None:
+    """Unlink the semaphores this run's channels left behind (Ray does not) once their processes are
+    gone, waiting up to ``seconds`` for Ray's workers to exit: each name carries its creator's pid,
+    sem.hdrPID-... or sem.objPID-..."""
+    owners = {name: name[len("sem.hdr"):].split("-")[0] for name in names}
+    deadline = time.monotonic() + seconds
+    while any(Path(f"/proc/{pid}").exists() for pid in owners.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for name, pid in owners.items():
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            (Path("/dev/shm") / name).unlink(missing_ok=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", required=True, help="a prepared MNIST folder (distnn prepare mnist)")
@@ -93,6 +112,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/ab_compiled_graph.json")
     args = ap.parse_args(argv)
+    before = _semaphores()
     backend = RayBackend(num_cpus=2)
     data = DataSpec(path=str(args.dataset), batch_size=args.batch, seed=0)
     p0 = build_model(SPEC).flat_params.copy()
@@ -102,6 +122,7 @@ def main(argv=None):
         ms["compiled graph"].append(1e3 * compiled(data, p0, opt, sched, args.steps))
         ms["worker-driven"].append(1e3 * worker_driven(backend, data, p0, opt, sched, args.steps))
     backend.shutdown()
+    _remove_orphans(_semaphores() - before)
     host = describe_host()
     print(f"CPU: {host['cpu']}; BLAS: {host['blas']}; lenet5, 2 workers x batch {args.batch}, ms per step")
     for name, values in ms.items():

@@ -60,9 +60,11 @@ def test_compiled_graph_ab_runs_both_ways(tmp_path):
     from datagen import prepared_mnist
     data = prepared_mnist(tmp_path / "data", n_train=256, n_test=32, seed=1, shards=2)
     out = tmp_path / "ab.json"
+    shm = set(Path("/dev/shm").glob("sem.*"))
     proc = run_script(ROOT / "scripts" / "ab_compiled_graph.py", "--dataset", data / "mnist", "--batch", "8",
                       "--steps", "3", "--rounds", "1", "--out", out)
     assert proc.returncode == 0, proc.stderr
+    assert set(Path("/dev/shm").glob("sem.*")) - shm == set()   # the channels' semaphores are gone
     ms = json.loads(out.read_text())["ms_per_step"]
     assert len(ms["compiled graph"]) == len(ms["worker-driven"]) == 1 and min(ms["compiled graph"] + ms["worker-driven"]) > 0
     assert json.loads(out.read_text())["host"]["cpu"] and "compiled graph" in proc.stdout
