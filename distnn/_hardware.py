@@ -45,11 +45,13 @@ def cpu_name() -> str:
 
 
 def blas_kernel() -> str:
-    """numpy's BLAS as threadpoolctl names it, e.g. 'openblas 0.3.31 SkylakeX'."""
+    """numpy's BLAS as threadpoolctl names it, e.g. 'openblas 0.3.31 SkylakeX' (where other packages
+    loaded a BLAS of their own too, the one in numpy's folder)."""
     from threadpoolctl import threadpool_info
-    for lib in threadpool_info():
-        if lib.get("user_api") == "blas":
-            return " ".join(str(lib[k]) for k in ("internal_api", "version", "architecture") if lib.get(k))
+    found = [lib for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    found.sort(key=lambda lib: "numpy" not in lib.get("filepath", ""))
+    for lib in found:
+        return " ".join(str(lib[k]) for k in ("internal_api", "version", "architecture") if lib.get(k))
     return "unknown"
 
 

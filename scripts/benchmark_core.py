@@ -33,6 +33,7 @@ from distnn._hardware import describe as describe_host  # noqa: E402
 from distnn import kernels, ops, tune_allocator  # noqa: E402
 from distnn.interchange import torch_twin  # noqa: E402
 from distnn.models import ZOO, build_model, input_shape  # noqa: E402
+from distnn.ops import conv_choice  # noqa: E402
 from distnn.optim import Adam  # noqa: E402
 
 MODELS = list(ZOO)
@@ -88,32 +89,34 @@ def forward_macs(x, w, y, kind):
     return int(np.prod(y.shape[:-1])) * int(np.prod(w.shape))   # recurrent: hidden state (..., H) @ w_hh (G, H)
 
 
-def trace_step(name, n=8):
-    """(multiply-adds of one sample's forward pass, the convolution algorithm of each conv call) of a
-    zoo model, from one forward pass in evaluation mode with the operators watched."""
+def forward_macs_per_sample(name, n=8):
+    """Multiply-adds of one sample's forward pass of a zoo model, from one forward pass in evaluation
+    mode with the operators watched (after one unwatched pass, in which the convolutions choose their
+    algorithm)."""
     from distnn.autograd import eval_mode, no_grad
+    model, x = build_model(spec_for(name)), batch(name, n, np.random.default_rng(0))[0]
+    with eval_mode(), no_grad():
+        model(x)
     classes = {"Conv2d": ops.conv.Conv2d, "Linear": ops.basic.Linear, "MatMul": ops.basic.MatMul,
                "RNNCell": ops.recurrent.RNNCell, "LSTMCell": ops.recurrent.LSTMCell,
                "LSTMSequence": ops.recurrent.LSTMSequence}
-    macs, algorithms, saved = [0], [], {}
+    macs, saved = [0], {}
     for kind, cls in classes.items():
         def forward(self, *arrays, _kind=kind, _inner=cls.forward):
             y = _inner(self, *arrays)
             out = y[0] if isinstance(y, tuple) else y
             x, w = arrays[0], arrays[-1] if _kind in ("RNNCell", "LSTMCell", "LSTMSequence") else arrays[1]
             macs[0] += forward_macs(x, w.T if _kind == "MatMul" else w, out, _kind)
-            if _kind == "Conv2d":
-                algorithms.append(self.algorithm)
             return y
         saved[cls] = cls.forward
         cls.forward = forward
     try:
         with eval_mode(), no_grad():
-            build_model(spec_for(name))(batch(name, n, np.random.default_rng(0))[0])
+            model(x)
     finally:
         for cls, fn in saved.items():
             cls.forward = fn
-    return macs[0] / n, algorithms
+    return macs[0] / n
 
 
 def sgemm_gflops(threads: int, size: int = 1024) -> float:
@@ -167,6 +170,8 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/core.json")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    ap.add_argument("--ab-kernels", action="store_true",
+                    help="also time each row on the numpy reference kernels (DISTNN_KERNELS=numpy), right after")
     args = ap.parse_args(argv)
     tune_allocator()  # as the distnn command and its workers run
 
@@ -189,12 +194,19 @@ def main(argv=None):
     print(header)
     print("-" * len(header))
     for name in args.models:
-        macs, algorithms = trace_step(name)
-        convs = ", ".join(f"{a} x{algorithms.count(a)}" for a in sorted(set(algorithms))) or "-"
+        macs = forward_macs_per_sample(name)
         for n in args.batches:
             for threads in args.threads:
-                with threadpool_limits(limits=threads, user_api="blas"):
+                with threadpool_limits(limits=threads, user_api="blas"), conv_choice.recording() as layers:
                     ours = measure(distnn_stepper(name, n), n, args.seconds)
+                reference = None
+                if args.ab_kernels:
+                    kernels.use("numpy")
+                    with threadpool_limits(limits=threads, user_api="blas"):
+                        reference = measure(distnn_stepper(name, n), n, args.seconds)
+                    kernels.use(None)
+                algorithms = sorted(layers.values())
+                convs = ", ".join(f"{a} x{algorithms.count(a)}" for a in sorted(set(algorithms))) or "-"
                 ref = None
                 if torch is not None:
                     torch.set_num_threads(threads)
@@ -206,12 +218,14 @@ def main(argv=None):
                        "step_gflops": round(gflops, 2), "sgemm_gflops": round(sgemm[threads], 1),
                        "efficiency": round(gflops / sgemm[threads], 3),
                        "torch_efficiency": None if ref is None else round(6 * macs * ref / 1e9 / sgemm[threads], 3),
-                       "convolutions": algorithms}
+                       "convolutions": layers, "numpy_kernels_samples_per_s": reference}
                 rows.append(row)
                 print(f"{name:<16}{n:>6}{threads:>8}{ours:>11.0f}"
                       f"{'-' if ref is None else f'{ref:.0f}':>10}{'-' if ref is None else f'{ours / ref:.2f}':>7}"
                       f"{gflops:>9.1f}{row['efficiency']:>6.0%}"
-                      f"{'-' if ref is None else format(row['torch_efficiency'], '.0%'):>10}  {convs}", flush=True)
+                      f"{'-' if ref is None else format(row['torch_efficiency'], '.0%'):>10}  {convs}"
+                      + ("" if reference is None else f"; numpy kernels {reference:.0f}/s ({ours / reference:.2f}x)"),
+                      flush=True)
     result = {"benchmark": "core", "host": host, "kernels": kernels.mode(), "sgemm_gflops": sgemm, "rows": rows,
               "python": platform.python_version(), "numpy": np.__version__,
               "torch": None if torch is None else torch.__version__, "cpus": os.cpu_count(),

@@ -118,4 +118,3 @@ def test_importing_distnn_does_not_import_numba():
     out = subprocess.run([sys.executable, "-c", "import sys, distnn, distnn.nn, distnn.models; "
                           "print('numba' in sys.modules)"], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
-

@@ -93,4 +93,3 @@ def winograd_output(m, y):
                     y[2 * ty, 2 * tx + 1, b, k] = s01 - s02 - s03
                     y[2 * ty + 1, 2 * tx, b, k] = s10 + s11 + s12
                     y[2 * ty + 1, 2 * tx + 1, b, k] = s11 - s12 - s13
-
