@@ -190,7 +190,7 @@ def main(argv=None):
     print("step GFLOP/s = 6 x forward multiply-adds x samples/s (2 FLOPs per multiply-add, backward twice the "
           "forward); eff = that / sgemm")
     header = (f"{'model':<16}{'batch':>6}{'threads':>8}{'distnn/s':>11}{'torch/s':>10}{'ratio':>7}"
-              f"{'GFLOP/s':>9}{'eff':>6}{'torch eff':>10}  convolutions")
+              f"{'GFLOP/s':>9}{'eff':>6}{'torch eff':>10}  conv algorithm per layer shape (forward/input grad/weight grad)")
     print(header)
     print("-" * len(header))
     for name in args.models:
@@ -205,7 +205,8 @@ def main(argv=None):
                     with threadpool_limits(limits=threads, user_api="blas"):
                         reference = measure(distnn_stepper(name, n), n, args.seconds)
                     kernels.use(None)
-                algorithms = sorted(layers.values())
+                algorithms = sorted(c if isinstance(c, str) else "/".join(c[s] for s in conv_choice.STEPS)
+                                    for c in layers.values())
                 convs = ", ".join(f"{a} x{algorithms.count(a)}" for a in sorted(set(algorithms))) or "-"
                 ref = None
                 if torch is not None:

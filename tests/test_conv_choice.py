@@ -10,7 +10,8 @@ from distnn import ops
 from distnn.autograd import Variable
 from distnn.config import TrainConfig
 from distnn.ops import conv_choice
-from distnn.ops.conv_choice import ConvShape
+from distnn.gradcheck import gradcheck
+from distnn.ops.conv_choice import Choice, ConvShape
 from distnn.parallel import GradientWorker
 from distnn.train import setup
 
@@ -46,7 +47,7 @@ def test_every_algorithm_computes_the_same_convolution(xs, ws, stride, padding, 
         xv, wv, bv = (Variable(a.copy(order="K"), requires_grad=True) for a in (x, w, b))
         y = ops.conv2d(xv, wv, bv, stride=stride, padding=padding)
         applies = algorithm == "im2col" or (stride == 1 and (algorithm == "shifted" or ws[2:] == (3, 3)))
-        assert y.creator.algorithm == (algorithm if applies else "im2col")
+        assert y.creator.choice == Choice.of(algorithm if applies else "im2col")
         g = rng.standard_normal(y.shape).astype(np.float32) if g is None else g
         y.backward(g)
         assert xv.grad.strides == x.strides or layout == "nchw"   # the gradient in the input's layout
@@ -60,51 +61,80 @@ def shape(n=8, c=16, kernel=(3, 3), stride=(1, 1)):
     return ConvShape(n, c, 12, 12, 16, kernel, stride, (1, 1, 1, 1), "float32")
 
 
-def test_calibration_keeps_the_fastest_in_the_host_cache(fresh):
-    seconds = {"im2col": 3.0, "winograd": 2.0, "shifted": 1.0}
+def test_calibration_keeps_the_fastest_of_each_step_in_the_host_cache(fresh):
+    # forward: shifted fastest; input gradient: Winograd; weight gradient: im2col after a shifted forward
+    seconds = {"forward": {"im2col": 3.0, "winograd": 2.0, "shifted": 1.0},
+               "input_grad": {"im2col": 3.0, "winograd": 1.0, "shifted": 2.0},
+               "weight_grad": {"im2col": 1.0, "winograd": 2.0, "shifted": 3.0}}
     timed = []
-    assert conv_choice.choose(shape(), lambda a: timed.append(a) or seconds[a]) == "shifted"
-    assert sorted(set(timed)) == sorted(seconds) and len(timed) == 3 * (conv_choice.REPEATS + 1)
+
+    def measure(step, a, first):
+        timed.append((step, a, first))
+        return seconds[step][a]
+    choice = conv_choice.choose(shape(), measure)
+    assert choice == Choice("shifted", "winograd", "im2col")
+    assert len(timed) == 3 * 3 * (conv_choice.REPEATS + 1)
+    assert {first for step, _, first in timed if step != "forward"} == {"shifted"}  # laid out as that forward
     cached = json.loads(conv_choice.cache_file().read_text())
     (entry,) = cached["choices"].values()
-    assert entry["algorithm"] == "shifted" and entry["ms"] == {"im2col": 3000.0, "winograd": 2000.0, "shifted": 1000.0}
+    assert entry["choice"] == {"forward": "shifted", "input_grad": "winograd", "weight_grad": "im2col"}
+    assert entry["ms"]["input_grad"] == {"im2col": 3000.0, "winograd": 1000.0, "shifted": 2000.0}
 
-    def never(a):
+    def never(*a):
         raise AssertionError("calibrated again")
     conv_choice._memo.clear()                   # another process on this host reads the cache
-    assert conv_choice.choose(shape(), never) == "shifted"
+    assert conv_choice.choose(shape(), never) == choice
     conv_choice._memo.clear()
-    assert conv_choice.choose(shape(n=64), lambda a: seconds[a] if a != "winograd" else 0.5) == "winograd"
+    assert conv_choice.choose(shape(n=64), lambda step, a, first: 0.5 if a == "im2col" else 1.0) == Choice.of("im2col")
 
 
 def test_a_cache_made_on_another_cpu_is_not_read(fresh):
-    conv_choice.choose(shape(), lambda a: {"im2col": 1.0}.get(a, 2.0))
+    conv_choice.choose(shape(), lambda step, a, first: {"im2col": 1.0}.get(a, 2.0))
     data = json.loads(conv_choice.cache_file().read_text())
     data["host"]["cpu"] = "another CPU"
     conv_choice.cache_file().write_text(json.dumps(data))
     conv_choice._memo.clear()
-    assert conv_choice.choose(shape(), lambda a: {"shifted": 1.0}.get(a, 2.0)) == "shifted"
+    assert conv_choice.choose(shape(), lambda step, a, first: {"shifted": 1.0}.get(a, 2.0)) == Choice.of("shifted")
 
 
 def test_pinned_choices_are_kept_and_unknown_layers_take_the_fixed_rule(fresh):
-    def never(a):
+    def never(*a):
         raise AssertionError("a pinned process never calibrates")
-    conv_choice.pin({shape().layer: "shifted"})
+    mixed = {"forward": "winograd", "input_grad": "shifted", "weight_grad": "im2col"}
+    conv_choice.pin({shape().layer: "shifted", shape(c=8).layer: mixed})
     try:
-        assert conv_choice.choose(shape(n=500), never) == "shifted"           # any batch size: the layer's
-        assert conv_choice.choose(shape(c=4), never) == "im2col"              # not pinned: the fixed rule
-        assert conv_choice.choose(shape(c=32), never) == "winograd"
-        with conv_choice.recording() as table:                                # the driver chooses anew
-            conv_choice.choose(shape(), lambda a: {"im2col": 1.0}.get(a, 2.0))
-        assert table == {shape().layer: "im2col"} and conv_choice._pinned == {shape().layer: "shifted"}
+        assert conv_choice.choose(shape(n=500), never) == Choice.of("shifted")   # any batch size: the layer's
+        assert conv_choice.choose(shape(c=8), never) == Choice(**mixed)
+        assert conv_choice.choose(shape(c=4), never) == Choice.of("im2col")      # not pinned: the fixed rule
+        assert conv_choice.choose(shape(c=32), never) == Choice.of("winograd")
+        with conv_choice.recording() as table:                                   # the driver chooses anew
+            conv_choice.choose(shape(), lambda step, a, first: {"im2col": 1.0}.get(a, 2.0))
+        assert table == {shape().layer: "im2col"} and conv_choice._pinned[shape().layer] == "shifted"
+    finally:
+        conv_choice.pin(None)
+
+
+@pytest.mark.parametrize("steps", [("winograd", "shifted", "im2col"), ("shifted", "im2col", "winograd"),
+                                   ("im2col", "winograd", "shifted")])
+def test_each_step_by_another_algorithm_is_still_the_exact_gradient(steps, fresh):
+    """A forward by one algorithm, the input gradient by a second and the weight gradient by a third
+    (the weight gradient then builds its own inputs), against central differences in float64."""
+    rng = np.random.default_rng(2)
+    x, w, b = rng.standard_normal((2, 8, 5, 6)), rng.standard_normal((3, 8, 3, 3)), rng.standard_normal(3)
+    layer = ConvShape(2, 8, 5, 6, 3, (3, 3), (1, 1), (1, 1, 1, 1), "float64").layer
+    conv_choice.pin({layer: dict(zip(conv_choice.STEPS, steps))})
+    try:
+        y = ops.conv2d(Variable(x, requires_grad=True), Variable(w, requires_grad=True), padding=1)
+        assert y.creator.choice == Choice(*steps)
+        assert gradcheck(lambda x, w, b: ops.conv2d(x, w, b, padding=1), [x, w, b]) <= 1e-6
     finally:
         conv_choice.pin(None)
 
 
 def test_forcing_an_algorithm(fresh, monkeypatch):
     monkeypatch.setenv("DISTNN_CONV", "winograd")
-    assert conv_choice.choose(shape(), None) == "winograd"
-    assert conv_choice.choose(shape(kernel=(5, 5)), None) == "im2col"        # where it does not apply
+    assert conv_choice.choose(shape(), None) == Choice.of("winograd")
+    assert conv_choice.choose(shape(kernel=(5, 5)), None) == Choice.of("im2col")   # where it does not apply
     monkeypatch.setenv("DISTNN_CONV", "fft")
     with pytest.raises(ValueError, match="DISTNN_CONV='fft': choose one of im2col, winograd, shifted"):
         conv_choice.choose(shape(), None)
@@ -118,9 +148,9 @@ def test_a_run_fixes_its_choices_and_its_workers_use_them(fresh, tmp_path):
     table = setup.kernel_choices(plan)
     recorded = json.loads((tmp_path / "run" / "kernels.json").read_text())
     assert recorded["convolutions"] == table and len(table) == 2     # lenet5's two conv layers
-    assert set(table.values()) <= set(conv_choice.ALGORITHMS) and recorded["host"]["cpu"]
+    assert all(set(Choice.of(c)) <= set(conv_choice.ALGORITHMS) for c in table.values()) and recorded["host"]["cpu"]
     # a resume reads the file, whatever this host would choose now
-    forced = {layer: "im2col" for layer in table}
+    forced = {layer: {"forward": "im2col", "input_grad": "shifted", "weight_grad": "im2col"} for layer in table}
     (tmp_path / "run" / "kernels.json").write_text(json.dumps({**recorded, "convolutions": forced}))
     assert setup.kernel_choices(plan, resuming=True) == forced
     try:

@@ -1,17 +1,18 @@
-"""Convolution of images by one of three algorithms chosen per layer shape on the host
-(``conv_choice.py``): im2col and one matrix product, Winograd F(2x2, 3x3) (``winograd.py``) or shifted
-products (``shifted.py``). (N, C, H, W) at the interface, channels-last in memory (``layout.py``).
+"""Convolution of images: the Conv2d operator, its padding and output-size rules. The algorithms
+(im2col, Winograd F(2x2, 3x3), shifted products) are in ``conv_algorithms.py``, the choice of one per
+layer shape and pass in ``conv_choice.py``. (N, C, H, W) at the interface, channels-last in memory
+(``layout.py``).
 """
 from __future__ import annotations
 
 import time
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from ..autograd import Operator
-from . import conv_choice, shifted, winograd
+from . import conv_choice
 from .basic import add_row_vector, column_sums
+from .conv_algorithms import ALGORITHMS, Geometry
 from .conv_choice import ConvShape
 from .layout import channel_rows, channels_last_order, from_channel_rows, nchw_view, nhwc
 
@@ -52,38 +53,13 @@ def out_size(size, pad, k, s, what):
     return out
 
 
-def _pad_nhwc(xh, pads):
-    t, b, l, r = pads
-    if not any(pads):
-        return xh
-    n, h, w, c = xh.shape
-    xp = np.zeros((n, h + t + b, w + l + r, c), xh.dtype)
-    xp[:, t:t + h, l:l + w] = xh
-    return xp
-
-
-def _pad_nchw(x, pads):
-    t, b, l, r = pads
-    if not any(pads):
-        return x
-    n, c, h, w = x.shape
-    xp = np.zeros((n, c, h + t + b, w + l + r), x.dtype)
-    xp[:, :, t:t + h, l:l + w] = x
-    return xp
-
-
-def window(i, j, sh, sw, ho, wo):
-    """Index of the input pixels that kernel offset (i, j) sees, for all output positions."""
-    return (slice(None), slice(i, i + sh * (ho - 1) + 1, sh), slice(j, j + sw * (wo - 1) + 1, sw))
-
-
 class Conv2d(Operator):
     """Cross-correlation. x (N, C, H, W), W (O, C, kh, kw), b (O,) -> (N, O, Ho, Wo).
 
-    Three algorithms, chosen per layer shape on the host (``conv_choice``): ``im2col`` (any shape;
-    returns (N, H, W, C) memory), ``winograd`` F(2x2, 3x3) (3x3 at stride 1, ``winograd.py``; (H, W, N, C)
-    memory) and ``shifted`` (stride 1, ``shifted.py``; (N, H, W, C) memory). Each returns its input
-    gradient in the memory order its input came in.
+    Forward, input gradient and weight gradient each run one of three algorithms
+    (``conv_algorithms``: im2col, Winograd F(2x2, 3x3), shifted products), chosen per layer shape on
+    the host (``conv_choice``). The output is channels-last in memory ((N, H, W, C), or (H, W, N, C)
+    from Winograd); the input gradient comes back in the memory order the input came in.
     """
 
     def __init__(self, stride=1, padding=0):
@@ -98,124 +74,68 @@ class Conv2d(Operator):
         if c != cw:
             raise ValueError(f"conv2d: input has {c} channels, weight expects {cw}")
         pads = conv_padding(self.padding, (kh, kw), self.stride)
-        ho = out_size(h, pads[0] + pads[1], kh, self.stride[0], "conv2d")
-        wo = out_size(wd, pads[2] + pads[3], kw, self.stride[1], "conv2d")
-        if not hasattr(self, "algorithm"):   # (set beforehand when calibrating)
+        out = (out_size(h, pads[0] + pads[1], kh, self.stride[0], "conv2d"),
+               out_size(wd, pads[2] + pads[3], kw, self.stride[1], "conv2d"))
+        self.geo = geo = Geometry(x.shape, w.shape, self.stride, pads, out)
+        if not hasattr(self, "choice"):   # (given beforehand when calibrating)
             shape = ConvShape(n, c, h, wd, o, (kh, kw), self.stride, pads, x.dtype.name)
-            self.algorithm = conv_choice.choose(shape, lambda a: self._time(a, x, w, b))
-        self.pads, self.w, self.x_order = pads, w, channels_last_order(x)
-        y = getattr(self, f"_forward_{self.algorithm}")(x, w, pads, (ho, wo))   # channels-last, contiguous
+            self.choice = conv_choice.choose(shape, lambda step, a, first: self._time(step, a, first, x, w))
+        keep = self.needs_grad[1] and self.choice.weight_grad == self.choice.forward
+        y, self.kept = ALGORITHMS[self.choice.forward].forward(x, w, geo, keep)
+        self.x = x if self.needs_grad[1] and not keep else None   # the weight gradient builds its own inputs
+        self.w, self.x_order = w, channels_last_order(x)
         if b is not None:
             add_row_vector(y.reshape(-1, o), b)
-        return y.transpose(2, 3, 0, 1) if self.algorithm == "winograd" else nchw_view(y)
-
-    def _time(self, algorithm, x, w, b) -> float:
-        """Seconds of one forward + backward of this convolution by ``algorithm`` (calibration)."""
-        op = Conv2d(self.stride, self.padding)
-        op.algorithm, op.needs_grad = algorithm, (True, True, True)[:2 + (b is not None)]
-        start = time.perf_counter()
-        y = op.forward(x, w) if b is None else op.forward(x, w, b)
-        op.backward(np.ones_like(y))
-        return time.perf_counter() - start
-
-    def _forward_im2col(self, x, w, pads, out):
-        (n, c, _, _), (o, _, kh, kw), (sh, sw), (ho, wo) = x.shape, w.shape, self.stride, out
-        wm = w.transpose(0, 2, 3, 1).reshape(o, kh * kw * c)
-        if x.flags.c_contiguous:
-            # A channels-first input (the images entering a network): gather the columns transposed,
-            # (kh*kw*C, N*Ho*Wo), whose rows copy runs of Wo pixels; channels-last columns would copy
-            # runs of C, as short as one pixel for a grey image (LeNet-5's conv1 at batch 64: 1.3 ms
-            # against 0.3 ms).
-            xp = _pad_nchw(x, pads)
-            windows = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]  # (N, C, Ho, Wo, kh, kw)
-            cols_t = np.empty((kh, kw, c, n, ho, wo), x.dtype)
-            np.copyto(cols_t, windows.transpose(4, 5, 1, 0, 2, 3))
-            cols_t = cols_t.reshape(kh * kw * c, n * ho * wo)
-            y = cols_t.T @ wm.T
-            self.cols, self.cols_t = None, cols_t if self.needs_grad[1] else None
-            xp_shape = (n, xp.shape[2], xp.shape[3], c)
-        else:
-            xp = _pad_nhwc(nhwc(x), pads)
-            windows = sliding_window_view(xp, (kh, kw), axis=(1, 2))[:, ::sh, ::sw]  # (N, Ho, Wo, C, kh, kw)
-            cols = np.empty((n, ho, wo, kh, kw, c), x.dtype)
-            np.copyto(cols, windows.transpose(0, 1, 2, 4, 5, 3))  # one pass; inner runs of C channels
-            cols = cols.reshape(n * ho * wo, kh * kw * c)
-            y = cols @ wm.T
-            self.cols, self.cols_t = cols if self.needs_grad[1] else None, None
-            xp_shape = xp.shape
-        self.wm, self.geom = wm, (x.shape, xp_shape, pads, (kh, kw), (ho, wo))
-        return y.reshape(n, ho, wo, o)
-
-    def _forward_shifted(self, x, w, pads, out):
-        xp = _pad_nhwc(nhwc(x), pads)
-        self.rows, self.padded_shape = xp.reshape(-1, xp.shape[3]), xp.shape
-        return shifted.forward(self.rows, w, xp.shape)
-
-    def _forward_winograd(self, x, w, pads, out):
-        n, c, h, wd = x.shape
-        t, bottom, l, r = pads
-        xp = np.zeros((h + t + bottom, wd + l + r, n, c), x.dtype)
-        xp[t:t + h, l:l + wd] = x.transpose(2, 3, 0, 1)
-        keep = self.needs_grad[1]
-        y = winograd.conv3x3(xp, w, keep_tiles=keep)
-        if keep:
-            y, self.tiles, self.even_shape = y
-        return y
+        return _to_nchw(y, ALGORITHMS[self.choice.forward].layout)
 
     def backward(self, gy):
-        gx, gw, gb = getattr(self, f"_backward_{self.algorithm}")(gy)
-        if gx is not None:   # in the input's memory order, so that the element-wise backward passes
-            #                  before (ReLU, batch norm) read arrays laid out alike
+        laid = {}   # the output gradient in each layout an algorithm reads it in
+
+        def grad(layout):
+            if layout not in laid:
+                laid[layout] = nhwc(gy) if layout == "nhwc" else np.ascontiguousarray(gy.transpose(2, 3, 0, 1))
+            return laid[layout]
+        gx = gw = gb = None
+        if self.needs_grad[1]:
+            algorithm = ALGORITHMS[self.choice.weight_grad]
+            kept = self.kept if self.kept is not None else algorithm.inputs(self.x, self.geo)
+            gw = algorithm.weight_grad(kept, grad(algorithm.layout), self.geo)
+            self.kept = self.x = None
+        if self.needs_grad[0]:
+            algorithm = ALGORITHMS[self.choice.input_grad]
+            gx = _to_nchw(algorithm.input_grad(grad(algorithm.layout), self.w, self.geo), algorithm.layout)
+            # in the input's memory order, so that the element-wise backward passes before (ReLU,
+            # batch norm) read arrays laid out alike
             gx = from_channel_rows(channel_rows(gx, self.x_order), self.x_order, gx.shape)
+        if len(self.needs_grad) == 3 and self.needs_grad[2]:
+            g = next(iter(laid.values())) if laid else grad("nhwc")
+            gb = column_sums(g.reshape(-1, g.shape[-1]))
         return (gx, gw, gb)[:len(self.needs_grad)]
 
-    def _bias_grad(self, rows):
-        return column_sums(rows) if len(self.needs_grad) == 3 and self.needs_grad[2] else None
+    def _time(self, step, algorithm, first, x, w) -> float:
+        """Seconds of one ``step`` ("forward", "input_grad" or "weight_grad") of this convolution by
+        ``algorithm``, the output gradient laid out as the ``first`` (forward) algorithm gives it, and
+        a weight gradient by the forward's own algorithm reusing what that forward kept
+        (calibration)."""
+        geo, run = self.geo, ALGORITHMS[algorithm]
+        if step == "forward":
+            start = time.perf_counter()
+            run.forward(x, w, geo, False)
+            return time.perf_counter() - start
+        y, kept = ALGORITHMS[first].forward(x, w, geo, step == "weight_grad" and algorithm == first)
+        gy = _to_nchw(np.ones_like(y), ALGORITHMS[first].layout)
+        start = time.perf_counter()
+        g = nhwc(gy) if run.layout == "nhwc" else np.ascontiguousarray(gy.transpose(2, 3, 0, 1))
+        if step == "input_grad":
+            run.input_grad(g, w, geo)
+        else:
+            run.weight_grad(kept if kept is not None else run.inputs(x, geo), g, geo)
+        return time.perf_counter() - start
 
-    def _backward_shifted(self, gy):
-        (kh, kw), (t, _, l, _) = self.w.shape[2:], self.pads
-        g = nhwc(gy)   # (N, Ho, Wo, O)
-        grows = shifted.spread(g, self.padded_shape)
-        gw = shifted.filter_grad(self.rows, grows, (kh, kw), self.padded_shape[2]) if self.needs_grad[1] else None
-        gx = None
-        if self.needs_grad[0]:
-            h, wd = self.padded_shape[1] - sum(self.pads[:2]), self.padded_shape[2] - sum(self.pads[2:])
-            gx = nchw_view(shifted.input_grad(grows, self.w, self.padded_shape)[:, t:t + h, l:l + wd])
-        self.rows = None
-        return gx, gw, self._bias_grad(g.reshape(-1, g.shape[3]))
 
-    def _backward_winograd(self, gy):
-        g = np.ascontiguousarray(gy.transpose(2, 3, 0, 1))  # (Ho, Wo, N, O): free after a Winograd conv
-        gw = gx = None
-        if self.needs_grad[1]:
-            gw = winograd.filter_grad(self.tiles, g, self.even_shape)
-            self.tiles = None
-        if self.needs_grad[0]:
-            gx = winograd.input_grad(g, self.w, self.pads).transpose(2, 3, 0, 1)
-        return gx, gw, self._bias_grad(g.reshape(-1, g.shape[3]))
-
-    def _backward_im2col(self, gy):
-        (n, c, h, wd), xp_shape, pads, (kh, kw), (ho, wo) = self.geom
-        sh, sw = self.stride
-        g2 = nhwc(gy).reshape(-1, gy.shape[1])
-        gw = gx = None
-        if self.needs_grad[1]:
-            gw = g2.T @ self.cols if self.cols is not None else (self.cols_t @ g2).T
-            gw = gw.reshape(-1, kh, kw, c).transpose(0, 3, 1, 2)
-            self.cols = self.cols_t = None
-        if self.needs_grad[0]:
-            # col2im one kernel offset at a time: (N*Ho*Wo, O) @ (O, C) lands contiguous and is added
-            # into the input positions that offset saw, without the (N*Ho*Wo, kh*kw*C) column gradient.
-            wk = self.wm.reshape(-1, kh, kw, c)
-            gxp = np.zeros(xp_shape, gy.dtype)
-            part = np.empty((g2.shape[0], c), gy.dtype)
-            for i in range(kh):
-                for j in range(kw):
-                    np.matmul(g2, wk[:, i, j, :], out=part)
-                    gxp[window(i, j, sh, sw, ho, wo)] += part.reshape(n, ho, wo, c)
-            t, _, l, _ = pads
-            gx = nchw_view(np.ascontiguousarray(gxp[:, t:t + h, l:l + wd]) if any(pads) else gxp)
-        return gx, gw, self._bias_grad(g2)
+def _to_nchw(y, layout):
+    """A channels-last array in ``layout`` -> its (N, C, H, W) view."""
+    return nchw_view(y) if layout == "nhwc" else y.transpose(2, 3, 0, 1)
 
 
 def conv2d(x, w, b=None, stride=1, padding=0):

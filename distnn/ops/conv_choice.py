@@ -1,18 +1,20 @@
-"""Which algorithm a convolution runs, per layer shape, chosen on the host it runs on.
+"""Which algorithm each step of a convolution runs, per layer shape, chosen on the host it runs on.
 
-The algorithms (``ops/conv.py``): ``im2col`` (one matrix product over copied windows; any shape),
-``winograd`` (F(2x2, 3x3): 3x3 at stride 1, ``ops/winograd.py``) and ``shifted`` (kh*kw products over
-shifted rows of channels-last data: stride 1, ``ops/shifted.py``). No one of them wins at every shape
-on every CPU, so, as cuDNN's benchmark mode does, the first use of a shape times forward + backward of
-each algorithm that applies (a short calibration) and keeps the fastest. The result is kept in a cache
-file per host (``DISTNN_CACHE_DIR``, else ``$XDG_CACHE_HOME/distnn`` or ``~/.cache/distnn``) that
-every process on the machine reads, so a shape is calibrated once per machine.
+The algorithms (``ops/conv_algorithms.py``): ``im2col`` (one matrix product over copied windows; any
+shape), ``winograd`` (F(2x2, 3x3): 3x3 at stride 1, ``ops/winograd.py``) and ``shifted`` (kh*kw
+products over shifted rows of channels-last data: stride 1, ``ops/shifted.py``). No one of them wins
+at every shape on every CPU, and not even at every step of one shape, so, as cuDNN's benchmark mode
+does, the first use of a shape times each applicable algorithm for the forward pass, then for the
+input gradient and the weight gradient (with the output gradient laid out as the chosen forward gives
+it), and keeps the fastest of each: a ``Choice``. The result is kept in a cache file per host
+(``DISTNN_CACHE_DIR``, else ``$XDG_CACHE_HOME/distnn`` or ``~/.cache/distnn``) that every process on
+the machine reads, so a shape is calibrated once per machine.
 
 Calibration is noisy, so a training run fixes its choices once (``pin``): the driver calibrates the
 model's shapes before the workers start, records them in the run folder, and every worker (on any
 node, and after a resume or a recovery) runs exactly those, so that runs stay bit-identical. A shape a
 pinned process was not given runs the fixed rule of ``default``. ``DISTNN_CONV=im2col|winograd|shifted``
-forces one algorithm wherever it applies (the tests run each).
+forces one algorithm for every step wherever it applies (the tests run each).
 """
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 ALGORITHMS = ("im2col", "winograd", "shifted")
+STEPS = ("forward", "input_grad", "weight_grad")
 REPEATS = 3                # timed runs of each algorithm after one warm-up; the best counts
 _pinned: dict | None = None
 _recording: list = []      # dicts that note each layer's choice (``recording``)
@@ -55,6 +59,22 @@ class ConvShape:
         return f"n{self.n}-{self.layer}"
 
 
+class Choice(NamedTuple):
+    """The algorithm of each step of one convolution."""
+    forward: str
+    input_grad: str
+    weight_grad: str
+
+    @classmethod
+    def of(cls, value) -> "Choice":
+        """From a run's or the cache's record: one name for every step, or a dict of the three."""
+        return cls(value, value, value) if isinstance(value, str) else cls(**value)
+
+    def record(self):
+        """One name when the three agree, else the dict of the three (what files keep)."""
+        return self.forward if len(set(self)) == 1 else self._asdict()
+
+
 def applicable(shape: ConvShape) -> list[str]:
     """The algorithms that can run this shape."""
     found = ["im2col"]
@@ -65,57 +85,61 @@ def applicable(shape: ConvShape) -> list[str]:
     return found
 
 
-def default(shape: ConvShape) -> str:
+def default(shape: ConvShape) -> Choice:
     """The fixed rule where nothing was measured: Winograd for 3x3 stride-1 layers with at least 8
     input channels (its transforms outweigh its saving below that), im2col otherwise."""
-    return "winograd" if "winograd" in applicable(shape) and shape.c >= 8 else "im2col"
+    return Choice.of("winograd" if "winograd" in applicable(shape) and shape.c >= 8 else "im2col")
 
 
-def choose(shape: ConvShape, measure) -> str:
-    """The algorithm for ``shape``: forced by DISTNN_CONV, else pinned by the run, else this host's
-    calibrated choice (``measure(algorithm)`` -> seconds of one forward + backward, called when the
-    shape has not been calibrated here yet)."""
+def choose(shape: ConvShape, measure) -> Choice:
+    """The algorithms for ``shape``: forced by DISTNN_CONV, else pinned by the run, else this host's
+    calibrated choice (``measure(step, algorithm, forward_algorithm)`` -> seconds of one step, called
+    when the shape has not been calibrated here yet)."""
     forced = os.environ.get("DISTNN_CONV")
     if forced:
         if forced not in ALGORITHMS:
             raise ValueError(f"DISTNN_CONV={forced!r}: choose one of {', '.join(ALGORITHMS)}")
-        chosen = forced if forced in applicable(shape) else default(shape)
+        chosen = Choice.of(forced) if forced in applicable(shape) else default(shape)
     elif _pinned is not None:
-        chosen = _pinned.get(shape.layer) or default(shape)
+        chosen = Choice.of(_pinned[shape.layer]) if shape.layer in _pinned else default(shape)
     else:
         chosen = _memo.get(shape.key) or _from_host_cache(shape) or calibrate(shape, measure)
         _memo[shape.key] = chosen
     for record in _recording:
-        record[shape.layer] = chosen
+        record[shape.layer] = chosen.record()
     return chosen
 
 
-def calibrate(shape: ConvShape, measure) -> str:
-    """Time every applicable algorithm (interleaved, best of REPEATS after a warm-up), keep the
-    fastest in the host cache, return it."""
+def calibrate(shape: ConvShape, measure) -> Choice:
+    """Time every applicable algorithm for each step (interleaved, best of REPEATS after a warm-up),
+    the forward first; keep the fastest of each in the host cache and return them."""
     algorithms = applicable(shape)
     if len(algorithms) == 1:
-        return algorithms[0]
-    best = dict.fromkeys(algorithms, float("inf"))
-    for rep in range(REPEATS + 1):
-        for a in algorithms:
-            seconds = measure(a)
-            if rep:
-                best[a] = min(best[a], seconds)
-    chosen = min(algorithms, key=best.get)
-    _store(shape, chosen, {a: round(s * 1e3, 3) for a, s in best.items()})
-    return chosen
+        return Choice.of(algorithms[0])
+    chosen, ms = {}, {}
+    for step in STEPS:
+        best = dict.fromkeys(algorithms, float("inf"))
+        for rep in range(REPEATS + 1):
+            for a in algorithms:
+                seconds = measure(step, a, chosen.get("forward", a))
+                if rep:
+                    best[a] = min(best[a], seconds)
+        chosen[step] = min(algorithms, key=best.get)
+        ms[step] = {a: round(t * 1e3, 3) for a, t in best.items()}
+    choice = Choice(**chosen)
+    _store(shape, choice, ms)
+    return choice
 
 
 def pin(table: dict | None) -> None:
-    """Fix this process's choices to ``table`` (layer -> algorithm, from ``recording``); None: back
-    to calibrating on first use."""
+    """Fix this process's choices to ``table`` (layer -> ``Choice.record()``, from ``recording``);
+    None: back to calibrating on first use."""
     global _pinned
     _pinned = None if table is None else dict(table)
 
 
 class recording:
-    """``with recording() as table:`` collects layer -> algorithm of every convolution run inside,
+    """``with recording() as table:`` collects layer -> choice of every convolution run inside,
     chosen on this host (forced, cached or calibrated) whatever this process has pinned."""
 
     def __enter__(self) -> dict:
@@ -163,15 +187,19 @@ def _read() -> dict:
     return data.get("choices", {}) if data.get("host") == _host() else {}
 
 
-def _from_host_cache(shape: ConvShape) -> str | None:
+def _from_host_cache(shape: ConvShape) -> Choice | None:
     entry = _read().get(_entry_key(shape))
-    return entry["algorithm"] if entry and entry.get("algorithm") in applicable(shape) else None
+    try:
+        choice = Choice.of(entry["choice"])
+    except (TypeError, KeyError):
+        return None
+    return choice if set(choice) <= set(applicable(shape)) else None
 
 
-def _store(shape: ConvShape, chosen: str, ms: dict) -> None:
+def _store(shape: ConvShape, chosen: Choice, ms: dict) -> None:
     """Add one entry (read, merge, write to a temporary name, rename; a lost race loses one entry)."""
     choices = _read()
-    choices[_entry_key(shape)] = {"algorithm": chosen, "ms": ms, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    choices[_entry_key(shape)] = {"choice": chosen.record(), "ms": ms, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     path = cache_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..autograd import Operator
-from .conv import out_size, pair, window
+from .conv import out_size, pair
+from .conv_algorithms import window
 from .layout import image_view
 
 

@@ -139,6 +139,16 @@ def conv3x3(xp: np.ndarray, w: np.ndarray, keep_tiles: bool = False):
     return (y, v_all, xe.shape) if keep_tiles else y
 
 
+def input_tiles(xp: np.ndarray):
+    """The transformed tiles (16, T, C) of a padded input (Hp, Wp, N, C) and its even-padded shape,
+    as ``conv3x3(..., keep_tiles=True)`` keeps them, for ``filter_grad`` after another forward."""
+    xe = even_tiles(xp)
+    th, tw, n, c = (xe.shape[0] - 2) // 2, (xe.shape[1] - 2) // 2, xe.shape[2], xe.shape[3]
+    v = np.empty((16, th * tw * n, c), xp.dtype)
+    transform_input(xe, v.reshape(4, 4, th, tw, n, c))
+    return v, xe.shape
+
+
 def filter_grad(v: np.ndarray, gy: np.ndarray, even_shape) -> np.ndarray:
     """Filter gradient (O, C, 3, 3) from conv3x3's tiles V (16, T, C) and gy (Ho, Wo, N, O)."""
     hp, wp, n, c = even_shape
