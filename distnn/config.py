@@ -26,9 +26,10 @@ class ConfigError(ValueError):
     """A config key, type or value that is wrong; the message names it."""
 
 
-def option(default, help: str, choices=None, **kw):
-    """A config field with its help text and choices (None among them: the option may be unset)."""
-    return field(default=default, metadata={"help": help, "choices": choices}, **kw)
+def option(default, help: str, choices=None, const=None, **kw):
+    """A config field with its help text and choices (None among them: the option may be unset);
+    ``const``: the value of its flag given without one (``--mlflow`` alone)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "const": const}, **kw)
 
 
 MOMENTUM_OPTIMIZERS = ("momentum", "nesterov")
@@ -79,6 +80,11 @@ class TrainConfig:
     checkpoint_every: int = option(0, "steps between checkpoints (0: only at epoch ends and on Ctrl-C / SIGTERM)")
     keep_checkpoints: int = option(3, "newest checkpoints kept")
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy")
+    tensorboard: bool = option(False, "also write the metrics stream as TensorBoard event files in RUN/tensorboard "
+                                      "(pip install 'distnn[tensorboard]')")
+    mlflow: str | None = option(None, "also log the run to MLflow: a tracking URI, or alone for MLFLOW_TRACKING_URI "
+                                      "(else MLflow's default); options, metrics, model.h5 (pip install "
+                                      "'distnn[mlflow]')", const="default")
     augment: str | None = option(None, "training augmentation (default: crop+flip for 3-channel images, else none)",
                                  (None, "none", "crop", "crop+flip"))
     augment_pad: int | None = option(None, "pixels of zero padding before the random crop (default: 4)")

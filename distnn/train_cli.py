@@ -241,6 +241,8 @@ def add_config_flags(p) -> None:
                 kw["choices"] = [c for c in f.metadata["choices"] if c is not None]
             if kind in ("dict", "list"):
                 kw["metavar"] = "TABLE" if kind == "dict" else "ARRAY"
+            if f.metadata["const"] is not None:
+                kw.update(nargs="?", const=f.metadata["const"], metavar="URI")
         p.add_argument("--" + name.replace("_", "-"), **kw)
 
 

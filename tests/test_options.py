@@ -34,6 +34,14 @@ def test_every_config_key_is_a_flag_with_help_and_default(capsys):
     assert all("--" + name.replace("_", "-") in text for name in FIELDS)
 
 
+def test_mlflow_flag_takes_an_optional_uri():
+    from distnn.cli import build_parser
+    parse = build_parser().parse_args
+    assert parse(["train", "--mlflow"]).mlflow == "default"           # MLFLOW_TRACKING_URI, else MLflow's own
+    assert parse(["train", "--mlflow", "file:///tmp/runs"]).mlflow == "file:///tmp/runs"
+    assert parse(["train"]).mlflow is None and parse(["train", "--tensorboard"]).tensorboard is True
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--optimizer", "adam", "--momentum", "0.5"], "momentum = 0.5 applies only with optimizer = 'momentum' or 'nesterov'"),
     (["--staleness", "2"], "staleness = 2 applies only with mode = 'async'"),

@@ -22,8 +22,9 @@ def _step_of(record: dict) -> int:
 
 
 class MetricsLog:
-    def __init__(self, path: Path, world: int, log=print, resume_step: int | None = None):
-        self.path = Path(path)
+    def __init__(self, path: Path, world: int, log=print, resume_step: int | None = None, sinks=()):
+        """``sinks``: callables that also receive every record written (``train.sinks``)."""
+        self.path, self.sinks = Path(path), list(sinks)
         if resume_step is not None and self.path.is_file():
             self._rewind(resume_step)
         self.file = open(self.path, "a", buffering=1)
@@ -59,6 +60,8 @@ class MetricsLog:
             except OSError:
                 pass
             raise WriteFailed(self.path, e, len(line)) from None
+        for sink in self.sinks:
+            sink(record)
 
     def add(self, metrics_list):
         """One step: the metrics of every worker that contributed to it."""
@@ -70,12 +73,15 @@ class MetricsLog:
             self.batches[m["rank"]] += 1
         self.steps += 1
 
-    def write_step(self, step, epoch, wall_time, staleness) -> dict:
-        """The line for the steps added since the last one; names a worker that is much slower."""
+    def write_step(self, step, epoch, wall_time, staleness, lr=None) -> dict:
+        """The line for the steps added since the last one (``lr``: the learning rate of the last
+        update); names a worker that is much slower."""
         now = time.perf_counter()
         rec = {"type": "step", "step": step, "epoch": epoch, "loss": self.loss / self.count,
                "accuracy": self.correct / self.count, "samples_per_s": self.count / max(now - self.since, 1e-9),
                "wall_time": wall_time}
+        if lr is not None:
+            rec["lr"] = lr
         if staleness:
             recent = staleness[-self.steps:]
             rec["staleness"], rec["max_staleness"] = float(np.mean(recent)), int(np.max(recent))

@@ -23,11 +23,13 @@ from .metrics import MetricsLog
 
 class RunReport:
     def __init__(self, out: Path, world: int, total_updates: int, log=print, progress=True, log_every: int = 20,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, lr=None, sinks=()):
+        """``lr(update)``: the learning rate of an update (0-based), recorded with each step line;
+        ``sinks``: where the records go besides metrics.jsonl (``train.sinks``)."""
         self.out, self.world, self.total, self._log, self.log_every = Path(out), world, total_updates, log, log_every
-        self.progress = progress
+        self.progress, self.lr = progress, lr
         self.bar = None
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", world, self.log, resume_step)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", world, self.log, resume_step, sinks)
         self.epochs: list[dict] = []
         self.staleness: list[int] = []      # async: of every applied gradient
         self.steps_run = 0
@@ -77,7 +79,8 @@ class RunReport:
             self.staleness.append(staleness)
         self.bar.update(1)
         if step % self.log_every == 0 or step == self.total:
-            rec = self.metrics.write_step(step, metrics_list[0]["epoch"], self.wall(), self.staleness)
+            rec = self.metrics.write_step(step, metrics_list[0]["epoch"], self.wall(), self.staleness,
+                                          None if self.lr is None else self.lr(step - 1))
             self.bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.3f}",
                                  samples_s=f"{rec['samples_per_s']:.0f}")
 

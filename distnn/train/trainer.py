@@ -17,6 +17,7 @@ from .checkpoints import Checkpoints
 from .errors import RunWriteFailed, TrainingError, TrainingInterrupted
 from .fleet import Fleet
 from .report import RunReport
+from .sinks import make_sinks
 from .usage import UsageMeter
 from .sync import run_sync
 
@@ -32,11 +33,12 @@ class Trainer:
         self.log, self.on_step = log, on_step
         self.step, self.stop_requested, self.max_lead = 0, False, 0
         self.fleet = self.report = None
+        self.sinks, self.finished = [], False
         owned = None if backend is not None else setup.start_backend(config)  # shut down here until the fleet owns it
         try:
             self.plan = p = setup.plan(config, (backend or owned).cpus(), resume is not None, log, progress)
             self.config, self.out, self.spec, self.length = p.config, p.out, p.spec, p.length
-            self.model = setup.build(p.spec)
+            self.model, self.sinks = setup.build(p.spec), make_sinks(p.config, p.out)
             self.fleet = Fleet(backend or owned, p, convolutions=setup.kernel_choices(p, resume is not None))
             self.fleet.owns_backend, owned = owned is not None, None
             self.fleet.start_servers(self.model.flat_params, self.model.decay_mask())
@@ -46,13 +48,18 @@ class Trainer:
             self.done = [0] * p.world  # async: gradients applied per worker
             if resume is not None:
                 self._restore(resume)
-            self.report = RunReport(p.out, p.world, p.length.total_updates, log, progress, p.config.log_every,
-                                    resume_step=None if resume is None else self.step)
+            self.report = self._report(log, progress, None if resume is None else self.step)
         except BaseException:
             self.close()
             if owned is not None:
                 owned.shutdown()
             raise
+
+    def _report(self, log, progress, resume_step) -> RunReport:
+        """The run's report, with its sinks (TensorBoard, MLflow) and each update's learning rate."""
+        p, schedule = self.plan, self.plan.schedule.make()
+        return RunReport(p.out, p.world, p.length.total_updates, log, progress, p.config.log_every, resume_step,
+                         lambda update: p.optimizer.lr * schedule(update), self.sinks)
 
     def _restore(self, ckpt: dict) -> None:
         self.step, done = self.checkpoints.restore(self.fleet, ckpt, self.config.mode)
@@ -140,6 +147,9 @@ class Trainer:
         per_update = self.length.world if c.mode == "sync" else 1   # parameter vectors sent per update
         summary = report.summary(fields, server, samples, self.checkpoints.recoveries,
                                  params_bytes=per_update * self.model.flat_params.nbytes, cpu=self.cpu)
+        for sink in self.sinks:
+            sink.finish(self.out, summary)
+        self.finished = True
         report.log(f"done: {self.step} steps in {summary['wall_time_s']:.1f} s ({summary['samples_per_s']:.0f} "
                  f"samples/s); test accuracy {summary['final']['test_accuracy']:.4f}; model saved to "
                  f"{self.out / 'model.h5'}")
@@ -151,6 +161,9 @@ class Trainer:
     def close(self) -> None:
         if self.report is not None:
             self.report.close()
+        for sink in self.sinks:
+            sink.close(failed=not self.finished)
+        self.sinks = []
         if self.fleet is not None:
             self.fleet.close()
         conv_choice.pin(None)   # the local backend's workers pinned this process
