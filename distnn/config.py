@@ -49,8 +49,9 @@ class TrainConfig:
     workers: int = option(0, "gradient workers (0: one per CPU of the cluster)")
     threads: int = option(1, "BLAS threads per worker")
     backend: str = option("ray", "where workers run: a Ray cluster, or one process (debugging)", ("ray", "local"))
-    address: str | None = option(None, "Ray cluster to join: auto or HOST:PORT (default: RAY_ADDRESS, "
-                                       "else a local cluster)")
+    address: str | None = option(None, "Ray cluster to join: auto or HOST:PORT, or local for a cluster of the "
+                                       "run's own (default: RAY_ADDRESS, else the cluster `ray start` left "
+                                       "running on this machine, else a local cluster of the run's own)")
     mode: str = option("sync", "sync: one update from all workers' gradients; async: one per gradient",
                        ("sync", "async"))
     staleness: int | None = option(None, "async: how far a worker may run ahead of the slowest (default: no bound)")

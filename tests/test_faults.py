@@ -3,9 +3,11 @@ and servers (sync and async, once and at random), a killed driver, a diverging r
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -294,3 +296,43 @@ def test_diverging_run_stops_with_one_line_and_no_numpy_warnings(data_dir, tmp_p
     proc = run_cli(train_args(data_dir, tmp_path / "cli", "--backend", "local", "--optimizer", "sgd", "--lr", "1e6"))
     assert proc.returncode == 2 and "RuntimeWarning" not in proc.stderr and proc.stderr.count("\n") == 1
     assert "non-finite" in proc.stderr
+
+
+# -- a cluster left running -------------------------------------------------------------------------
+
+def test_train_joins_the_cluster_ray_start_left_running(data_dir, tmp_path):
+    """`ray start --head` on the machine, then a plain `distnn train` (no --address): it joins that
+    cluster in one line instead of a traceback (Ray refuses a new cluster's settings for a running one).
+    Ray's pointer to the current cluster is put back as it was, so no later run tries the dead one."""
+    marker = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    before = marker.read_bytes() if marker.exists() else None
+    ray_cli = Path(sys.executable).with_name("ray")
+    env = {k: v for k, v in ENV.items() if k != "RAY_ADDRESS"}
+    log = tmp_path / "ray-start.log"
+    with open(log, "w") as out:
+        head = subprocess.Popen([str(ray_cli if ray_cli.exists() else shutil.which("ray")), "start", "--head", "--block",
+                                 "--port", "0", "--num-cpus", "2", "--include-dashboard=false",
+                                 "--disable-usage-stats"], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while "Ray runtime started" not in log.read_text():
+            assert head.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        proc = subprocess.run([sys.executable, "-m", "distnn.cli", *train_args(data_dir, tmp_path / "run"),
+                               "--epochs", "1", "--max-steps", "4"], capture_output=True, text=True,
+                              timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "joined the Ray cluster already running on this machine" in proc.stdout
+        assert "Traceback" not in proc.stderr and json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4
+    finally:
+        head.terminate()   # `ray start --block` drains and stops the processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        if before is None:
+            marker.unlink(missing_ok=True)
+        else:
+            marker.write_bytes(before)

@@ -87,16 +87,21 @@ def kernel_choices(p: RunPlan, resuming: bool = False) -> dict:
     return table
 
 
-def start_backend(c: TrainConfig):
+def start_backend(c: TrainConfig, log=print):
     """The backend ``c`` asks for; a user's model code travels to every node in the Ray job's
-    runtime environment."""
+    runtime environment. Without --address, a Ray cluster already running on this machine (``ray
+    start``) is joined, as ``ray.init`` does, and said so in one line."""
     env = None
     if builders.is_reference(c.model):
         try:
             env = builders.runtime_env(builders.make_spec(c.model, (), 0))
         except builders.BuilderError as e:
             raise TrainingError(str(e)) from None
-    return make_backend(c.backend, c.address, runtime_env=env)
+    backend = make_backend(c.backend, c.address, runtime_env=env)
+    if getattr(backend, "joined", None):
+        log(f"joined the Ray cluster already running on this machine ({backend.joined}); for a cluster of its "
+            "own, stop that one (ray stop) or pass --address local")
+    return backend
 
 
 def run_length(c: TrainConfig, dataset: ShardedDataset, world: int) -> RunLength:

@@ -34,7 +34,7 @@ class Trainer:
         self.step, self.stop_requested, self.max_lead = 0, False, 0
         self.fleet = self.report = None
         self.sinks, self.finished = [], False
-        owned = None if backend is not None else setup.start_backend(config)  # shut down here until the fleet owns it
+        owned = None if backend is not None else setup.start_backend(config, log)  # shut down here until the fleet owns it
         try:
             self.plan = p = setup.plan(config, (backend or owned).cpus(), resume is not None, log, progress)
             self.config, self.out, self.spec, self.length = p.config, p.out, p.spec, p.length
