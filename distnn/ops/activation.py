@@ -33,7 +33,7 @@ class AddReLU(Operator):
         y = np.empty_like(a)
         fused = kernels.compiled()
         if fused is not None and kernels.dense_flat(a, y) is not None:
-            if b.strides != a.strides:   # the shortcut in another layout: copied into a's
+            if b.strides != a.strides or b.dtype != a.dtype:   # the shortcut in another layout: into a's
                 b = _copy_like(a, b)
             fused.add_relu(*kernels.dense_flat(a, b, y))
         else:

@@ -93,7 +93,7 @@ class Conv2d(Operator):
 
         def grad(layout):
             if layout not in laid:
-                laid[layout] = nhwc(gy) if layout == "nhwc" else np.ascontiguousarray(gy.transpose(2, 3, 0, 1))
+                laid[layout] = _from_nchw(gy, layout)
             return laid[layout]
         gx = gw = gb = None
         if self.needs_grad[1]:
@@ -125,7 +125,7 @@ class Conv2d(Operator):
         y, kept = ALGORITHMS[first].forward(x, w, geo, step == "weight_grad" and algorithm == first)
         gy = _to_nchw(np.ones_like(y), ALGORITHMS[first].layout)
         start = time.perf_counter()
-        g = nhwc(gy) if run.layout == "nhwc" else np.ascontiguousarray(gy.transpose(2, 3, 0, 1))
+        g = _from_nchw(gy, run.layout)
         if step == "input_grad":
             run.input_grad(g, w, geo)
         else:
@@ -136,6 +136,11 @@ class Conv2d(Operator):
 def _to_nchw(y, layout):
     """A channels-last array in ``layout`` -> its (N, C, H, W) view."""
     return nchw_view(y) if layout == "nhwc" else y.transpose(2, 3, 0, 1)
+
+
+def _from_nchw(g, layout):
+    """(N, C, H, W) -> a C-contiguous array in ``layout`` (free when g is laid out so already)."""
+    return nhwc(g) if layout == "nhwc" else np.ascontiguousarray(g.transpose(2, 3, 0, 1))
 
 
 def conv2d(x, w, b=None, stride=1, padding=0):
