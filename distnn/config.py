@@ -61,6 +61,9 @@ class TrainConfig:
     sync_every: int = option(1, "sync: each worker takes this many steps with its own optimizer between "
                                 "averagings of the workers' parameters (local SGD); 1: one update per step")
     servers: int = option(1, "parameter-server shards")
+    start_timeout: float = option(120.0, "seconds to wait for the workers and servers to be placed and started "
+                                         "(at the start and after a recovery) before stopping with what could not "
+                                         "be placed")
     compress: str = option("none", "gradients on the wire: none, fp16 or topk:FRACTION (e.g. topk:0.01), with "
                                    "error feedback")
     epochs: int = option(3, "passes over the training data")
@@ -107,6 +110,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.start_timeout <= 0:
+            raise ConfigError(f"start_timeout must be > 0, got {self.start_timeout}")
         if self.model is not None and self.model not in ZOO and not is_reference(self.model):
             raise ConfigError(f"model = {self.model!r} is not a zoo model ({', '.join(ZOO)}) nor a builder "
                               "FILE.py:FUNCTION or package.module:FUNCTION")

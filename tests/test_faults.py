@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -336,3 +337,35 @@ def test_train_joins_the_cluster_ray_start_left_running(data_dir, tmp_path):
             marker.unlink(missing_ok=True)
         else:
             marker.write_bytes(before)
+
+
+def test_a_worker_no_node_can_hold_stops_the_start_in_one_line(data_dir, tmp_path):
+    """Two nodes of one CPU each and a worker asking for two threads: Ray would leave it pending for
+    ever; the run stops at --start-timeout, naming the worker, what it needs and what the nodes have."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from ray.cluster_utils import Cluster
+        from distnn.config import TrainConfig
+        from distnn.parallel import RayBackend
+        from distnn.train import Trainer, TrainingError
+        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
+        cluster.add_node(num_cpus=1)
+        backend = RayBackend(address=cluster.address)
+        cfg = TrainConfig(model="mlp", data={str(data_dir)!r}, workers=1, threads=2, batch_size=32, epochs=1,
+                          backend="ray", out={str(tmp_path / 'run')!r}, start_timeout=5).validate()
+        started = time.monotonic()
+        try:
+            Trainer(cfg, backend=backend, log=lambda *a: None, progress=False)
+        except TrainingError as e:
+            print("ERROR", e)
+        print("SECONDS", round(time.monotonic() - started))
+        backend.ray.shutdown()
+        cluster.shutdown()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    error = next(line for line in proc.stdout.splitlines() if line.startswith("ERROR"))
+    assert "workers [0] not started within 5 s: each needs 2 CPU(s) on one node" in error
+    assert error.count("1 CPUs") == 2 and "--start-timeout" in error
+    assert int(proc.stdout.split("SECONDS")[1]) < 60

@@ -13,8 +13,17 @@ every call in this process at once; on Ray the workers drive sync steps and asyn
 from __future__ import annotations
 
 import os
+import time
 
 from .local_backend import LocalBackend, describe
+
+
+class NotReady(TimeoutError):
+    """Futures still pending at a deadline: ``positions`` in the list waited for."""
+
+    def __init__(self, positions):
+        super().__init__(f"not ready: {positions}")
+        self.positions = positions
 
 
 INLINE_BYTES = 8 << 20
@@ -119,16 +128,25 @@ class RayBackend:
         return [self.call(w, "run_async", servers, counts[r], *starts[r], bound, bounds, pipelined)
                 for r, w in enumerate(workers) if counts[r]]
 
-    def get(self, futures):
+    def get(self, futures, timeout: float | None = None):
         """Values of the futures; the first failure is raised as soon as it is known, not after the
-        others (which may wait forever for the one that failed)."""
+        others (which may wait forever for the one that failed). ``timeout``: seconds for all of them,
+        after which ``NotReady`` names the positions of those still pending."""
         if not isinstance(futures, list):
-            return self.ray.get(futures)
+            return self.get([futures], timeout)[0]
+        deadline = None if timeout is None else time.monotonic() + timeout
         pending = list(futures)
-        while len(pending) > 1:
-            ready, pending = self.ray.wait(pending, num_returns=1)
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, pending = self.ray.wait(pending, num_returns=1, timeout=left)
+            if not ready:
+                raise NotReady([i for i, f in enumerate(futures) if any(f is p for p in pending)])
             self.ray.get(ready)
         return self.ray.get(futures)
+
+    def node_cpus(self) -> list[tuple[str, int]]:
+        """(address, CPUs) of each alive node."""
+        return [(n["NodeManagerAddress"], int(n["Resources"].get("CPU", 0))) for n in self.ray.nodes() if n["Alive"]]
 
     def alive(self, handle, timeout=30.0) -> bool:
         """Whether the actor answers (its process is up)."""

@@ -38,7 +38,8 @@ class LocalBackend:
             return a.value
         return a
 
-    def get(self, futures):
+    def get(self, futures, timeout=None):
+        """(Calls have run already: nothing to wait for.)"""
         if isinstance(futures, list):
             return [self._resolve(f) for f in futures]
         return self._resolve(futures)
@@ -113,6 +114,9 @@ class LocalBackend:
 
     def cpus(self) -> int:
         return os.cpu_count() or 1
+
+    def node_cpus(self) -> list[tuple[str, int]]:
+        return [("this process", self.cpus())]
 
     def kill(self, handle):
         pass

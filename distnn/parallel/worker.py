@@ -58,6 +58,10 @@ class GradientWorker:
         self.params, self.next_step = None, None  # worker-driven sync steps: where they go on from
         self.seen = 0   # async: the update count of self.params
 
+    def ping(self) -> int:
+        """This worker's rank: an answer means its process was placed and the worker built."""
+        return self.rank
+
     def ready(self) -> int:
         """Touch the data (read this worker's part) and return the number of batches per epoch."""
         _ = self.loader.data

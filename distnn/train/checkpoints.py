@@ -16,7 +16,8 @@ from ..checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, 
 from ..config import ConfigError, TrainConfig
 from .errors import TrainingError
 
-RESUME_OVERRIDES = ("backend", "address", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard", "mlflow")
+RESUME_OVERRIDES = ("backend", "address", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard", "mlflow",
+                    "start_timeout")
 
 
 def resume_point(run_or_file, overrides: dict | None = None) -> tuple[TrainConfig, dict]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..parallel import GradientWorker, ParameterServer
+from ..parallel.backends import NotReady
+from .errors import TrainingError
 
 
 def shard_bounds(size: int, k: int) -> list[tuple[int, int]]:
@@ -32,13 +34,29 @@ class Fleet:
         try:
             for rank in range(self.world):
                 self.workers.append(self._new_worker(rank))
-            batches = self.call_workers("ready")
+            self.started(self.workers, "ping", "workers")
+            batches = self.call_workers("ready")   # reading the data: as long as its size takes
             if min(batches) != plan.length.steps_per_epoch:   # the plan and the workers read one manifest
                 raise RuntimeError(f"workers read {batches} batches per epoch; the plan counted "
                                    f"{plan.length.steps_per_epoch}")
         except BaseException:
             self.close()
             raise
+
+    def started(self, handles, method, what):
+        """``method`` on each of ``handles`` (new processes), waited for up to the plan's
+        ``start_timeout``: a process that Ray could not place by then stops the run with one line
+        naming it, what it needs and what the nodes have."""
+        timeout = self.plan.config.start_timeout
+        try:
+            return self.backend.get([self.backend.call(h, method) for h in handles], timeout=timeout)
+        except NotReady as e:
+            needs = f"{self.threads} CPU(s)" if what == "workers" else "its node"
+            nodes = ", ".join(f"{addr} {cpus} CPUs" for addr, cpus in self.backend.node_cpus())
+            raise TrainingError(f"{what} {e.positions} not started within {timeout:g} s: each needs {needs} "
+                                f"on one node, and the cluster's nodes have {nodes} (some taken by other jobs "
+                                f"or by this run's own processes); use fewer workers or --threads, add nodes, "
+                                f"or wait longer with --start-timeout") from None
 
     def _new_worker(self, rank):
         worker = self.backend.create(GradientWorker, self.spec, self.data, rank, self.world, self.threads,
@@ -53,6 +71,7 @@ class Fleet:
         self.bounds = shard_bounds(params.size, self.plan.config.servers)
         self._mask = decay_mask
         self.servers = [self._new_server(i, params[lo:hi]) for i, (lo, hi) in enumerate(self.bounds)]
+        self.started(self.servers, "stats", "servers")
 
     def _new_server(self, k, params):
         lo, hi = self.bounds[k]
@@ -156,12 +175,14 @@ class Fleet:
         for r, w in enumerate(self.workers):
             self.backend.kill(w)
             self.workers[r] = self._new_worker(r)
+        self.started(self.workers, "ping", "workers")
         self.call_workers("ready")
 
     def replace_worker(self, rank: int, buffers: np.ndarray | None = None) -> None:
         """A fresh replica of one rank (its process died), given ``buffers`` (batch-norm statistics)."""
         self.backend.kill(self.workers[rank])
         self.workers[rank] = self._new_worker(rank)
+        self.started([self.workers[rank]], "ping", "workers")
         self.get(self.backend.call(self.workers[rank], "ready"))
         if buffers is not None and buffers.size:
             self.get(self.backend.call(self.workers[rank], "set_buffers", buffers))
@@ -171,6 +192,7 @@ class Fleet:
         for k, (s, state) in enumerate(zip(self.servers, states)):
             self.backend.kill(s)
             self.servers[k] = self._new_server(k, state["params"])
+        self.started(self.servers, "stats", "servers")
         self.load_server_states(states)
 
     def close(self) -> None:
