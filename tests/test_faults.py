@@ -369,3 +369,40 @@ def test_a_worker_no_node_can_hold_stops_the_start_in_one_line(data_dir, tmp_pat
     assert "workers [0] not started within 5 s: each needs 2 CPU(s) on one node" in error
     assert error.count("1 CPUs") == 2 and "--start-timeout" in error
     assert int(proc.stdout.split("SECONDS")[1]) < 60
+
+
+def test_a_lost_node_stops_the_run_in_bounded_time(data_dir, tmp_path):
+    """A node removed mid-run (its worker and its CPU gone): the replacement cannot be placed, and the
+    run stops at --start-timeout with one line instead of waiting for ever. (Going on with the
+    survivors is the elastic membership still to come.)"""
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from ray.cluster_utils import Cluster
+        from distnn.config import TrainConfig
+        from distnn.parallel import RayBackend
+        from distnn.train import Trainer, TrainingError
+        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
+        node = cluster.add_node(num_cpus=1)
+        backend = RayBackend(address=cluster.address)
+        cfg = TrainConfig(model="mlp", data={str(data_dir)!r}, workers=2, batch_size=16, epochs=2, backend="ray",
+                          out={str(tmp_path / 'run')!r}, start_timeout=10).validate()
+        def on_step(trainer, step):
+            if step == 5:
+                cluster.remove_node(node)
+                print("REMOVED", time.monotonic(), flush=True)
+        trainer = Trainer(cfg, backend=backend, log=lambda *a: None, progress=False, on_step=on_step)
+        try:
+            trainer.run()
+        except TrainingError as e:
+            print("ERROR", e)
+        print("STOPPED", time.monotonic())
+        trainer.close()
+        backend.ray.shutdown()
+        cluster.shutdown()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = {line.split()[0]: line for line in proc.stdout.splitlines() if line.split()}
+    assert "not started within 10 s" in out["ERROR"] and "--start-timeout" in out["ERROR"]
+    assert float(out["STOPPED"].split()[1]) - float(out["REMOVED"].split()[1]) < 120
