@@ -118,3 +118,18 @@ def test_importing_distnn_does_not_import_numba():
     out = subprocess.run([sys.executable, "-c", "import sys, distnn, distnn.nn, distnn.models; "
                           "print('numba' in sys.modules)"], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_lstm_sequence_backward_kernel_equals_numpy():
+    rng = np.random.default_rng(4)
+    t, n, hidden = 7, 5, 6
+    xw = rng.standard_normal((t, n, 4 * hidden)).astype(np.float32)
+    h0, c0 = (rng.standard_normal((n, hidden)).astype(np.float32) for _ in range(2))
+    w = (rng.standard_normal((4 * hidden, hidden)) * 0.5).astype(np.float32)
+    weights = rng.standard_normal((n, t, hidden)).astype(np.float32)
+
+    def fn(xw, h0, c0, w):
+        seq, h, c = ops.lstm_sequence(xw, h0, c0, w)
+        return ops.sum(seq * Variable(weights)) + ops.sum(h * 1.5) + ops.sum(c * c)
+
+    same_on_both_paths(fn, [xw, h0, c0, w], np.float32(1.0))

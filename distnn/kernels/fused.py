@@ -93,3 +93,25 @@ def winograd_output(m, y):
                     y[2 * ty, 2 * tx + 1, b, k] = s01 - s02 - s03
                     y[2 * ty + 1, 2 * tx, b, k] = s10 + s11 + s12
                     y[2 * ty + 1, 2 * tx + 1, b, k] = s11 - s12 - s13
+
+
+@njit(cache=True, nogil=True)
+def lstm_backward_step(dh, dc, g_out, gates, c, tanh_c, da):
+    """One step of ``ops.recurrent.LSTMSequence``'s backward, in one pass: with h' = dh + g_out (the
+    step's output gradient) and dc += h' o (1 - tanh(c')^2), da (N, 4H) <- (dc g i(1-i), dc c f(1-f),
+    dc i (1-g^2), h' tanh(c') o(1-o)) and dc <- dc f (the step before's). gates (N, 4H) hold i, f, g, o;
+    c (N, H) the cell state entering the step, tanh_c (N, H) tanh of the one leaving it. The caller
+    makes dh_prev = da W_hh."""
+    n, hidden = c.shape
+    for r in range(n):
+        for k in range(hidden):
+            h_grad = dh[r, k] + g_out[r, k]
+            i, f = gates[r, k], gates[r, hidden + k]
+            g, o = gates[r, 2 * hidden + k], gates[r, 3 * hidden + k]
+            tc = tanh_c[r, k]
+            d = dc[r, k] + h_grad * o * (1 - tc * tc)
+            da[r, k] = d * g * i * (1 - i)
+            da[r, hidden + k] = d * c[r, k] * f * (1 - f)
+            da[r, 2 * hidden + k] = d * i * (1 - g * g)
+            da[r, 3 * hidden + k] = h_grad * tc * o * (1 - o)
+            dc[r, k] = d * f

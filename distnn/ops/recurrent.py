@@ -8,6 +8,7 @@ framework's LSTM dropped.
 """
 from __future__ import annotations
 
+from .. import kernels
 from ..autograd import Operator
 from .activation import sigmoid_array
 from .basic import add, linear
@@ -119,6 +120,15 @@ class LSTMSequence(Operator):
         gates, cs, hs, tcs, w_hh = self.gates, self.cs, self.hs, self.tcs, self.w_hh
         t, n, g4 = gates.shape
         hidden = g4 // 4
+        fused = kernels.compiled()
+        if fused is not None:   # the same recursion, each step's element-wise part in one pass
+            da = np.empty_like(gates)
+            dh, dc = g_h.copy(), g_c.copy()
+            for s in range(t - 1, -1, -1):
+                fused.lstm_backward_step(dh, dc, g_seq[:, s], gates[s], cs[s], tcs[s], da[s])
+                np.matmul(da[s], w_hh, out=dh)   # dh_prev = da W_hh
+            gw = da.reshape(-1, g4).T @ hs[:t].reshape(-1, hidden) if self.needs_grad[3] else None
+            return da, dh if self.needs_grad[1] else None, dc if self.needs_grad[2] else None, gw
         gv = gates.reshape(t, n, 4, hidden)
         i, f, g, o = (gv[:, :, j] for j in range(4))
         # Everything that does not depend on dh and dc, for all steps at once (a few large array
