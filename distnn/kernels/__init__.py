@@ -1,6 +1,7 @@
 """Compiled kernels for the element-wise passes numpy cannot fuse (batch norm with its ReLU, a residual
-add with its ReLU, the ReLU backward, the LSTM backward recursion): numba, one thread (the processes are the parallelism), compiled
-once per machine into numba's on-disk cache.
+add with its ReLU, the ReLU backward, Winograd's output transform, a step of the LSTM's backward):
+numba, one thread (the processes are the parallelism), compiled once per machine into numba's on-disk
+cache.
 
 Every kernel has a numpy twin in the operator that calls it: the reference a reader studies and the
 tests hold the kernel to. ``DISTNN_KERNELS=numpy`` selects the numpy path everywhere (so does a machine
