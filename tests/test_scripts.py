@@ -68,3 +68,12 @@ def test_compiled_graph_ab_runs_both_ways(tmp_path):
     ms = json.loads(out.read_text())["ms_per_step"]
     assert len(ms["compiled graph"]) == len(ms["worker-driven"]) == 1 and min(ms["compiled graph"] + ms["worker-driven"]) > 0
     assert json.loads(out.read_text())["host"]["cpu"] and "compiled graph" in proc.stdout
+
+
+def test_kernel_ab_times_both_paths(tmp_path):
+    out = tmp_path / "ab.json"
+    proc = run_script(ROOT / "scripts" / "ab_kernels.py", "--batch", "4", "--pairs", "1", "--repeats", "1",
+                      "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 and all(min(r["numpy"]) > 0 and min(r["numba"]) > 0 for r in rows)

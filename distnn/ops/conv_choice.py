@@ -31,7 +31,7 @@ STEPS = ("forward", "input_grad", "weight_grad")
 REPEATS = 3                # timed runs of each algorithm after one warm-up; the best counts
 _pinned: dict | None = None
 _recording: list = []      # dicts that note each layer's choice (``recording``)
-_memo: dict = {}           # shape key -> algorithm, for this process
+_memo: dict = {}           # shape key -> Choice, for this process
 
 
 @dataclass(frozen=True)
