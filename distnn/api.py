@@ -1,7 +1,10 @@
-"""distnn from Python: ``fit`` a model on data, ``Run`` to read a finished run, ``load`` its model.
+"""distnn from Python: ``fit`` a model on data, ``Run`` to read a finished run, ``load`` its model,
+``tune`` to search options with Ray Tune.
 
     run = distnn.fit("nets.py:build", "data/mine.npz", workers=2, epochs=5)
     run.history[-1], run.evaluate(("x_test", "y_test" arrays)), run.predict(x)
+    search = distnn.tune("lenet5", "mnist", space={"lr": "loguniform(1e-4, 1e-2)"}, samples=8, epochs=2)
+    search.best, search.results
 
 ``model`` is a zoo name ("lenet5"), a builder reference ("nets.py:build", "mypkg.nets:build"), a builder
 function defined in a file, a layer list, or a spec dict. ``data`` is a prepared dataset folder, a
@@ -183,3 +186,23 @@ def fit(model="lenet5", data="mnist", *, workers: int = 2, backend: str = "ray",
     finally:
         trainer.close()
     return Run(trainer.out, summary, stopped)
+
+
+def tune(model="lenet5", data="mnist", *, space=None, samples: int = 1, scheduler: str = "fifo",
+         metric: str = "test_accuracy", max_concurrent: int | None = None, max_failures: int = 0, out=None,
+         resume=None, log=print, data_dir: str = "datasets", **options):
+    """Search ``space`` (a dict or inline TOML table of option -> distribution string or list, see
+    ``distnn.search.space``) with Ray Tune, each trial a distnn run of ``model`` on ``data`` with the
+    fixed ``options`` (TrainConfig keys; ``workers`` per trial, default 1). ``scheduler``: 'fifo' or
+    'asha'; ``resume``: a search folder to continue (the other arguments are then its own). Returns
+    the ``Search``: ``.best`` the best trial's Run, ``.results`` a dict per trial (results.csv)."""
+    from .search import load_tuner
+    search = load_tuner()
+    if resume is not None:
+        return search.run(search.SearchPlan.load(resume), resume, resume=True, log=log)
+    if space is None:
+        raise ValueError("give space: the options to search, e.g. space={'lr': 'loguniform(1e-4, 1e-2)'}")
+    fixed = {"data": data_dir, **_model_options(model), **_data_options(data, data_dir, False, log), **options}
+    plan = search.SearchPlan(search.absolute_paths(fixed), space, samples, scheduler, metric, max_concurrent,
+                             max_failures)
+    return search.run(plan, out, log=log)

@@ -46,7 +46,9 @@ class TrainConfig:
                                       "default: the first)")
     data: str = option("datasets", "folder holding prepared datasets")
     source: str | None = option(None, "raw files to prepare a missing dataset from (default: download)")
-    workers: int = option(0, "gradient workers (0: one per CPU of the cluster)")
+    workers: int | str = option(0, "gradient workers: N, or MIN:MAX to follow the cluster (start once MIN can be "
+                                   "placed, use up to MAX, go on with the survivors when a node is lost, grow back "
+                                   "when one joins; Ray only); 0: one per CPU of the cluster")
     threads: int = option(1, "BLAS threads per worker")
     backend: str = option("ray", "where workers run: a Ray cluster, or one process (debugging)", ("ray", "local"))
     address: str | None = option(None, "Ray cluster to join: auto or HOST:PORT, or local for a cluster of the "
@@ -64,6 +66,9 @@ class TrainConfig:
     start_timeout: float = option(120.0, "seconds to wait for the workers and servers to be placed and started "
                                          "(at the start and after a recovery) before stopping with what could not "
                                          "be placed")
+    step_timeout: float = option(600.0, "seconds any call on the workers or servers (a chunk of steps, a test, a "
+                                        "checkpoint's gathering) may take before the run stops, naming what did not "
+                                        "answer (a process that hangs without dying)")
     compress: str = option("none", "gradients on the wire: none, fp16 or topk:FRACTION (e.g. topk:0.01), with "
                                    "error feedback")
     epochs: int = option(3, "passes over the training data")
@@ -104,14 +109,16 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "servers", "threads", "log_every", "sync_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("workers", "warmup", "max_steps", "checkpoint_every", "keep_checkpoints", "augment_pad",
+        workers_range(self.workers)
+        for name in ("warmup", "max_steps", "checkpoint_every", "keep_checkpoints", "augment_pad",
                      "weight_decay", "label_smoothing"):
             if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if self.start_timeout <= 0:
-            raise ConfigError(f"start_timeout must be > 0, got {self.start_timeout}")
+        for name in ("start_timeout", "step_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.model is not None and self.model not in ZOO and not is_reference(self.model):
             raise ConfigError(f"model = {self.model!r} is not a zoo model ({', '.join(ZOO)}) nor a builder "
                               "FILE.py:FUNCTION or package.module:FUNCTION")
@@ -155,6 +162,12 @@ class TrainConfig:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
 
     @property
+    def elastic(self) -> bool:
+        """``workers`` is a range MIN:MAX with MIN < MAX: the run follows the cluster."""
+        low, high = workers_range(self.workers)
+        return low < high
+
+    @property
     def model_name(self) -> str:
         """A short name of the network for run folders and messages."""
         if self.layers is not None:
@@ -163,6 +176,23 @@ class TrainConfig:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def workers_range(value) -> tuple[int, int]:
+    """(MIN, MAX) of ``workers``: N is (N, N) (0: as many as the cluster's CPUs), "MIN:MAX" a range."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ConfigError(f"workers must be >= 0, got {value}")
+        return value, value
+    low, sep, high = str(value).partition(":")
+    if not (sep and low.strip().isdigit() and high.strip().isdigit() and 1 <= int(low) <= int(high)):
+        raise ConfigError(f"workers = {value!r}: give a number, or MIN:MAX with 1 <= MIN <= MAX (e.g. 1:4)")
+    return int(low), int(high)
+
+
+def parse_workers(text: str):
+    """The --workers flag: N or MIN:MAX."""
+    return int(text) if text.strip().isdigit() else text.strip()
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -178,6 +208,9 @@ def check_type(key, value):
     """``value`` of config key ``key`` as its field's type (an int is a float too); ConfigError else."""
     base, optional = field_kind(key)
     if value is None and optional:
+        return value
+    if key == "workers" and isinstance(value, str):
+        workers_range(value)
         return value
     ok = {"int": isinstance(value, int) and not isinstance(value, bool),
           "float": isinstance(value, (int, float)) and not isinstance(value, bool),

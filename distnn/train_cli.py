@@ -1,4 +1,4 @@
-"""The training commands of ``distnn``: train, eval, plot."""
+"""The training commands of ``distnn``: train, tune, eval, export, import, predict, plot."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import FIELDS, ConfigError, TrainConfig, field_kind, tomllib
+from .config import FIELDS, ConfigError, TrainConfig, field_kind, parse_workers, tomllib
 from .models import ZOO
 
 
@@ -64,6 +64,47 @@ def _train(args):
         return e.exit_status
     except TrainingError as e:
         raise UsageError(f"training stopped: {e}") from None
+    return 0
+
+
+def _tune(args):
+    from .config import load_config
+    from .search import SpaceError, load_tuner
+    from .train import TrainingError
+    overrides = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
+    search_flags = {"--space": args.space, "--samples": args.samples != 1, "--scheduler": args.scheduler != "fifo",
+                    "--metric": args.metric != "test_accuracy", "--max-concurrent": args.max_concurrent,
+                    "--max-failures": args.max_failures, "--out": args.out, "CONFIG": args.config}
+    try:
+        search = load_tuner()
+        if args.resume:
+            given = [k for k, v in search_flags.items() if v] + ["--" + k.replace("_", "-") for k in overrides]
+            if given:
+                raise UsageError(f"--resume continues the search as it was asked; drop {', '.join(given)}")
+            plan, folder = search.SearchPlan.load(args.resume), args.resume
+        else:
+            if not args.space:
+                raise UsageError("give --space: the options to search, e.g. --space '{lr = \"loguniform(1e-4, 1e-2)\"}'")
+            config, defaults = load_config(args.config, overrides), TrainConfig()
+            fixed = {k: v for k, v in config.as_dict().items() if v != getattr(defaults, k)}
+            plan = search.SearchPlan(search.absolute_paths(fixed), args.space, args.samples, args.scheduler, args.metric,
+                              args.max_concurrent, args.max_failures)
+            folder = args.out
+        result = search.run(plan, folder, resume=bool(args.resume), log=print)
+    except (SpaceError, ConfigError) as e:
+        raise UsageError(str(e)) from None
+    except TrainingError as e:
+        raise UsageError(f"search stopped: {e}") from None
+    if result.interrupted:
+        print(f"distnn tune: interrupted; continue with: distnn tune --resume {result.path}", file=sys.stderr)
+        return 130
+    best = result.best_row
+    if best is None:
+        print(f"no trial finished an epoch; see {result.path / 'logs'}", file=sys.stderr)
+        return 1
+    options = ", ".join(f"{o} = {best[o]!r}" for o in result.plan_options())
+    print(f"best: {best['trial']} ({options}): {result.plan.metric} {best[result.plan.metric]:.4f}, run "
+          f"{best['run']}; all trials in {result.path / 'results.csv'}")
     return 0
 
 
@@ -146,9 +187,12 @@ def _plot(args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     run = Path(args.run)
+    if (run / "search-plan.json").is_file():
+        return _plot_search(run, plt, args.out)
     path = run / "metrics.jsonl"
     if not path.is_file():
-        raise UsageError(f"{path}: no metrics; give a run folder made by distnn train")
+        raise UsageError(f"{path}: no metrics; give a run folder made by distnn train or a search folder "
+                         "made by distnn tune")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     steps = [r for r in records if r["type"] == "step"]
     epochs = [r for r in records if r["type"] == "epoch"]
@@ -163,13 +207,33 @@ def _plot(args):
     b.set_xlabel("step")
     b.legend()
     fig.suptitle(run.name)
+    return _save_figure(fig, Path(args.out) if args.out else run / "curves.png")
+
+
+def _save_figure(fig, out: Path) -> int:
     fig.tight_layout()
-    out = Path(args.out) if args.out else run / "curves.png"
     tmp = out.with_name(f".{out.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
     tmp.replace(out)
     print(f"wrote {out}")
     return 0
+
+
+def _plot_search(folder: Path, plt, out) -> int:
+    """Every trial's test accuracy per epoch on one figure (a search folder of distnn tune)."""
+    runs = sorted(p for p in (folder / "runs").glob("*") if (p / "metrics.jsonl").is_file())
+    if not runs:
+        raise UsageError(f"{folder}: no trial has metrics yet")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for run in runs:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        epochs = [r for r in records if r["type"] == "epoch"]
+        ax.plot([r["epoch"] + 1 for r in epochs], [r["test_accuracy"] for r in epochs], "o-", label=run.name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize="small")
+    ax.set_title(f"{folder.name}: {len(runs)} trials")
+    return _save_figure(fig, Path(out) if out else folder / "curves.png")
 
 
 def _export(args):
@@ -225,10 +289,12 @@ def _toml_value(text: str):
         raise argparse.ArgumentTypeError(f"not a TOML value: {text!r}") from None
 
 
-def add_config_flags(p) -> None:
-    """One flag per TrainConfig field, its help, choices and default taken from the field."""
+def add_config_flags(p, skip=()) -> None:
+    """One flag per TrainConfig field (but ``skip``), its help, choices and default taken from the field."""
     defaults = TrainConfig()
     for name, f in FIELDS.items():
+        if name in skip:
+            continue
         kind, _ = field_kind(name)
         default = getattr(defaults, name)
         shown = "" if "(default" in f.metadata["help"] else f" (default: {'none' if default in (None, {}) else default})"
@@ -237,6 +303,8 @@ def add_config_flags(p) -> None:
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["type"] = {"int": int, "float": float, "str": str, "dict": parse_table, "list": parse_array}[kind]
+            if name == "workers":
+                kw.update(type=parse_workers, metavar="N|MIN:MAX")
             if f.metadata["choices"]:
                 kw["choices"] = [c for c in f.metadata["choices"] if c is not None]
             if kind in ("dict", "list"):
@@ -255,6 +323,29 @@ def add_training_commands(sub):
     p.add_argument("--resume", metavar="RUN_OR_CHECKPOINT", help="continue a run from its newest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_train)
+
+    p = sub.add_parser("tune", help="search options of train with Ray Tune, each trial a distnn run",
+                       description="A hyperparameter search: Ray Tune runs trials of distnn train, each in a "
+                                   "placement group of its own; the options of train not searched are held "
+                                   "fixed (a search's trials have one worker each unless --workers says more).")
+    p.add_argument("config", nargs="?", help="a TOML config of the fixed options; flags override it")
+    p.add_argument("--space", help="options to search: a TOML file or an inline table, e.g. "
+                   "'{lr = \"loguniform(1e-4, 1e-2)\", batch_size = [32, 64]}' (uniform, loguniform, randint, "
+                   "choice; a list is a grid)")
+    p.add_argument("--samples", type=int, default=1, help="trials drawn from the space (times the grid's size; "
+                   "default 1)")
+    p.add_argument("--scheduler", choices=["fifo", "asha"], default="fifo",
+                   help="asha stops weak trials at epoch ends (default fifo: every trial runs all epochs)")
+    p.add_argument("--metric", choices=["test_accuracy", "test_loss"], default="test_accuracy",
+                   help="what the best trial is chosen by (default test_accuracy)")
+    p.add_argument("--max-concurrent", dest="max_concurrent", type=int,
+                   help="trials at once (default: as many as the cluster's CPUs hold)")
+    p.add_argument("--max-failures", dest="max_failures", type=int, default=0,
+                   help="retries of a failed trial, from its newest checkpoint (default 0)")
+    p.add_argument("--out", help="the search folder (default searches/MODEL-DATASET-TIME)")
+    p.add_argument("--resume", metavar="DIR", help="continue an interrupted search")
+    add_config_flags(p, skip=("out", "overwrite"))
+    p.set_defaults(handler=_tune)
 
     p = sub.add_parser("eval", help="test accuracy and loss of a run or model file")
     p.add_argument("run", help="a run folder or a model .h5 file")
@@ -280,7 +371,7 @@ def add_training_commands(sub):
     p.add_argument("--out", help="the CSV to write (default RUN/predictions-INPUT.csv)")
     p.set_defaults(handler=_predict)
 
-    p = sub.add_parser("plot", help="PNG of a run's loss and accuracy curves")
-    p.add_argument("run", help="a run folder")
+    p = sub.add_parser("plot", help="PNG of a run's loss and accuracy curves, or of a search's trials")
+    p.add_argument("run", help="a run folder, or a search folder (every trial's test accuracy on one figure)")
     p.add_argument("--out", help="the PNG (default RUN/curves.png)")
     p.set_defaults(handler=_plot)

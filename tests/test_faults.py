@@ -372,9 +372,9 @@ def test_a_worker_no_node_can_hold_stops_the_start_in_one_line(data_dir, tmp_pat
 
 
 def test_a_lost_node_stops_the_run_in_bounded_time(data_dir, tmp_path):
-    """A node removed mid-run (its worker and its CPU gone): the replacement cannot be placed, and the
-    run stops at --start-timeout with one line instead of waiting for ever. (Going on with the
-    survivors is the elastic membership still to come.)"""
+    """A node removed mid-run (its worker and its CPU gone) from a run of a fixed --workers 2: the
+    replacement cannot be placed, and the run stops at --start-timeout with one line instead of waiting
+    for ever. (With --workers 1:2 it goes on with the survivors: test_elastic.py.)"""
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(ROOT)!r})

@@ -103,7 +103,8 @@ class RayBackend:
         options = {"num_cpus": cpus, "max_restarts": 0}
         if actor_cls is ServerActor:
             options["max_concurrency"] = 2 * kwargs.get("world", 1) + 4   # async: two pushes per worker
-            options["scheduling_strategy"] = self._next_node()
+            if self.ray.util.get_current_placement_group() is None:   # a search trial's group holds its shards
+                options["scheduling_strategy"] = self._next_node()
             kwargs["inline_bytes"] = min(self.inline_bytes, PARAMS_INLINE_BYTES)
         return self._classes[actor_cls].options(**options).remote(*args, **kwargs)
 
@@ -144,9 +145,36 @@ class RayBackend:
             self.ray.get(ready)
         return self.ray.get(futures)
 
+    def nodes(self) -> dict[str, tuple[str, int]]:
+        """{node id: (address, CPUs)} of the alive nodes."""
+        return {n["NodeID"]: (n["NodeManagerAddress"], int(n["Resources"].get("CPU", 0)))
+                for n in self.ray.nodes() if n["Alive"]}
+
     def node_cpus(self) -> list[tuple[str, int]]:
         """(address, CPUs) of each alive node."""
-        return [(n["NodeManagerAddress"], int(n["Resources"].get("CPU", 0))) for n in self.ray.nodes() if n["Alive"]]
+        return list(self.nodes().values())
+
+    def free_cpus(self) -> int:
+        """CPUs of the cluster no actor or task holds now."""
+        return int(self.ray.available_resources().get("CPU", 0))
+
+    def draining_nodes(self) -> dict[str, str]:
+        """{node id: address} of the live nodes Ray is draining (a preemption notice, an autoscaler's
+        scale-down): they take no new processes and will go. (Ray's internal state API: where it is
+        missing, no node is seen draining.)"""
+        try:
+            from ray._private.state import state
+            ids = state.get_draining_nodes()
+        except Exception:
+            return {}
+        if not ids:
+            return {}
+        alive = {n["NodeID"]: n["NodeManagerAddress"] for n in self.ray.nodes() if n["Alive"]}
+        return {i: alive[i] for i in ids if i in alive}
+
+    def dead_nodes(self) -> dict[str, str]:
+        """{node id: address} of the nodes Ray counts as dead."""
+        return {n["NodeID"]: n["NodeManagerAddress"] for n in self.ray.nodes() if not n["Alive"]}
 
     def alive(self, handle, timeout=30.0) -> bool:
         """Whether the actor answers (its process is up)."""

@@ -115,8 +115,20 @@ class LocalBackend:
     def cpus(self) -> int:
         return os.cpu_count() or 1
 
+    def nodes(self) -> dict[str, tuple[str, int]]:
+        return {"local": ("this process", self.cpus())}
+
     def node_cpus(self) -> list[tuple[str, int]]:
         return [("this process", self.cpus())]
+
+    def free_cpus(self) -> int:
+        return 0
+
+    def dead_nodes(self) -> dict[str, str]:
+        return {}
+
+    def draining_nodes(self) -> dict[str, str]:
+        return {}
 
     def kill(self, handle):
         pass

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections import deque
 
 from ..checkpoint import load_checkpoint
+from . import membership
+from .errors import PlacementTimeout
 from .schedule import AsyncRounds
 
 
@@ -80,17 +82,38 @@ class AsyncLoop:
             t.checkpoints.save(fleet, t.step, rnd.done)
             for epoch in rnd.epochs_ended:
                 t.end_epoch(epoch)
+            if not self.inflight:
+                if membership.draining(t) and not t.stop_requested:
+                    membership.move_off(t)
+                t.grow_if_room()
 
     def record(self) -> None:
         for m in self.fleet.get(self.fleet.backend.call(self.fleet.servers[0], "take_applied")):
             self.t.recorded([m], compute=m["compute_s"] / self.fleet.world, staleness=m["staleness"])
 
     def recover(self, error) -> None:
-        """Replace what died; see the module's docstring."""
+        """Replace what died; see the module's docstring. An elastic run whose lost workers cannot be
+        placed again goes on with fewer from the newest checkpoint (``Trainer.shrink``)."""
+        lost = self.fleet.lost()
+        try:
+            self._recover(error, lost)
+        except PlacementTimeout as e:
+            here = None
+            if self.t.config.elastic:
+                for s in self.fleet.servers:
+                    self.fleet.backend.call(s, "abort", "the membership changes")
+                self.fleet.backend.discard([f for _, fs in self.inflight for f in fs.values()], timeout=10.0)
+                self.inflight.clear()
+                if not lost[1]:   # the shards are up: the updates applied since the driver last looked
+                    self.record()
+                here = self.t.checkpoints.here(self.fleet, "async", lost)
+            self.t.shrink(e, here)
+
+    def _recover(self, error, lost) -> None:
         t, fleet = self.t, self.fleet
         t.checkpoints.check_budget(fleet, error)
         with t.report.paused():
-            lost_workers, lost_servers = fleet.lost()
+            lost_workers, lost_servers = lost
             failed_at = t.step
             if lost_servers or not lost_workers:
                 for s in fleet.servers:

@@ -16,8 +16,8 @@ from ..checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, 
 from ..config import ConfigError, TrainConfig
 from .errors import TrainingError
 
-RESUME_OVERRIDES = ("backend", "address", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard", "mlflow",
-                    "start_timeout")
+RESUME_OVERRIDES = ("backend", "address", "workers", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard",
+                    "mlflow", "start_timeout", "step_timeout")
 
 
 def resume_point(run_or_file, overrides: dict | None = None) -> tuple[TrainConfig, dict]:
@@ -58,6 +58,40 @@ class Checkpoints:
         prune_checkpoints(self.folder, self.keep)
         self.last, self.last_step = path, step
 
+    def save_state(self, fleet, step: int, states: list[dict], buffers: np.ndarray, done=None) -> dict:
+        """Checkpoint ``states`` (each shard's) at ``step`` (async: with ``done``, each worker's applied
+        gradients) with ``buffers`` (B,) for every worker, when some workers are gone (a membership
+        change); returns it as ``load_checkpoint`` would."""
+        worker_buffers = np.stack([buffers] * fleet.world)
+        self.model.set_flat_params(np.concatenate([st["params"] for st in states]))
+        if buffers.size:
+            self.model.set_buffers_vector(buffers)
+        path = self.folder / f"step-{step:08d}.h5"
+        save_checkpoint(path, self.model, step=step, servers=states, worker_buffers=worker_buffers,
+                        config=self.config, spec=self.spec, extra=None if done is None else {"done": list(done)})
+        prune_checkpoints(self.folder, self.keep)
+        self.last, self.last_step = path, step
+        return load_checkpoint(path)
+
+    def here(self, fleet, mode: str, lost=None) -> dict:
+        """The state a membership change goes on from, taken while the survivors are still up
+        (``lost``: ``fleet.lost()`` if known): where every shard survived, the shards' present state
+        (sync and local SGD: their step; async: each worker's applied gradients, the updates stopped
+        first) - saved as a checkpoint, with the surviving workers' mean statistics - so that no
+        finished update is lost; otherwise (or where the shards disagree) the newest checkpoint."""
+        lost_workers, lost_servers = lost or fleet.lost()
+        buffers = None if lost_servers else fleet.mean_buffers(without=lost_workers)
+        if buffers is not None:
+            if mode == "sync":
+                versions = fleet.call_servers("recover")
+                if len(set(versions)) == 1:
+                    return self.save_state(fleet, versions[0], fleet.call_servers("state"), buffers)
+            else:
+                counts = fleet.call_servers("counts")
+                if all(c == counts[0] for c in counts):
+                    return self.save_state(fleet, sum(counts[0]), fleet.call_servers("state"), buffers, counts[0])
+        return load_checkpoint(self.last)
+
     def check_budget(self, fleet, error) -> None:
         """Refuse to go on after 3 recoveries per process of the run."""
         if len(self.recoveries) >= 3 * (fleet.world + len(fleet.servers)):
@@ -65,10 +99,11 @@ class Checkpoints:
                                 f"{fleet.backend.describe(error)}")
 
     def restore(self, fleet, ckpt: dict, mode: str) -> tuple[int, list[int] | None]:
-        """Load a checkpoint (``checkpoint.load_checkpoint``) into the fleet; returns (step, done)."""
-        if len(ckpt["servers"]) != len(fleet.servers) or len(ckpt["worker_buffers"]) != fleet.world:
-            raise TrainingError(f"{ckpt['path']}: made with {len(ckpt['worker_buffers'])} workers and "
-                                f"{len(ckpt['servers'])} servers; resume with the same numbers")
+        """Load a checkpoint (``checkpoint.load_checkpoint``; of another world size: ``membership.
+        rescale`` it first) into the fleet; returns (step, done)."""
+        if len(ckpt["servers"]) != len(fleet.servers):
+            raise TrainingError(f"{ckpt['path']}: made with {len(ckpt['servers'])} servers; resume with "
+                                f"--servers {len(ckpt['servers'])}")
         made_by = "sync" if ckpt.get("done") is None else "async"
         if made_by != mode:
             raise TrainingError(f"{ckpt['path']}: made by a {made_by} run; resume it with mode = '{made_by}'")

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..parallel import GradientWorker, ParameterServer
 from ..parallel.backends import NotReady
-from .errors import TrainingError
+from .errors import PlacementTimeout, TrainingError
 
 
 def shard_bounds(size: int, k: int) -> list[tuple[int, int]]:
@@ -31,6 +31,7 @@ class Fleet:
         self.threads, self.compress = plan.config.threads, plan.config.compress
         self.workers, self.servers, self.bounds = [], [], []
         self.pending = []   # futures of sync steps handed out and not yet collected
+        self.dead_before = set(backend.dead_nodes())   # nodes dead before this fleet started
         try:
             for rank in range(self.world):
                 self.workers.append(self._new_worker(rank))
@@ -46,23 +47,25 @@ class Fleet:
     def started(self, handles, method, what):
         """``method`` on each of ``handles`` (new processes), waited for up to the plan's
         ``start_timeout``: a process that Ray could not place by then stops the run with one line
-        naming it, what it needs and what the nodes have."""
+        naming it, what it needs and what the nodes have. New workers of a local SGD run are then
+        given its spec (once they run: no call waits on a process that may never be placed)."""
         timeout = self.plan.config.start_timeout
         try:
-            return self.backend.get([self.backend.call(h, method) for h in handles], timeout=timeout)
+            values = self.backend.get([self.backend.call(h, method) for h in handles], timeout=timeout)
         except NotReady as e:
             needs = f"{self.threads} CPU(s)" if what == "workers" else "its node"
             nodes = ", ".join(f"{addr} {cpus} CPUs" for addr, cpus in self.backend.node_cpus())
-            raise TrainingError(f"{what} {e.positions} not started within {timeout:g} s: each needs {needs} "
+            raise PlacementTimeout(f"{what} {e.positions} not started within {timeout:g} s: each needs {needs} "
                                 f"on one node, and the cluster's nodes have {nodes} (some taken by other jobs "
                                 f"or by this run's own processes); use fewer workers or --threads, add nodes, "
                                 f"or wait longer with --start-timeout") from None
+        if what == "workers" and self.local is not None:
+            self.get([self.backend.call(h, "set_local", self.local) for h in handles])
+        return values
 
     def _new_worker(self, rank):
         worker = self.backend.create(GradientWorker, self.spec, self.data, rank, self.world, self.threads,
                                      self.compress, self.convolutions, cpus=self.threads)
-        if self.local is not None:
-            self.get(self.backend.call(worker, "set_local", self.local))
         return worker
 
     def start_servers(self, params: np.ndarray, decay_mask: np.ndarray) -> None:
@@ -85,7 +88,15 @@ class Fleet:
 
     # -- calls ------------------------------------------------------------------------------------
     def get(self, futures):
-        return self.backend.get(futures)
+        """The values of calls on running processes, waited for up to the plan's ``step_timeout``: a
+        process that hangs without dying stops the run with one line instead of a wait for ever."""
+        timeout = self.plan.config.step_timeout
+        try:
+            return self.backend.get(futures, timeout=timeout)
+        except NotReady as e:
+            raise TrainingError(f"calls {e.positions} of {len(futures) if isinstance(futures, list) else 1} "
+                                f"unanswered after {timeout:g} s: a worker or server is stuck (its log: "
+                                "/tmp/ray/session_latest/logs); raise --step-timeout if the work takes longer")
 
     def call_workers(self, method, *args):
         """``method(*args)`` on every worker; their results in rank order."""
@@ -168,6 +179,27 @@ class Fleet:
         alive = self.backend.alive
         return ([r for r, w in enumerate(self.workers) if not alive(w)],
                 [k for k, s in enumerate(self.servers) if not alive(s)])
+
+    def lost_nodes(self) -> list[str]:
+        """Addresses of the nodes that died since this fleet started."""
+        return sorted(addr for node, addr in self.backend.dead_nodes().items() if node not in self.dead_before)
+
+    def draining(self) -> dict[str, str]:
+        """{node id: address} of the draining nodes this fleet's processes run on."""
+        nodes = self.backend.draining_nodes()
+        if not nodes:
+            return {}
+        ours = set(self.get([self.backend.call(h, "node") for h in self.workers + self.servers]))
+        return {node: addr for node, addr in nodes.items() if node in ours}
+
+    def placeable(self, without=()) -> int:
+        """How many workers of ``threads`` CPUs the cluster's live nodes hold (not minding other jobs),
+        leaving out the nodes ``without`` (ids)."""
+        return sum(cpus // self.threads for node, (_, cpus) in self.backend.nodes().items() if node not in without)
+
+    def room(self) -> int:
+        """How many more workers of ``threads`` CPUs the cluster has free CPUs for now."""
+        return self.backend.free_cpus() // self.threads
 
     def replace_workers(self) -> None:
         """Fresh replicas of every rank, survivors too: one may already be running a chunk queued

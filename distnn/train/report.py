@@ -91,6 +91,19 @@ class RunReport:
         self.log(f"epoch {epoch + 1}/{epochs}: test accuracy {result['test_accuracy']:.4f}, "
                  f"test loss {result['test_loss']:.4f} ({rec['wall_time']:.1f} s)")
 
+    def membership(self, event: dict, world: int, total_updates: int, lr) -> None:
+        """A change of the number of workers (``train.membership``): its record and line; from here on
+        steps are the new world's, of ``total_updates``, at learning rates ``lr(update)``."""
+        self.metrics.write(**event, wall_time=self.wall() if self.bar is not None else 0.0)
+        self.metrics.world, self.world, self.total, self.lr = world, world, total_updates, lr
+        self.metrics.new_window(time.perf_counter())
+        if self.bar is not None:
+            self.bar.reset(total=total_updates)
+            self.bar.update(event["step"])
+        self.log(f"workers {event['workers_before']} -> {event['workers']}: {event['reason']}; going on from step "
+                 f"{event['after_step']}, which is step {event['step']} of {total_updates} with {event['workers']} "
+                 f"worker{'s' if event['workers'] != 1 else ''}")
+
     def recovery(self, event: dict) -> None:
         self.metrics.write(**event, wall_time=self.wall())
         redone = max(0, event["after_step"] - event["restart_step"])

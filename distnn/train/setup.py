@@ -17,7 +17,7 @@ from .. import kernels, ops
 from .._hardware import describe as describe_host
 from .._io import atomic_write_text
 from ..autograd import train_mode
-from ..config import TrainConfig
+from ..config import TrainConfig, workers_range
 from ..data import SOURCES, Loader, ShardedDataset, open_dataset, prepare
 from ..data.dataset import MANIFEST
 from ..models import build_model, builders
@@ -54,13 +54,26 @@ def plan(c: TrainConfig, cpus: int, resuming: bool = False, log=print, progress=
     dataset = open_dataset(path)
     spec = model_spec(c, dataset)
     world = world_size(c, cpus)
-    length = run_length(c, dataset, world)
+    length, optimizer, schedule, local = _sized(c, dataset, world)
     out = run_folder(c, resuming=resuming, log=log)
+    return RunPlan(config=dataclasses.replace(c, out=str(out)), dataset=path, spec=spec, world=world, out=out,
+                   data=data_spec(c, path), optimizer=optimizer, schedule=schedule, local=local, length=length)
+
+
+def resized(p: RunPlan, world: int) -> RunPlan:
+    """Plan ``p`` for ``world`` workers (a change of membership, ``train.membership``): the run's
+    length, its schedule, local SGD's rounds and with ``scale_lr`` its learning rate follow."""
+    length, optimizer, schedule, local = _sized(p.config, open_dataset(p.dataset), world)
+    return dataclasses.replace(p, world=world, length=length, optimizer=optimizer, schedule=schedule, local=local)
+
+
+def _sized(c: TrainConfig, dataset: ShardedDataset, world: int):
+    """(length, optimizer, schedule, local SGD) of ``c`` with ``world`` workers."""
+    length = run_length(c, dataset, world)
     optimizer, schedule = optimizer_spec(c, world), schedule_spec(c, length.total_updates)
     local = None if c.sync_every == 1 else LocalSpec(optimizer, schedule, c.sync_every, length.steps_per_epoch,
                                                      length.total_updates)
-    return RunPlan(config=dataclasses.replace(c, out=str(out)), dataset=path, spec=spec, world=world, out=out,
-                   data=data_spec(c, path), optimizer=optimizer, schedule=schedule, local=local, length=length)
+    return length, optimizer, schedule, local
 
 
 def kernel_choices(p: RunPlan, resuming: bool = False) -> dict:
@@ -169,8 +182,13 @@ def schedule_spec(c: TrainConfig, total_updates: int) -> ScheduleSpec:
 
 
 def world_size(c: TrainConfig, cpus: int) -> int:
-    """``c.workers``, or one per ``c.threads`` CPUs of the cluster; refuses more than a Ray cluster has."""
-    world = c.workers or max(1, cpus // c.threads)
+    """``c.workers``, or one per ``c.threads`` CPUs of the cluster; a range MIN:MAX takes as many as the
+    CPUs hold, at least MIN (a Ray cluster that cannot hold MIN stops the start at its deadline) and
+    at most MAX (the local backend: MAX). Refuses a fixed number more than a Ray cluster has."""
+    low, high = workers_range(c.workers)
+    if low < high:
+        return high if c.backend == "local" else max(low, min(high, cpus // c.threads))
+    world = low or max(1, cpus // c.threads)
     if c.backend == "ray" and world * c.threads > cpus:
         raise TrainingError(f"--workers {world} x {c.threads} threads needs {world * c.threads} CPUs; "
                             f"the Ray cluster has {cpus}: use fewer workers or add nodes")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from . import membership
 from .schedule import SyncSchedule
 
 
@@ -34,7 +35,7 @@ def _run_steps(t, schedule: SyncSchedule) -> None:
         t.fleet.call_workers("start_epoch", epoch, first_batch)
         inflight = deque()   # (end step, futures)
         while chunks or inflight:
-            while chunks and schedule.may_queue([end for end, _ in inflight], t.stop_requested):
+            while chunks and schedule.may_queue([end for end, _ in inflight], t.stop_requested or bool(t.leaving)):
                 first, n = chunks.popleft()
                 inflight.append((first + n, t.fleet.sync_steps(first, n)))
             if not inflight:
@@ -42,9 +43,15 @@ def _run_steps(t, schedule: SyncSchedule) -> None:
             _, futures = inflight.popleft()
             for metrics in zip(*t.fleet.collect(futures)):
                 t.recorded(list(metrics), compute=max(m["compute_s"] for m in metrics))
-            if not inflight and (schedule.checkpoint_due(t.step) or t.stop_requested):
+            leaving = membership.draining(t)   # a node about to go: checkpoint once the steps in flight land
+            if not inflight and (schedule.checkpoint_due(t.step) or t.stop_requested or leaving):
                 t.checkpoints.save(t.fleet, t.step)
+                if leaving and not t.stop_requested:
+                    membership.move_off(t)
+                if chunks:
+                    t.grow_if_room()
         if t.stop_requested:
             return
         if t.step % t.length.steps_per_epoch == 0:
             t.end_epoch(epoch)
+            t.grow_if_room()

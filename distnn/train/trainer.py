@@ -7,14 +7,14 @@ import signal
 import threading
 
 from .._io import WriteFailed
-from ..config import TrainConfig
 from ..checkpoint import save_model
+from ..config import TrainConfig
 from ..ops import conv_choice
 from ..parallel import NonFiniteError
-from . import setup
+from . import membership, setup
 from .asynchronous import run_async
 from .checkpoints import Checkpoints
-from .errors import RunWriteFailed, TrainingError, TrainingInterrupted
+from .errors import MembershipChange, PlacementTimeout, RunWriteFailed, TrainingError, TrainingInterrupted
 from .fleet import Fleet
 from .report import RunReport
 from .sinks import make_sinks
@@ -26,14 +26,17 @@ class Trainer:
     """One run: its plan (``setup.plan``), its processes (``Fleet``), its checkpoints and its report."""
 
     def __init__(self, config: TrainConfig, backend=None, log=print, progress=True, resume: dict | None = None,
-                 on_step=None):
+                 on_step=None, on_epoch=None):
         """``backend``: a backend to use (default: made from the config, and shut down by ``close``);
         ``resume``: a loaded checkpoint (``checkpoint.load_checkpoint``) to continue from;
-        ``on_step(trainer, step)``: called after every update (tests stop or kill processes there)."""
-        self.log, self.on_step = log, on_step
+        ``on_step(trainer, step)``: called after every update (tests stop or kill processes there);
+        ``on_epoch(trainer, record)``: after each epoch's test, with its metrics record and the
+        checkpoint of that step saved (a search trial reports there)."""
+        self.log, self.on_step, self.on_epoch = log, on_step, on_epoch
         self.step, self.stop_requested, self.max_lead = 0, False, 0
         self.fleet = self.report = None
         self.sinks, self.finished = [], False
+        self.leaving = {}   # draining nodes this run's processes are on: leave at the next checkpoint
         owned = None if backend is not None else setup.start_backend(config, log)  # shut down here until the fleet owns it
         try:
             self.plan = p = setup.plan(config, (backend or owned).cpus(), resume is not None, log, progress)
@@ -46,9 +49,13 @@ class Trainer:
             self.checkpoints = Checkpoints(p.out / "checkpoints", p.config.keep_checkpoints, self.model, p.spec,
                                            p.config.as_dict())
             self.done = [0] * p.world  # async: gradients applied per worker
+            self.membership: list[dict] = []   # changes of the number of workers (train.membership)
             if resume is not None:
-                self._restore(resume)
-            self.report = self._report(log, progress, None if resume is None else self.step)
+                resume = self._restore(resume)
+            self.report = self._report(log, progress, None if resume is None
+                                       else resume.get("rescaled_from", (resume["step"],))[0])
+            if resume is not None and "rescaled_from" in resume:
+                self.report.membership(self.membership[-1], p.world, p.length.total_updates, self._lr())
         except BaseException:
             self.close()
             if owned is not None:
@@ -57,15 +64,25 @@ class Trainer:
 
     def _report(self, log, progress, resume_step) -> RunReport:
         """The run's report, with its sinks (TensorBoard, MLflow) and each update's learning rate."""
-        p, schedule = self.plan, self.plan.schedule.make()
+        p = self.plan
         return RunReport(p.out, p.world, p.length.total_updates, log, progress, p.config.log_every, resume_step,
-                         lambda update: p.optimizer.lr * schedule(update), self.sinks)
+                         self._lr(), self.sinks)
 
-    def _restore(self, ckpt: dict) -> None:
-        self.step, done = self.checkpoints.restore(self.fleet, ckpt, self.config.mode)
-        self.done = done or self.done
+    def _lr(self):
+        """The learning rate of an update (0-based) in the present plan."""
+        p, schedule = self.plan, self.plan.schedule.make()
+        return lambda update: p.optimizer.lr * schedule(update)
+
+    def _restore(self, ckpt: dict, reason: str = membership.RESUMED) -> dict:
+        """Load ``ckpt`` into the fleet (one of another world size rescaled first); returns it as loaded."""
+        loaded = membership.restore(self, ckpt, reason)
         self.log(f"resuming {self.config.model_name} from {ckpt['path']} at step {self.step} of "
                  f"{self.length.total_updates}")
+        return loaded
+
+    def grow_if_room(self) -> None:
+        """At a checkpoint boundary: an elastic run takes the room a joining node brings."""
+        membership.grow_if_room(self)
 
     def run(self) -> dict:
         c, n = self.config, self.length
@@ -92,7 +109,11 @@ class Trainer:
     def _loop(self) -> None:
         restore_signals = catch_signals(self)
         try:
-            (run_sync if self.config.mode == "sync" else run_async)(self)
+            while True:
+                try:
+                    return (run_sync if self.config.mode == "sync" else run_async)(self)
+                except MembershipChange as change:
+                    membership.resize(self, change)
         except Exception as e:
             cause = self.fleet.backend.cause(e)
             if isinstance(cause, NonFiniteError):
@@ -118,16 +139,35 @@ class Trainer:
         self.buffers = buffers.mean(axis=0).astype(buffers.dtype)
         return self.fleet.evaluate(self.fleet.parameters(), self.buffers)
 
+    def checkpoint(self):
+        """The checkpoint of the current step (saved now unless it already is); its path."""
+        self.checkpoints.save(self.fleet, self.step, self.done if self.config.mode == "async" else None)
+        return self.checkpoints.last
+
     def end_epoch(self, epoch: int) -> None:
         with self.report.paused():
             self.report.epoch(epoch, self.config.epochs, self.step, self.evaluate())
+        if self.on_epoch is not None:
+            self.on_epoch(self, self.report.epochs[-1])
 
     def recover(self, error) -> None:
-        """A process died (Ray): replace it and go back to the step to redo (see Checkpoints.recover)."""
+        """A process died (Ray): replace it and go back to the step to redo (see Checkpoints.recover).
+        An elastic run whose lost workers cannot be placed again goes on with fewer (``shrink``)."""
         with self.report.paused():
-            event = self.checkpoints.recover(self.fleet, error, self.step)
+            here = self.checkpoints.here(self.fleet, self.config.mode) if self.config.elastic else None
+            try:
+                event = self.checkpoints.recover(self.fleet, error, self.step)
+            except PlacementTimeout as e:
+                self.shrink(e, here)
         self.step = event["restart_step"]
+        nodes = self.fleet.lost_nodes()
+        if nodes:
+            event["lost_nodes"] = nodes
         self.report.recovery(event)
+
+    def shrink(self, error: PlacementTimeout, here: dict | None) -> None:
+        """Replacements not placed in time: an elastic run goes on with fewer workers, any other stops."""
+        membership.shrink(self, error, here)
 
     def _finish(self) -> dict:
         c, report = self.config, self.report
@@ -143,6 +183,8 @@ class Trainer:
                   "compress": c.compress}
         if c.mode == "async":
             fields["max_worker_lead"] = self.max_lead
+        if self.membership:
+            fields["membership"] = self.membership
         samples = self.step * c.batch_size * (self.length.world if c.mode == "sync" else 1)
         per_update = self.length.world if c.mode == "sync" else 1   # parameter vectors sent per update
         summary = report.summary(fields, server, samples, self.checkpoints.recoveries,

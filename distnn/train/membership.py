@@ -1,0 +1,148 @@
+"""A change of membership: a run continued from a checkpoint with another number of workers.
+
+One rule serves ``--resume RUN --workers N``, a node lost for good (the run goes on with the survivors)
+and a node that joins (the run grows back): the checkpoint is read as the new world would have
+written it (``rescale``), and the run goes on from there. What a new world size means:
+
+- **The data**: every epoch is cut into the new number of parts, in the dataset's fixed order
+  (``Loader``: shards and rows by rank), each worker reading its part; the per-worker batch is kept,
+  so the global batch follows the number of workers (and with ``--scale-lr`` the learning rate too).
+- **Where the run is**: the same epoch, at the same fraction of it (rounded down, to a local SGD
+  round's start or the epoch's): step ``s`` of ``S`` per epoch becomes ``epoch * S' + (s mod S) * S' // S``. The run's
+  length and its learning-rate schedule are the new world's: steps are counted in the new world's
+  steps from the change on, and the ``membership`` record in ``metrics.jsonl`` gives both numbers.
+- **State**: the servers' parameters and optimizer slots are kept whole, their update count set to the
+  new step (so the schedule goes on at the same fraction of the run); every worker starts from the
+  workers' mean batch-norm statistics; --compress residuals and local SGD's per-worker optimizer slots
+  start from zero.
+
+So a run whose membership changed is not bit-identical to one that never did; a run whose membership
+never changes is untouched by any of this.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..checkpoint import load_checkpoint
+from ..config import workers_range
+from . import setup
+from .errors import MembershipChange, PlacementTimeout, TrainingError
+from .fleet import Fleet
+from .schedule import RunLength
+
+RESUMED = "resumed with another number of workers (the data re-partitioned; not bit-identical to an unbroken run)"
+
+
+def position(step: int, old: RunLength, new: RunLength, sync_every: int = 1) -> int:
+    """Sync: the new world's step at the same epoch and fraction of it as ``step`` of ``old``."""
+    epoch, batch = divmod(step, old.steps_per_epoch)
+    start = epoch * new.steps_per_epoch
+    step = start + batch * new.steps_per_epoch // old.steps_per_epoch
+    return min(max(start, step // sync_every * sync_every), new.total_updates)   # a local SGD round's start
+
+
+def async_position(step: int, old: RunLength, new: RunLength) -> list[int]:
+    """Async: each new worker's count of applied gradients at the same epoch and fraction of it as
+    ``step`` (the old workers' total) of ``old``."""
+    epoch, rest = divmod(step, old.updates_per_epoch)
+    each = epoch * new.steps_per_epoch + rest * new.steps_per_epoch // old.updates_per_epoch
+    return [each] * new.world
+
+
+def rescale(ckpt: dict, old: RunLength, new: RunLength, sync_every: int = 1) -> dict:
+    """``ckpt`` (``checkpoint.load_checkpoint``) as a run of ``new.world`` workers would have written
+    it at the same place (see the module's rules)."""
+    done = None
+    if ckpt.get("done") is None:
+        step = position(ckpt["step"], old, new, sync_every)
+    else:
+        done = async_position(ckpt["step"], old, new)
+        step = sum(done)
+    buffers = np.asarray(ckpt["worker_buffers"])
+    mean = buffers.mean(axis=0).astype(buffers.dtype) if len(buffers) else buffers
+    return {**ckpt, "step": step, "done": done, "worker_buffers": np.stack([mean] * new.world),
+            "worker_states": None, "servers": [{**s, "version": step} for s in ckpt["servers"]],
+            "config": {**ckpt["config"], "workers": new.world}, "rescaled_from": (ckpt["step"], old.world)}
+
+
+# -- the change, in a running Trainer ``t`` -----------------------------------------------------------
+
+def restore(t, ckpt: dict, reason: str = RESUMED) -> dict:
+    """Load ``ckpt`` into ``t``'s fleet; a checkpoint of another world size is rescaled first and the
+    change recorded in ``t.membership``. Returns the checkpoint as loaded."""
+    made_by = len(ckpt["worker_buffers"])
+    loaded = ckpt
+    if made_by != t.plan.world:
+        loaded = rescale(ckpt, setup.resized(t.plan, made_by).length, t.length, t.config.sync_every)
+        t.membership.append({"type": "membership", "after_step": ckpt["step"], "step": loaded["step"],
+                             "workers_before": made_by, "workers": t.plan.world, "reason": reason})
+    t.step, done = t.checkpoints.restore(t.fleet, loaded, t.config.mode)
+    t.done = done or [0] * t.plan.world
+    return loaded
+
+
+def resize(t, change: MembershipChange) -> None:
+    """Go on with ``change.world`` workers from ``change.ckpt``: --resume with another worker count,
+    inside the running job - every process anew, for the plan of the new world."""
+    with t.report.paused():
+        backend, owns, convolutions = t.fleet.backend, t.fleet.owns_backend, t.fleet.convolutions
+        t.fleet.owns_backend = False
+        t.fleet.close()
+        t.plan = setup.resized(t.plan, change.world)
+        t.length = t.plan.length
+        t.fleet = Fleet(backend, t.plan, owns, convolutions)
+        t.fleet.start_servers(t.model.flat_params, t.model.decay_mask())
+        before = len(t.membership)
+        restore(t, change.ckpt, change.reason)
+        if len(t.membership) == before:   # the same number of workers, on other nodes
+            t.membership.append({"type": "membership", "after_step": change.ckpt["step"], "step": t.step,
+                                 "workers_before": change.world, "workers": change.world, "reason": change.reason})
+        event = t.membership[-1]
+        if change.lost_nodes:
+            event["lost_nodes"] = change.lost_nodes
+        t.report.membership(event, t.plan.world, t.length.total_updates, t._lr())
+
+
+def grow_if_room(t) -> None:
+    """At a checkpoint boundary of an elastic run (``--workers MIN:MAX``) below MAX: where the cluster
+    has free CPUs for more workers now (a node joined), go on with them from this checkpoint."""
+    if not t.config.elastic or t.stop_requested or t.step >= t.length.total_updates:
+        return
+    world = min(workers_range(t.config.workers)[1], t.plan.world + t.fleet.room())
+    if world > t.plan.world and t.checkpoints.last_step == t.step:
+        raise MembershipChange(world, load_checkpoint(t.checkpoints.last),
+                               f"room for {world - t.plan.world} more worker(s)")
+
+
+def shrink(t, error: PlacementTimeout, here: dict | None) -> None:
+    """Replacements not placed within --start-timeout: an elastic run goes on from ``here`` (a loaded
+    checkpoint) with as many workers as the live nodes hold, at least MIN; any other run, or one left
+    below MIN, stops with ``error`` or a line naming the lost node."""
+    if here is None or not t.config.elastic:
+        raise error
+    low, high = workers_range(t.config.workers)
+    world, nodes = min(t.fleet.placeable(), high), t.fleet.lost_nodes()
+    lost = f"node {', '.join(nodes)} lost" if nodes else "workers lost"
+    if world < low:
+        raise TrainingError(f"{lost}: the live nodes hold {world} worker(s) of {t.config.threads} CPU(s), fewer "
+                            f"than --workers {t.config.workers} needs; continue with --resume {t.out} --workers N "
+                            "once there is room") from None
+    raise MembershipChange(world, here, f"{lost}, not replaced within --start-timeout", nodes) from None
+
+
+def draining(t) -> bool:
+    """Whether Ray is draining a node that runs processes of ``t`` (a preemption notice, a scale-down);
+    remembered in ``t.leaving`` until the run has moved off it (``move_off``)."""
+    if not t.leaving and not t.fleet.backend.eager:
+        t.leaving = t.fleet.draining()
+    return bool(t.leaving)
+
+
+def move_off(t) -> None:
+    """At the checkpoint just taken: go on without the draining nodes - the same number of workers
+    elsewhere, or for an elastic run as many as the other nodes hold (at least MIN)."""
+    nodes, t.leaving = t.leaving, {}
+    low, high = workers_range(t.config.workers)
+    world = max(low, min(high, t.fleet.placeable(without=nodes))) if t.config.elastic else t.plan.world
+    raise MembershipChange(world, load_checkpoint(t.checkpoints.last),
+                           f"node {', '.join(sorted(set(nodes.values())))} draining: checkpointed and moved off it")
