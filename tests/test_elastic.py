@@ -136,8 +136,12 @@ cfg = TrainConfig(**{{**dict(model="mlp", data={data!r}, dataset="rule", workers
                                epochs=2, backend="ray", out={out!r}, start_timeout=5, checkpoint_every=8,
                                log_every=4, warmup=10), **{options}}}).validate()
 def on_step(trainer, step):
-    if step == 6 and {event!r} == "remove" and nodes:
-        cluster.remove_node(nodes.pop())
+    if step == 6 and {event!r} == "remove" and nodes:   # a node that runs a worker
+        fleet = trainer.fleet
+        hosts = set(fleet.get([fleet.backend.call(w, "node") for w in fleet.workers]))
+        victim = next((n for n in nodes if n.node_id in hosts), nodes[-1])
+        nodes.remove(victim)
+        cluster.remove_node(victim)
         print("EVENT", time.monotonic(), flush=True)
     if step == 6 and {event!r} == "drain":   # a preemption notice, as a cloud's autoscaler gives it
         from ray._raylet import GcsClient
@@ -198,6 +202,17 @@ def test_a_lost_node_the_run_goes_on_with_the_survivors(learnable, tmp_path, mod
     finally:
         unbroken.close()
     assert abs(summary["final"]["test_accuracy"] - reference["final"]["test_accuracy"]) < 0.08
+
+
+def test_a_lost_node_with_room_elsewhere_is_named_in_the_recovery(learnable, tmp_path):
+    """Three one-CPU nodes, --workers 2: a node removed at step 6; its worker is placed again on the
+    spare node, and the recovery line and record name the node (not only the worker)."""
+    out, lines = run_on_cluster(tmp_path, learnable, 2, "remove", extra_nodes=2)
+    assert "ERROR" not in out, out["ERROR"]
+    summary = json.loads(out["SUMMARY"])
+    [recovery] = summary["recoveries"]
+    assert recovery["lost_nodes"] and summary["workers"] == 2 and "membership" not in summary
+    assert any(line.startswith(f"recovered: node {recovery['lost_nodes'][0]} lost with workers") for line in lines)
 
 
 def test_a_node_that_joins_the_run_grows_back_to_max(learnable, tmp_path):

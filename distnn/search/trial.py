@@ -18,9 +18,12 @@ CHECKPOINT_FILE = "checkpoint.h5"
 
 
 def resources(options: dict):
-    """The trial's placement group: an empty head bundle for the driver, ``threads`` CPUs per worker."""
+    """The trial's placement group: an empty head bundle for the driver, ``threads`` CPUs per worker
+    (of a range MIN:MAX, MAX: a trial's group is fixed)."""
     from ray import tune
-    workers, threads = options.get("workers") or 1, options.get("threads") or 1
+
+    from ..config import workers_range
+    workers, threads = workers_range(options.get("workers") or 1)[1] or 1, options.get("threads") or 1
     return tune.PlacementGroupFactory([{}] + [{"CPU": threads}] * workers, strategy="PACK")
 
 

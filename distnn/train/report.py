@@ -107,7 +107,8 @@ class RunReport:
     def recovery(self, event: dict) -> None:
         self.metrics.write(**event, wall_time=self.wall())
         redone = max(0, event["after_step"] - event["restart_step"])
-        self.log(f"recovered: lost workers {event['lost_workers'] or 'none'}, servers "
+        nodes = f"node {', '.join(event['lost_nodes'])} lost with " if event.get("lost_nodes") else "lost "
+        self.log(f"recovered: {nodes}workers {event['lost_workers'] or 'none'}, servers "
                  f"{event['lost_servers'] or 'none'}; continuing from step {event['restart_step']} "
                  f"({redone} steps redone)")
 
