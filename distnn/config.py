@@ -73,6 +73,10 @@ class TrainConfig:
                                    "error feedback")
     epochs: int = option(3, "passes over the training data")
     batch_size: int = option(64, "examples per worker per step")
+    global_batch: int | None = option(None, "hold the global batch at this many examples per step, whatever the "
+                                            "number of workers (each takes its share, rounded down; replaces "
+                                            "batch_size; default: batch_size per worker, the global batch following "
+                                            "the workers)")
     optimizer: str = option("adam", "the servers' optimizer", tuple(OPTIMIZERS))
     lr: float = option(0.006, "base learning rate")
     momentum: float | None = option(None, "momentum / nesterov only (default: 0.9)")
@@ -106,6 +110,8 @@ class TrainConfig:
             if allowed and getattr(self, f.name) not in allowed:
                 raise ConfigError(f"{f.name} = {getattr(self, f.name)!r} is not one of "
                                   f"{', '.join(str(a) for a in allowed if a is not None)}")
+        if self.global_batch is not None and self.global_batch < 1:
+            raise ConfigError(f"global_batch must be >= 1, got {self.global_batch}")
         for name in ("epochs", "batch_size", "servers", "threads", "log_every", "sync_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -143,7 +149,9 @@ class TrainConfig:
                                               (self.staleness != 0, "a staleness bound of at least 1", "staleness")]),
                  ("momentum", self.momentum is not None,
                   [(self.optimizer in MOMENTUM_OPTIMIZERS, "optimizer = 'momentum' or 'nesterov'", "optimizer")]),
-                 ("scale_lr", self.scale_lr, [(sync, "mode = 'sync'", "mode")]),
+                 ("scale_lr", self.scale_lr, [(sync, "mode = 'sync'", "mode"),
+                                              (self.global_batch is None, "a global batch that follows the "
+                                               "workers (not global_batch)", "global_batch")]),
                  ("sync_every", self.sync_every != 1, [(sync, "mode = 'sync'", "mode"),
                                                        (self.compress == "none", "compress = 'none'", "compress")]),
                  ("address", self.address is not None, [(self.backend == "ray", "backend = 'ray'", "backend")]),
@@ -160,6 +168,11 @@ class TrainConfig:
                               f"{self.sync_every} (a checkpoint is taken where the workers' parameters agree)")
         if self.momentum is not None and not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+
+    def worker_batch(self, world: int) -> int:
+        """Examples per worker per step with ``world`` workers: ``batch_size``, or the share of
+        ``global_batch``."""
+        return self.batch_size if self.global_batch is None else max(1, self.global_batch // world)
 
     @property
     def elastic(self) -> bool:

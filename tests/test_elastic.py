@@ -107,6 +107,30 @@ def test_resume_with_another_number_of_workers(learnable, tmp_path):
     assert summary["final"]["test_accuracy"] > 0.8
 
 
+def test_a_held_global_batch_is_shared_by_the_new_workers(learnable, tmp_path):
+    """--global-batch 32: two workers take 16 each; resumed with three, each takes 10 (32 // 3)."""
+    def stop(trainer, step):
+        if step == 40:
+            trainer.request_stop()
+    trainer = Trainer(config(learnable, tmp_path / "run", workers=2, global_batch=32), log=lambda *a: None,
+                      progress=False, on_step=stop)
+    assert trainer.plan.data.batch_size == 16
+    with pytest.raises(TrainingInterrupted):
+        try:
+            trainer.run()
+        finally:
+            trainer.close()
+    cfg, ckpt = resume_point(tmp_path / "run", {"workers": 3})
+    trainer = Trainer(cfg, log=lambda *a: None, progress=False, resume=ckpt)
+    try:
+        assert trainer.plan.data.batch_size == 10
+        assert trainer.length == setup.run_length(cfg, open_dataset(learnable / "rule"), 3)
+        summary = trainer.run()
+    finally:
+        trainer.close()
+    assert summary["workers"] == 3 and summary["membership"][0]["workers"] == 3
+
+
 def test_a_range_whose_membership_never_changes_is_bit_identical(learnable, tmp_path):
     """--workers 1:2 where two fit (the local backend takes MAX) = --workers 2, bit for bit."""
     for name, workers in (("fixed", 2), ("range", "1:2")):

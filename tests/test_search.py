@@ -198,3 +198,15 @@ def test_python_api_searches_a_grid_over_arrays(tmp_path, ray_backend):
     with pytest.raises(SpaceError, match="unknown option 'learning_rate'"):
         distnn.tune("lenet5", (x, y), space={"learning_rate": [0.1]}, out=tmp_path / "t",
                     data_dir=str(tmp_path / "data"))
+
+
+def test_a_missing_ray_tune_is_refused_with_the_pip_line(monkeypatch, capsys):
+    import ray
+
+    import distnn.search
+    monkeypatch.setitem(sys.modules, "ray.tune", None)          # as if ray[tune]'s packages were absent
+    monkeypatch.delattr(ray, "tune", raising=False)
+    monkeypatch.delitem(sys.modules, "distnn.search.tuner", raising=False)
+    monkeypatch.delattr(distnn.search, "tuner", raising=False)
+    assert cli(["tune", "--space", '{lr = [0.01]}']) == 2
+    assert "searching needs Ray Tune: pip install 'distnn[tune]'" in capsys.readouterr().err

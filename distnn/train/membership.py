@@ -6,7 +6,8 @@ written it (``rescale``), and the run goes on from there. What a new world size 
 
 - **The data**: every epoch is cut into the new number of parts, in the dataset's fixed order
   (``Loader``: shards and rows by rank), each worker reading its part; the per-worker batch is kept,
-  so the global batch follows the number of workers (and with ``--scale-lr`` the learning rate too).
+  so the global batch follows the number of workers (and with ``--scale-lr`` the learning rate too),
+  or with ``--global-batch G`` the global batch is held, each of W workers taking G // W.
 - **Where the run is**: the same epoch, at the same fraction of it (rounded down, to a local SGD
   round's start or the epoch's): step ``s`` of ``S`` per epoch becomes ``epoch * S' + (s mod S) * S' // S``. The run's
   length and its learning-rate schedule are the new world's: steps are counted in the new world's

@@ -57,14 +57,17 @@ def plan(c: TrainConfig, cpus: int, resuming: bool = False, log=print, progress=
     length, optimizer, schedule, local = _sized(c, dataset, world)
     out = run_folder(c, resuming=resuming, log=log)
     return RunPlan(config=dataclasses.replace(c, out=str(out)), dataset=path, spec=spec, world=world, out=out,
-                   data=data_spec(c, path), optimizer=optimizer, schedule=schedule, local=local, length=length)
+                   data=data_spec(c, path, world), optimizer=optimizer, schedule=schedule, local=local,
+                   length=length)
 
 
 def resized(p: RunPlan, world: int) -> RunPlan:
     """Plan ``p`` for ``world`` workers (a change of membership, ``train.membership``): the run's
-    length, its schedule, local SGD's rounds and with ``scale_lr`` its learning rate follow."""
+    length, its schedule, local SGD's rounds, with ``scale_lr`` its learning rate and with
+    ``global_batch`` the per-worker batch follow."""
     length, optimizer, schedule, local = _sized(p.config, open_dataset(p.dataset), world)
-    return dataclasses.replace(p, world=world, length=length, optimizer=optimizer, schedule=schedule, local=local)
+    return dataclasses.replace(p, world=world, length=length, optimizer=optimizer, schedule=schedule, local=local,
+                               data=data_spec(p.config, p.dataset, world))
 
 
 def _sized(c: TrainConfig, dataset: ShardedDataset, world: int):
@@ -119,10 +122,11 @@ def start_backend(c: TrainConfig, log=print):
 
 def run_length(c: TrainConfig, dataset: ShardedDataset, world: int) -> RunLength:
     """The run's length: ``c.epochs`` of the smallest worker part's full batches (or ``c.max_steps``)."""
-    per_worker = min(len(Loader(dataset, "train", r, world, c.batch_size, labels=c.labels, drop_last=True))
+    batch = c.worker_batch(world)
+    per_worker = min(len(Loader(dataset, "train", r, world, batch, labels=c.labels, drop_last=True))
                      for r in range(world))
     if per_worker < 1:
-        raise TrainingError(f"batch size {c.batch_size} is larger than a worker's part of the training data "
+        raise TrainingError(f"batch size {batch} is larger than a worker's part of the training data "
                             f"({dataset.path}, {world} workers); use a smaller --batch-size or fewer workers")
     return RunLength(per_worker, c.epochs, world, c.mode, c.max_steps)
 
@@ -166,8 +170,8 @@ def model_spec(c: TrainConfig, dataset: ShardedDataset) -> dict:
             **c.model_options}
 
 
-def data_spec(c: TrainConfig, path: Path) -> DataSpec:
-    return DataSpec(path=str(path), batch_size=c.batch_size, labels=c.labels, seed=c.seed, augment=c.augment,
+def data_spec(c: TrainConfig, path: Path, world: int) -> DataSpec:
+    return DataSpec(path=str(path), batch_size=c.worker_batch(world), labels=c.labels, seed=c.seed, augment=c.augment,
                     augment_pad=4 if c.augment_pad is None else c.augment_pad, label_smoothing=c.label_smoothing)
 
 

@@ -86,7 +86,7 @@ class Trainer:
 
     def run(self) -> dict:
         c, n = self.config, self.length
-        self.log(f"training {c.model_name} on {c.dataset}: {n.world} {c.backend} workers x batch {c.batch_size}, {c.mode}"
+        self.log(f"training {c.model_name} on {c.dataset}: {n.world} {c.backend} workers x batch {self.plan.data.batch_size}, {c.mode}"
                  f"{'' if c.staleness is None else f' (staleness {c.staleness})'}, {c.servers} server(s), "
                  f"{c.epochs} epochs of {n.steps_per_epoch} steps -> {self.out}")
         self.report.start(self.step)
@@ -185,7 +185,7 @@ class Trainer:
             fields["max_worker_lead"] = self.max_lead
         if self.membership:
             fields["membership"] = self.membership
-        samples = self.step * c.batch_size * (self.length.world if c.mode == "sync" else 1)
+        samples = self.step * self.plan.data.batch_size * (self.length.world if c.mode == "sync" else 1)
         per_update = self.length.world if c.mode == "sync" else 1   # parameter vectors sent per update
         summary = report.summary(fields, server, samples, self.checkpoints.recoveries,
                                  params_bytes=per_update * self.model.flat_params.nbytes, cpu=self.cpu)
