@@ -46,14 +46,16 @@ def fake_cifar(root: Path, n=8192):
            {"fine_labels": [str(i) for i in range(100)], "coarse_labels": [str(i) for i in range(20)]}, {}, 8, None, False)
 
 
-def run(model, case, data, backend, workers, out, backend_obj=None, mode="sync", sync_every=1, pipeline=False):
+def run(model, case, data, backend, workers, out, backend_obj=None, mode="sync", sync_every=1, pipeline=False,
+        data_plane="shm"):
     """Throughput, the per-step breakdown and where the CPU time went (summary.json's ``cpu``); an
     async run makes ``workers`` times the updates, so that both see the same samples."""
     steps = case["steps"] * (workers if mode == "async" else 1)
     cfg = TrainConfig(model=model, dataset=case["dataset"], labels="coarse" if case["dataset"] == "cifar100" else None,
                       data=str(data), workers=workers, backend=backend, batch_size=case["batch_size"], epochs=100,
                       max_steps=steps, out=str(out), log_every=1000, warmup=0, mode=mode,
-                      staleness=4 if mode == "async" else None, sync_every=sync_every, pipeline=pipeline).validate()
+                      staleness=4 if mode == "async" else None, sync_every=sync_every, pipeline=pipeline,
+                      data_plane=data_plane).validate()
     trainer = Trainer(cfg, backend=backend_obj, log=lambda *a: None, progress=False)
     try:
         summary = trainer.run()
@@ -99,6 +101,7 @@ def main(argv=None):
             case = CASES[model]
             local = run(model, case, tmp, "local", 1, tmp / f"{model}-local")
             dist = run(model, case, tmp, "ray", args.workers, tmp / f"{model}-ray", ray)
+            calls = run(model, case, tmp, "ray", args.workers, tmp / f"{model}-calls", ray, data_plane="ray")
             asyn = run(model, case, tmp, "ray", args.workers, tmp / f"{model}-async", ray, mode="async")
             piped = run(model, case, tmp, "ray", args.workers, tmp / f"{model}-piped", ray, mode="async", pipeline=True)
             local_sgd = None if args.sync_every == 1 else run(model, case, tmp, "ray", args.workers, tmp / f"{model}-h",
@@ -106,6 +109,9 @@ def main(argv=None):
             ref = torch_rate(model, case["batch_size"] * args.workers, args.workers)
             rows.append({"model": model, "batch_per_worker": case["batch_size"], "local_1x1": local,
                          f"ray_{args.workers}x1": dist, "speedup": round(dist["samples_per_s"] / local["samples_per_s"], 2),
+                         f"ray_calls_{args.workers}x1": calls,
+                         "plane_vs_calls": round(dist["samples_per_s"] / calls["samples_per_s"], 2),
+                         "calls_speedup": round(calls["samples_per_s"] / local["samples_per_s"], 2),
                          f"ray_async_{args.workers}x1": asyn,
                          "async_vs_sync": round(asyn["samples_per_s"] / dist["samples_per_s"], 2),
                          f"ray_async_pipelined_{args.workers}x1": piped,
@@ -131,6 +137,13 @@ def main(argv=None):
               f"{a['samples_per_s']:>10.0f}{r['async_vs_sync']:>6.2f}{p['samples_per_s']:>10.0f}{r['pipelined_vs_sync']:>6.2f}"
               f"{ts:>8}{vs:>9}"
               f"   {d['total']} / {d['compute']} / {d['server_update']} / {d['wait_and_transfer']}")
+    print(f"the sync step's data: shared memory on the node (the default) against a Ray call per worker "
+          f"(--data-plane ray), {n}x1:")
+    for r in rows:
+        d, c = r[f"ray_{n}x1"], r[f"ray_calls_{n}x1"]
+        print(f"  {r['model']:<15} shm {d['samples_per_s']:.0f} samples/s ({r['speedup']:.2f}x local 1x1, wait+transfer "
+              f"{d['wait_and_transfer']} of {d['total']} ms); Ray calls {c['samples_per_s']:.0f} ({r['calls_speedup']:.2f}x, "
+              f"{c['wait_and_transfer']} of {c['total']} ms); shm / calls {r['plane_vs_calls']:.2f}")
     if args.sync_every > 1:
         print(f"local SGD, averaging every {args.sync_every} steps ({n}x1): "
               + ", ".join(f"{r['model']} {r[f'ray_local_sgd_{n}x1']['samples_per_s']:.0f} samples/s = "

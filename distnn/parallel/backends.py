@@ -205,8 +205,9 @@ class RayBackend:
 
     def is_failure(self, error) -> bool:
         """True for errors that mean a process died (as opposed to an error in distnn's code)."""
+        from .shm import PeerLost
         e = self.ray.exceptions
-        return isinstance(self.cause(error), (e.RayActorError, e.ObjectLostError))
+        return isinstance(self.cause(error), (e.RayActorError, e.ObjectLostError, PeerLost))
 
     def describe(self, error) -> str:
         cause = self.cause(error)

@@ -25,6 +25,7 @@ import ray
 
 from .._memory import tune_allocator
 from .server import ParameterServer
+from .shm import Plane, PlaneClient
 from .simulate import SimulatedWorker
 from .worker import GradientWorker
 
@@ -52,9 +53,24 @@ class ServerActor(ProcessInfo, ParameterServer):
     def __init__(self, *args, inline_bytes: int = 0, **kwargs):
         tune_allocator()  # this process is the actor's own
         self._inline_bytes = inline_bytes
+        self._plane = None
         super().__init__(*args, **kwargs)
 
+    def open_plane(self) -> str | None:
+        """Serve the workers on this node through shared memory (``shm.Plane``); None, or why not."""
+        with self._step_done:
+            self._plane, why = Plane.open(self, self.world, self.params.size)
+            if self._plane is not None:
+                self._published = self._publish()
+            return why
+
+    def plane(self):
+        """(node id, plane name) where this shard serves its node's workers through shared memory."""
+        return None if self._plane is None else (ray.get_runtime_context().get_node_id(), self._plane.name)
+
     def _publish(self):
+        if self._plane is not None:   # written once per step where the node's workers read it (others: Ray)
+            return self._plane.publish(self.params)
         return self.params.copy() if self.params.nbytes <= self._inline_bytes else ray.put(self.params)
 
     def push(self, rank: int, grad, step: int) -> list:
@@ -91,13 +107,39 @@ class WorkerActor(ProcessInfo, GradientWorker):
 
     def run_sync(self, servers: list, first_step: int, steps: int, bounds=None) -> list:
         """Run ``steps`` synchronous steps from ``first_step`` against the shard actors ``servers``;
-        returns their metrics."""
+        returns their metrics. A shard on this node that serves a shared-memory plane gets the
+        gradient part there (``shm``), the others over Ray."""
+        planes = self._planes(servers)
+
         def push(grads, step):
-            return _fetch([s.push.remote(self.rank, g, step) for s, g in zip(servers, grads)])
+            refs = [None if p else s.push.remote(self.rank, g, step) for s, g, p in zip(servers, grads, planes)]
+            for p, g in zip(planes, grads):
+                if p is not None:
+                    p.send(g, step)
+            return [p.receive(step) if p is not None else _fetch([r])[0] for p, r in zip(planes, refs)]
 
         if self.next_step != first_step:  # a new start, a resume or a recovery
             self.receive(_fetch([s.published.remote() for s in servers]))
         return self.run_steps(push, first_step, steps, bounds)
+
+    def _planes(self, servers: list) -> list:
+        """This worker's connection to each shard's plane on its node (None: over Ray), kept from one
+        run of steps to the next while the shard is the same."""
+        here = ray.get_runtime_context().get_node_id()
+        offers = ray.get([s.plane.remote() for s in servers])
+        kept = getattr(self, "_plane_clients", {})
+        planes = []
+        for offer in offers:
+            if offer is None or offer[0] != here:
+                planes.append(None)
+                continue
+            if offer[1] not in kept:
+                kept[offer[1]] = PlaneClient(offer[1], self.rank)
+            planes.append(kept[offer[1]])
+        for name in [n for n in kept if all(p is None or p.name != n for p in planes)]:
+            kept.pop(name).close()
+        self._plane_clients = kept
+        return planes
 
     def run_async(self, servers: list, count: int, epoch: int, batch: int, bound=None, bounds=None,
                   pipelined=False) -> int:

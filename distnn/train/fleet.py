@@ -21,16 +21,18 @@ def shard_bounds(size: int, k: int) -> list[tuple[int, int]]:
 
 
 class Fleet:
-    def __init__(self, backend, plan, owns_backend=False, convolutions: dict | None = None):
+    def __init__(self, backend, plan, owns_backend=False, convolutions: dict | None = None, log=print):
         """Start the ``plan.world`` workers of a ``setup.RunPlan`` and read their data. ``owns_backend``:
         ``close`` shuts the backend down too; ``convolutions``: the run's algorithm of each conv layer
-        (``setup.kernel_choices``), given to every worker and every replacement."""
-        self.backend, self.plan, self.owns_backend = backend, plan, owns_backend
+        (``setup.kernel_choices``), given to every worker and every replacement; ``log``: where a
+        one-line notice goes."""
+        self.backend, self.plan, self.owns_backend, self.log = backend, plan, owns_backend, log
         self.convolutions = convolutions
         self.spec, self.data, self.world, self.local = plan.spec, plan.data, plan.world, plan.local
         self.threads, self.compress = plan.config.threads, plan.config.compress
         self.workers, self.servers, self.bounds = [], [], []
         self.pending = []   # futures of sync steps handed out and not yet collected
+        self.data_plane = "ray" if backend.name == "ray" else None   # "shm" once the shards serve planes
         self.dead_before = set(backend.dead_nodes())   # nodes dead before this fleet started
         try:
             for rank in range(self.world):
@@ -75,6 +77,20 @@ class Fleet:
         self._mask = decay_mask
         self.servers = [self._new_server(i, params[lo:hi]) for i, (lo, hi) in enumerate(self.bounds)]
         self.started(self.servers, "stats", "servers")
+        self.open_planes()
+
+    def open_planes(self) -> None:
+        """Sync steps on Ray (no --compress): each shard serves the workers on its node through shared
+        memory (``parallel.shm``) unless --data-plane ray; a host that cannot is said once, and Ray
+        carries its steps."""
+        c = self.plan.config
+        if self.backend.name != "ray" or c.mode != "sync" or c.compress != "none" or c.data_plane != "shm":
+            return
+        why = [w for w in self.call_servers("open_plane") if w]
+        self.data_plane = "ray" if why else "shm"
+        if why and not getattr(self, "_said", False):
+            self._said = True
+            self.log(f"shared memory unavailable ({why[0]}); the steps' data goes through Ray")
 
     def _new_server(self, k, params):
         lo, hi = self.bounds[k]
@@ -225,6 +241,7 @@ class Fleet:
             self.backend.kill(s)
             self.servers[k] = self._new_server(k, state["params"])
         self.started(self.servers, "stats", "servers")
+        self.open_planes()
         self.load_server_states(states)
 
     def close(self) -> None:

@@ -91,7 +91,7 @@ def resize(t, change: MembershipChange) -> None:
         t.fleet.close()
         t.plan = setup.resized(t.plan, change.world)
         t.length = t.plan.length
-        t.fleet = Fleet(backend, t.plan, owns, convolutions)
+        t.fleet = Fleet(backend, t.plan, owns, convolutions, t.log)
         t.fleet.start_servers(t.model.flat_params, t.model.decay_mask())
         before = len(t.membership)
         restore(t, change.ckpt, change.reason)

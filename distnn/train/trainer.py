@@ -42,7 +42,7 @@ class Trainer:
             self.plan = p = setup.plan(config, (backend or owned).cpus(), resume is not None, log, progress)
             self.config, self.out, self.spec, self.length = p.config, p.out, p.spec, p.length
             self.model, self.sinks = setup.build(p.spec), make_sinks(p.config, p.out)
-            self.fleet = Fleet(backend or owned, p, convolutions=setup.kernel_choices(p, resume is not None))
+            self.fleet = Fleet(backend or owned, p, convolutions=setup.kernel_choices(p, resume is not None), log=log)
             self.fleet.owns_backend, owned = owned is not None, None
             self.fleet.start_servers(self.model.flat_params, self.model.decay_mask())
             setup.write_run_files(p)
@@ -180,7 +180,7 @@ class Trainer:
         server = max(s["update_seconds"] for s in self.fleet.call_servers("stats"))
         fields = {"model": c.model_name, "dataset": c.dataset, "backend": c.backend, "mode": c.mode,
                   "workers": self.length.world, "servers": c.servers, "epochs": c.epochs, "steps": self.step,
-                  "compress": c.compress}
+                  "compress": c.compress, "data_plane": self.fleet.data_plane}
         if c.mode == "async":
             fields["max_worker_lead"] = self.max_lead
         if self.membership:

@@ -1,0 +1,169 @@
+"""The step's data between the processes of one node: shared memory, with a socket to wake the other side.
+
+A server shard opens a ``Plane``: one anonymous shared-memory file (``memfd``) holding a gradient slot
+per worker rank and the parameters the shard publishes after each step, and a Unix socket in Linux's
+abstract namespace (a name, no file). A worker on the same node connects, says its rank and receives
+the memory's file descriptor over the socket (``SCM_RIGHTS``); from then on a step is: the worker
+writes its gradient into its slot and sends the step number (8 bytes); the shard's thread for that
+worker, blocked in ``recv``, wakes, hands the slot to ``ParameterServer.push`` (the sum in rank order,
+exactly as for a gradient that came over Ray) and once the step's update is applied and published into
+the shared parameters, answers with the step number (or -1: the step was abandoned). The worker, blocked
+in its own ``recv``, wakes and reads the parameters from the shared memory.
+
+Nothing spins: both sides block in the kernel. Nothing leaks: the memory and the socket have no name
+in any file system and vanish with the last process that holds them, however it ends. Only processes
+of the same user are served (the peer's credentials, ``SO_PEERCRED``). A peer that dies
+shows as an empty ``recv`` on the other side (``PeerLost``). Where memfd or the abstract namespace is
+missing, ``Plane.open`` says why and the step's data goes through Ray as before.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import struct
+import threading
+import uuid
+
+import numpy as np
+
+from .server import StepAbandoned
+
+_STEP = 8   # bytes of a step number on the socket (little-endian, signed)
+
+
+class PeerLost(ConnectionError):
+    """The process at the other end of a plane is gone (a failure, as a dead actor is)."""
+
+
+def _recv_exact(sock, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        try:
+            chunk = sock.recv(n - len(data))
+        except (ConnectionError, OSError) as e:
+            raise PeerLost(f"the other end of the shared-memory plane is gone ({e})") from None
+        if not chunk:
+            raise PeerLost("the other end of the shared-memory plane closed")
+        data += chunk
+    return data
+
+
+def _encode(step: int) -> bytes:
+    return int(step).to_bytes(_STEP, "little", signed=True)
+
+
+def _decode(data: bytes) -> int:
+    return int.from_bytes(data, "little", signed=True)
+
+
+class Plane:
+    """A server shard's side: slots for ``world`` gradients of ``size`` float32 each, the published
+    parameters (``size``), and a thread per connected worker calling ``server.push``."""
+
+    def __init__(self, server, world: int, size: int):
+        self.server, self.world, self.size = server, world, size
+        nbytes = (world + 1) * size * 4
+        self.fd = os.memfd_create("distnn-plane", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, max(nbytes, 1))
+        self.memory = mmap.mmap(self.fd, max(nbytes, 1))
+        whole = np.frombuffer(self.memory, np.float32, (world + 1) * size)
+        self.slots = whole[:world * size].reshape(world, size)
+        self.published = whole[world * size:]
+        self.name = f"distnn-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind("\0" + self.name)
+        self.listener.listen(world + 4)
+        self.closed = False
+        threading.Thread(target=self._accept, name="plane-accept", daemon=True).start()
+
+    @classmethod
+    def open(cls, server, world: int, size: int):
+        """(the plane, None), or (None, why not) where this host cannot give one."""
+        try:
+            return cls(server, world, size), None
+        except (OSError, AttributeError) as e:
+            return None, f"{type(e).__name__}: {e}"
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), name="plane-worker", daemon=True).start()
+
+    def _serve(self, conn) -> None:
+        """One worker's connection: its rank, the memory's descriptor, then its steps."""
+        try:
+            _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            if uid != os.getuid():   # the memory is this user's processes' only (an abstract name has no mode)
+                return
+            rank = _decode(_recv_exact(conn, _STEP))
+            socket.send_fds(conn, [_encode(self.world), _encode(self.size)], [self.fd])
+            while True:
+                step = _decode(_recv_exact(conn, _STEP))
+                try:
+                    self.server.push(rank, self.slots[rank], step)
+                    conn.sendall(_encode(step))
+                except StepAbandoned:
+                    conn.sendall(_encode(-1))
+        except (PeerLost, OSError):
+            pass   # the worker is gone (its replacement connects anew)
+        finally:
+            conn.close()
+
+    def publish(self, params: np.ndarray) -> np.ndarray:
+        """Write the parameters after a step where every worker on the node reads them."""
+        self.published[...] = params
+        return self.published
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+
+
+class PlaneClient:
+    """A worker's side of one shard's plane: ``send`` a gradient part of a step, then ``receive`` the
+    published parameters (a view of the shared memory, valid until this worker's next ``send``)."""
+
+    def __init__(self, name: str, rank: int, timeout: float = 60.0):
+        self.name, self.rank = name, rank
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect("\0" + name)
+            self.sock.sendall(_encode(rank))
+            msg, fds, _, _ = socket.recv_fds(self.sock, 2 * _STEP, 1)
+        except (ConnectionError, OSError) as e:
+            self.sock.close()
+            raise PeerLost(f"plane {name}: cannot connect ({e})") from None
+        if len(msg) != 2 * _STEP or len(fds) != 1:
+            raise PeerLost(f"plane {name}: no shared memory received")
+        world, size = _decode(msg[:_STEP]), _decode(msg[_STEP:])
+        self.memory = mmap.mmap(fds[0], max((world + 1) * size * 4, 1))
+        os.close(fds[0])
+        whole = np.frombuffer(self.memory, np.float32, (world + 1) * size)
+        self.slot = whole[rank * size:(rank + 1) * size]
+        self.published = whole[world * size:]
+        self.sock.settimeout(None)   # a step waits for the slowest worker; the driver holds the deadline
+
+    def send(self, grad: np.ndarray, step: int) -> None:
+        self.slot[...] = grad
+        try:
+            self.sock.sendall(_encode(step))
+        except (ConnectionError, OSError) as e:
+            raise PeerLost(f"the server shard of plane {self.name} is gone ({e})") from None
+
+    def receive(self, step: int) -> np.ndarray:
+        answer = _decode(_recv_exact(self.sock, _STEP))
+        if answer != step:
+            raise StepAbandoned(f"step {step} abandoned (shared-memory plane {self.name})")
+        return self.published
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.memory.close()
+        except BufferError:   # a view of it is still held (the parameters): unmapped when it goes
+            pass
