@@ -20,6 +20,22 @@ def shard_bounds(size: int, k: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
+def not_placed(backend, what: str, positions, timeout: float, threads: int) -> str:
+    """The line of processes Ray did not place in time: what they need and what the nodes have."""
+    needs = f"{threads} CPU(s)" if what == "workers" else "its node"
+    nodes = ", ".join(f"{addr} {cpus} CPUs" for addr, cpus in backend.node_cpus())
+    return (f"{what} {positions} not started within {timeout:g} s: each needs {needs} on one node, and the "
+            f"cluster's nodes have {nodes} (some taken by other jobs or by this run's own processes); use fewer "
+            f"workers or --threads, add nodes, or wait longer with --start-timeout")
+
+
+def unanswered(positions, futures, timeout: float) -> str:
+    """The line of calls that a running process did not answer in time."""
+    return (f"calls {positions} of {len(futures) if isinstance(futures, list) else 1} unanswered after "
+            f"{timeout:g} s: a worker or server is stuck (its log: /tmp/ray/session_latest/logs); raise "
+            "--step-timeout if the work takes longer")
+
+
 class Fleet:
     def __init__(self, backend, plan, owns_backend=False, convolutions: dict | None = None, log=print):
         """Start the ``plan.world`` workers of a ``setup.RunPlan`` and read their data. ``owns_backend``:
@@ -55,20 +71,14 @@ class Fleet:
         try:
             values = self.backend.get([self.backend.call(h, method) for h in handles], timeout=timeout)
         except NotReady as e:
-            needs = f"{self.threads} CPU(s)" if what == "workers" else "its node"
-            nodes = ", ".join(f"{addr} {cpus} CPUs" for addr, cpus in self.backend.node_cpus())
-            raise PlacementTimeout(f"{what} {e.positions} not started within {timeout:g} s: each needs {needs} "
-                                f"on one node, and the cluster's nodes have {nodes} (some taken by other jobs "
-                                f"or by this run's own processes); use fewer workers or --threads, add nodes, "
-                                f"or wait longer with --start-timeout") from None
+            raise PlacementTimeout(not_placed(self.backend, what, e.positions, timeout, self.threads)) from None
         if what == "workers" and self.local is not None:
             self.get([self.backend.call(h, "set_local", self.local) for h in handles])
         return values
 
     def _new_worker(self, rank):
-        worker = self.backend.create(GradientWorker, self.spec, self.data, rank, self.world, self.threads,
-                                     self.compress, self.convolutions, cpus=self.threads)
-        return worker
+        return self.backend.create(GradientWorker, self.spec, self.data, rank, self.world, self.threads,
+                                   self.compress, self.convolutions, cpus=self.threads)
 
     def start_servers(self, params: np.ndarray, decay_mask: np.ndarray) -> None:
         """The plan's ``servers`` shards, each given its slice of ``params`` (P,) and of ``decay_mask``
@@ -81,15 +91,14 @@ class Fleet:
 
     def open_planes(self) -> None:
         """Sync steps on Ray (no --compress): each shard serves the workers on its node through shared
-        memory (``parallel.shm``) unless --data-plane ray; a host that cannot is said once, and Ray
-        carries its steps."""
+        memory (``parallel.shm``) unless --data-plane ray; a host that cannot is said in one line, and
+        Ray carries its steps."""
         c = self.plan.config
         if self.backend.name != "ray" or c.mode != "sync" or c.compress != "none" or c.data_plane != "shm":
             return
         why = [w for w in self.call_servers("open_plane") if w]
         self.data_plane = "ray" if why else "shm"
-        if why and not getattr(self, "_said", False):
-            self._said = True
+        if why:
             self.log(f"shared memory unavailable ({why[0]}); the steps' data goes through Ray")
 
     def _new_server(self, k, params):
@@ -110,9 +119,7 @@ class Fleet:
         try:
             return self.backend.get(futures, timeout=timeout)
         except NotReady as e:
-            raise TrainingError(f"calls {e.positions} of {len(futures) if isinstance(futures, list) else 1} "
-                                f"unanswered after {timeout:g} s: a worker or server is stuck (its log: "
-                                "/tmp/ray/session_latest/logs); raise --step-timeout if the work takes longer")
+            raise TrainingError(unanswered(e.positions, futures, timeout)) from None
 
     def call_workers(self, method, *args):
         """``method(*args)`` on every worker; their results in rank order."""
@@ -195,27 +202,6 @@ class Fleet:
         alive = self.backend.alive
         return ([r for r, w in enumerate(self.workers) if not alive(w)],
                 [k for k, s in enumerate(self.servers) if not alive(s)])
-
-    def lost_nodes(self) -> list[str]:
-        """Addresses of the nodes that died since this fleet started."""
-        return sorted(addr for node, addr in self.backend.dead_nodes().items() if node not in self.dead_before)
-
-    def draining(self) -> dict[str, str]:
-        """{node id: address} of the draining nodes this fleet's processes run on."""
-        nodes = self.backend.draining_nodes()
-        if not nodes:
-            return {}
-        ours = set(self.get([self.backend.call(h, "node") for h in self.workers + self.servers]))
-        return {node: addr for node, addr in nodes.items() if node in ours}
-
-    def placeable(self, without=()) -> int:
-        """How many workers of ``threads`` CPUs the cluster's live nodes hold (not minding other jobs),
-        leaving out the nodes ``without`` (ids)."""
-        return sum(cpus // self.threads for node, (_, cpus) in self.backend.nodes().items() if node not in without)
-
-    def room(self) -> int:
-        """How many more workers of ``threads`` CPUs the cluster has free CPUs for now."""
-        return self.backend.free_cpus() // self.threads
 
     def replace_workers(self) -> None:
         """Fresh replicas of every rank, survivors too: one may already be running a chunk queued

@@ -109,7 +109,7 @@ def grow_if_room(t) -> None:
     has free CPUs for more workers now (a node joined), go on with them from this checkpoint."""
     if not t.config.elastic or t.stop_requested or t.step >= t.length.total_updates:
         return
-    world = min(workers_range(t.config.workers)[1], t.plan.world + t.fleet.room())
+    world = min(workers_range(t.config.workers)[1], t.plan.world + room(t.fleet))
     if world > t.plan.world and t.checkpoints.last_step == t.step:
         raise MembershipChange(world, load_checkpoint(t.checkpoints.last),
                                f"room for {world - t.plan.world} more worker(s)")
@@ -122,7 +122,7 @@ def shrink(t, error: PlacementTimeout, here: dict | None) -> None:
     if here is None or not t.config.elastic:
         raise error
     low, high = workers_range(t.config.workers)
-    world, nodes = min(t.fleet.placeable(), high), t.fleet.lost_nodes()
+    world, nodes = min(placeable(t.fleet), high), lost_nodes(t.fleet)
     lost = f"node {', '.join(nodes)} lost" if nodes else "workers lost"
     if world < low:
         raise TrainingError(f"{lost}: the live nodes hold {world} worker(s) of {t.config.threads} CPU(s), fewer "
@@ -135,7 +135,7 @@ def draining(t) -> bool:
     """Whether Ray is draining a node that runs processes of ``t`` (a preemption notice, a scale-down);
     remembered in ``t.leaving`` until the run has moved off it (``move_off``)."""
     if not t.leaving and not t.fleet.backend.eager:
-        t.leaving = t.fleet.draining()
+        t.leaving = draining_nodes(t.fleet)
     return bool(t.leaving)
 
 
@@ -144,6 +144,33 @@ def move_off(t) -> None:
     elsewhere, or for an elastic run as many as the other nodes hold (at least MIN)."""
     nodes, t.leaving = t.leaving, {}
     low, high = workers_range(t.config.workers)
-    world = max(low, min(high, t.fleet.placeable(without=nodes))) if t.config.elastic else t.plan.world
+    world = max(low, min(high, placeable(t.fleet, without=nodes))) if t.config.elastic else t.plan.world
     raise MembershipChange(world, load_checkpoint(t.checkpoints.last),
                            f"node {', '.join(sorted(set(nodes.values())))} draining: checkpointed and moved off it")
+
+
+# -- what the cluster holds, seen from a Fleet ----------------------------------------------------------
+
+def lost_nodes(fleet) -> list[str]:
+    """Addresses of the nodes that died since ``fleet`` started."""
+    return sorted(addr for node, addr in fleet.backend.dead_nodes().items() if node not in fleet.dead_before)
+
+
+def draining_nodes(fleet) -> dict[str, str]:
+    """{node id: address} of the draining nodes that ``fleet``'s processes run on."""
+    nodes = fleet.backend.draining_nodes()
+    if not nodes:
+        return {}
+    ours = set(fleet.get([fleet.backend.call(h, "node") for h in fleet.workers + fleet.servers]))
+    return {node: addr for node, addr in nodes.items() if node in ours}
+
+
+def placeable(fleet, without=()) -> int:
+    """How many workers of ``threads`` CPUs the live nodes hold (not minding other jobs), leaving out
+    the nodes ``without`` (ids)."""
+    return sum(cpus // fleet.threads for node, (_, cpus) in fleet.backend.nodes().items() if node not in without)
+
+
+def room(fleet) -> int:
+    """How many more workers of ``threads`` CPUs the cluster has free CPUs for now."""
+    return fleet.backend.free_cpus() // fleet.threads

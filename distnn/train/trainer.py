@@ -160,7 +160,7 @@ class Trainer:
             except PlacementTimeout as e:
                 self.shrink(e, here)
         self.step = event["restart_step"]
-        nodes = self.fleet.lost_nodes()
+        nodes = membership.lost_nodes(self.fleet)
         if nodes:
             event["lost_nodes"] = nodes
         self.report.recovery(event)
