@@ -76,11 +76,12 @@ def _tune(args):
             plan, folder = search.SearchPlan.load(args.resume), args.resume
         else:
             if not args.space:
-                raise UsageError("give --space: the options to search, e.g. --space '{lr = \"loguniform(1e-4, 1e-2)\"}'")
+                raise UsageError("give --space: the options to search, e.g. "
+                                 "--space '{lr = \"loguniform(1e-4, 1e-2)\"}'")
             config, defaults = load_config(args.config, overrides), TrainConfig()
             fixed = {k: v for k, v in config.as_dict().items() if v != getattr(defaults, k)}
-            plan = search.SearchPlan(search.absolute_paths(fixed), args.space, args.samples, args.scheduler, args.metric,
-                              args.max_concurrent, args.max_failures)
+            plan = search.SearchPlan(search.absolute_paths(fixed), args.space, args.samples, args.scheduler,
+                                     args.metric, args.max_concurrent, args.max_failures)
             folder = args.out
         result = search.run(plan, folder, resume=bool(args.resume), log=print)
     except (SpaceError, ConfigError) as e:

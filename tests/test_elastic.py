@@ -159,21 +159,25 @@ backend = RayBackend(address=cluster.address)
 cfg = TrainConfig(**{{**dict(model="mlp", data={data!r}, dataset="rule", workers={workers!r}, batch_size=16,
                                epochs=2, backend="ray", out={out!r}, start_timeout=5, checkpoint_every=8,
                                log_every=4, warmup=10), **{options}}}).validate()
+fired = []   # each event once: a step redone after a recovery comes again
 def on_step(trainer, step):
-    if step == 6 and {event!r} == "remove" and nodes:   # a node that runs a worker
+    if step != 6 or fired:
+        return
+    fired.append(step)
+    if {event!r} == "remove" and nodes:   # a node that runs a worker
         fleet = trainer.fleet
         hosts = set(fleet.get([fleet.backend.call(w, "node") for w in fleet.workers]))
         victim = next((n for n in nodes if n.node_id in hosts), nodes[-1])
         nodes.remove(victim)
         cluster.remove_node(victim)
         print("EVENT", time.monotonic(), flush=True)
-    if step == 6 and {event!r} == "drain":   # a preemption notice, as a cloud's autoscaler gives it
+    if {event!r} == "drain":   # a preemption notice, as a cloud's autoscaler gives it
         from ray._raylet import GcsClient
         from ray.core.generated import autoscaler_pb2
         reason = autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")
         accepted, _ = GcsClient(address=cluster.address).drain_node(nodes[0].node_id, reason, "a test", 0)
         print("EVENT", time.monotonic(), accepted, flush=True)
-    if step == 6 and {event!r} == "add" and not nodes:
+    if {event!r} == "add" and not nodes:
         nodes.append(cluster.add_node(num_cpus=1))
         print("EVENT", time.monotonic(), flush=True)
 started = time.monotonic()

@@ -123,8 +123,9 @@ def _dimension(where: str, option: str, value) -> Dimension:
             raise SpaceError(f"{where}: {option} = []: a grid needs at least one value")
         return Dimension(option, "grid", tuple(_typed(where, option, v) for v in value))
     if not isinstance(value, str) or not (call := _CALL.match(value)) or call.group(1) not in KINDS:
-        raise SpaceError(f"{where}: {option} = {value!r} is neither a distribution ({', '.join(f'{k}(...)' for k in KINDS)}) "
-                         f"nor a list (a grid); hold an option fixed with its flag, e.g. --{option.replace('_', '-')}")
+        kinds = ", ".join(f"{k}(...)" for k in KINDS)
+        raise SpaceError(f"{where}: {option} = {value!r} is neither a distribution ({kinds}) nor a list (a grid); "
+                         f"hold an option fixed with its flag, e.g. --{option.replace('_', '-')}")
     kind, inner = call.groups()
     try:
         args = tuple(tomllib.loads(f"v = [{inner}]")["v"])
@@ -141,9 +142,9 @@ def _dimension(where: str, option: str, value) -> Dimension:
         raise SpaceError(f"{where}: {option} = {value!r}: {kind} takes two numbers, low and high")
     low, high = args
     if base != wanted and not (base == "float" and kind == "randint"):
-        raise SpaceError(f"{where}: {option} = {value!r}: {option} takes {'an integer' if base == 'int' else 'a ' + base}"
-                         f"; {kind} draws {'integers' if wanted == 'int' else 'floats'} (use "
-                         f"{'randint' if base == 'int' else 'choice'})")
+        takes = "an integer" if base == "int" else "a " + base
+        raise SpaceError(f"{where}: {option} = {value!r}: {option} takes {takes}; {kind} draws "
+                         f"{'floats' if wanted == 'float' else 'integers'} (use {'randint' if base == 'int' else 'choice'})")
     if kind == "randint" and not all(isinstance(a, int) for a in args):
         raise SpaceError(f"{where}: {option} = {value!r}: randint takes two integers")
     if not low < high:

@@ -108,7 +108,8 @@ def search(plan: SearchPlan, folder, resume: bool = False, log=print) -> Search:
     fixed = {**plan.fixed, "workers": plan.fixed.get("workers") or 1}
     trainable = tune.with_resources(tune.with_parameters(run_trial, fixed=fixed, folder=str(folder)),
                                     resources=lambda sampled: resources({**fixed, **sampled}))
-    table = TrialTable(space.options, plan.metric, space.largest("epochs", fixed.get("epochs", TrainConfig().epochs)), log)
+    epochs = space.largest("epochs", fixed.get("epochs", TrainConfig().epochs))
+    table = TrialTable(space.options, plan.metric, epochs, log)
     run_config = tune.RunConfig(name="tune", storage_path=str(folder), verbose=0, callbacks=[table],
                                 failure_config=tune.FailureConfig(max_failures=plan.max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
@@ -232,7 +233,8 @@ def run(plan: SearchPlan, folder=None, resume: bool = False, log=print) -> Searc
     from ..train.errors import TrainingError
     plan.check()
     config = TrainConfig(**plan.fixed).validate()
-    folder = Path(folder or f"searches/{config.model_name}-{Path(config.dataset).name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = Path(folder or f"searches/{config.model_name}-{Path(config.dataset).name}-{stamp}")
     if not resume and (folder / PLAN_FILE).is_file():
         raise TrainingError(f"{folder}: holds a search already; continue it with --resume {folder} or choose "
                             "another --out")

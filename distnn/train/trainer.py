@@ -86,7 +86,8 @@ class Trainer:
 
     def run(self) -> dict:
         c, n = self.config, self.length
-        self.log(f"training {c.model_name} on {c.dataset}: {n.world} {c.backend} workers x batch {self.plan.data.batch_size}, {c.mode}"
+        self.log(f"training {c.model_name} on {c.dataset}: {n.world} {c.backend} workers x batch "
+                 f"{self.plan.data.batch_size}, {c.mode}"
                  f"{'' if c.staleness is None else f' (staleness {c.staleness})'}, {c.servers} server(s), "
                  f"{c.epochs} epochs of {n.steps_per_epoch} steps -> {self.out}")
         self.report.start(self.step)
