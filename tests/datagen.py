@@ -84,3 +84,14 @@ def write_cifar_tar(path: Path, members: dict) -> bytes:
             tar.addfile(info, io.BytesIO(data))
     path.write_bytes(buf.getvalue())
     return buf.getvalue()
+
+
+def prepared_rule(folder: Path) -> Path:
+    """3,000 feature rows labelled by a linear rule (so that accuracy shows learning, where the
+    generated MNIST is noise), prepared as dataset ``rule`` under folder/ds (returned)."""
+    from distnn.data import prepare_from
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 12)).astype(np.float32)
+    np.savez(folder / "rule.npz", x=x, y=(x @ rng.normal(size=(12, 3))).argmax(axis=1))
+    prepare_from("npz", folder / "rule.npz", out=folder / "ds", shards=2, progress=False, log=lambda *a: None)
+    return folder / "ds"

@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
+from datagen import prepared_rule
 from distnn.config import ConfigError, TrainConfig, workers_range
 from distnn.data import open_dataset
 from distnn.train import Trainer, TrainingError, TrainingInterrupted, setup
@@ -24,20 +25,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def learnable(tmp_path_factory):
-    """Features with a linear rule, so that accuracy shows learning."""
-    from distnn.data import prepare_from
-    tmp = tmp_path_factory.mktemp("elastic")
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(3000, 12)).astype(np.float32)
-    np.savez(tmp / "rule.npz", x=x, y=(x @ rng.normal(size=(12, 3))).argmax(axis=1))
-    prepare_from("npz", tmp / "rule.npz", out=tmp / "ds", shards=2, progress=False, log=lambda *a: None)
-    return tmp / "ds"
+    return prepared_rule(tmp_path_factory.mktemp("elastic"))
 
 
 def config(data, out, **kw):
     values = dict(model="mlp", data=str(data), dataset="rule", batch_size=16, epochs=2, log_every=4, seed=1,
                   out=str(out), backend="local", warmup=10)
     return TrainConfig(**{**values, **kw}).validate()
+
+
+def stop_at(cfg, step):
+    """Train ``cfg`` until a stop requested at ``step`` (as Ctrl-C does); the Trainer, closed."""
+    def stop(trainer, at):
+        if at == step:
+            trainer.request_stop()
+    trainer = Trainer(cfg, log=lambda *a: None, progress=False, on_step=stop)
+    with pytest.raises(TrainingInterrupted):
+        try:
+            trainer.run()
+        finally:
+            trainer.close()
+    return trainer
 
 
 def records(run, kind):
@@ -74,16 +82,7 @@ def test_async_positions_split_the_epoch_fraction_over_the_new_workers():
 def test_resume_with_another_number_of_workers(learnable, tmp_path):
     """Stopped in the second epoch with two workers, resumed with three: the run ends, one membership record
     in metrics.jsonl and summary.json, the epoch before it kept, the learning goes on."""
-    def stop(trainer, step):
-        if step == 100:   # in the second epoch (84 steps an epoch with two workers)
-            trainer.request_stop()
-    trainer = Trainer(config(learnable, tmp_path / "run", workers=2), log=lambda *a: None, progress=False,
-                      on_step=stop)
-    with pytest.raises(TrainingInterrupted):
-        try:
-            trainer.run()
-        finally:
-            trainer.close()
+    stop_at(config(learnable, tmp_path / "run", workers=2), 100)   # in the second epoch (84 steps an epoch)
     cfg, ckpt = resume_point(tmp_path / "run", {"workers": 3})
     lines = []
     trainer = Trainer(cfg, log=lines.append, progress=False, resume=ckpt)
@@ -109,17 +108,7 @@ def test_resume_with_another_number_of_workers(learnable, tmp_path):
 
 def test_a_held_global_batch_is_shared_by_the_new_workers(learnable, tmp_path):
     """--global-batch 32: two workers take 16 each; resumed with three, each takes 10 (32 // 3)."""
-    def stop(trainer, step):
-        if step == 40:
-            trainer.request_stop()
-    trainer = Trainer(config(learnable, tmp_path / "run", workers=2, global_batch=32), log=lambda *a: None,
-                      progress=False, on_step=stop)
-    assert trainer.plan.data.batch_size == 16
-    with pytest.raises(TrainingInterrupted):
-        try:
-            trainer.run()
-        finally:
-            trainer.close()
+    assert stop_at(config(learnable, tmp_path / "run", workers=2, global_batch=32), 40).plan.data.batch_size == 16
     cfg, ckpt = resume_point(tmp_path / "run", {"workers": 3})
     trainer = Trainer(cfg, log=lambda *a: None, progress=False, resume=ckpt)
     try:

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
-from datagen import prepared_mnist
+from datagen import prepared_mnist, prepared_rule
 from distnn.checkpoint import latest_checkpoint, load_checkpoint
 from distnn.cli import main as cli
 from distnn.config import TrainConfig
@@ -34,14 +34,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def learnable(tmp_path_factory):
-    """Features with a linear rule, so that accuracy shows learning (the generated MNIST is noise)."""
-    from distnn.data import prepare_from
-    tmp = tmp_path_factory.mktemp("learnable")
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(3000, 12)).astype(np.float32)
-    np.savez(tmp / "rule.npz", x=x, y=(x @ rng.normal(size=(12, 3))).argmax(axis=1))
-    prepare_from("npz", tmp / "rule.npz", out=tmp / "ds", shards=2, progress=False, log=lambda *a: None)
-    return tmp / "ds"
+    return prepared_rule(tmp_path_factory.mktemp("learnable"))
 
 
 def final_state(run):
