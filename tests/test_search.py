@@ -20,21 +20,23 @@ from distnn.search import SpaceError, parse_space
 FLAKY = '''
 import os
 import numpy as np
-from distnn import nn, ops
+from distnn import is_training, nn, ops
 
 
 class FailsOnce(nn.Module):
-    """A small MLP whose forward raises once in the whole search: at its process's call number
-    ``fail_at`` (in its second epoch), if it is the first to create ``marker``."""
+    """A small MLP whose forward raises once in the whole search: at the first training batch after a
+    test (the second epoch's first) in whichever worker process gets there first and creates ``marker``."""
 
-    def __init__(self, d, k, marker, fail_at):
+    def __init__(self, d, k, marker):
         super().__init__()
         self.hidden, self.out = nn.Linear(d, 32), nn.Linear(32, k)
-        self.marker, self.fail_at, self.calls = marker, fail_at, 0
+        self.marker, self.tested = marker, False
 
     def forward(self, x):
-        self.calls += 1
-        if self.calls == self.fail_at:
+        if not is_training():
+            self.tested = True
+        elif self.tested:
+            self.tested = False
             try:
                 os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             except FileExistsError:
@@ -44,8 +46,8 @@ class FailsOnce(nn.Module):
         return self.out(ops.relu(self.hidden(ops.flatten(x))))
 
 
-def build(input_shape, num_classes, marker="", fail_at=0):
-    return FailsOnce(int(np.prod(input_shape)), num_classes, marker, fail_at)
+def build(input_shape, num_classes, marker=""):
+    return FailsOnce(int(np.prod(input_shape)), num_classes, marker)
 '''
 
 
@@ -117,12 +119,11 @@ def test_search_with_asha_a_failing_trial_and_an_interruption(data_dir, tmp_path
     marker = tmp_path / "failed-once"
     out = tmp_path / "search"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # 640 examples / batch 32 = 20 steps an epoch and one test batch: call 24 is in the second epoch
     command = [sys.executable, "-m", "distnn.cli", "tune", "--space",
                '{lr = "loguniform(1e-3, 3e-2)", batch_size = "choice(32, 64)"}', "--samples", "4",
                "--scheduler", "asha", "--max-concurrent", "2", "--max-failures", "1", "--epochs", "2",
                "--batch-size", "32", "--warmup", "5", "--model", f"{tmp_path / 'flaky.py'}:build", "--model-options",
-               f'{{marker = "{marker}", fail_at = 24}}', "--data", str(data_dir), "--dataset", "mnist",
+               f'{{marker = "{marker}"}}', "--data", str(data_dir), "--dataset", "mnist",
                "--out", str(out)]
     # the batch size is searched too; the fixed one only has to be valid
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
