@@ -95,7 +95,7 @@ def _tune(args):
     if best is None:
         print(f"no trial finished an epoch; see {result.path / 'logs'}", file=sys.stderr)
         return 1
-    options = ", ".join(f"{o} = {best[o]!r}" for o in result.plan_options())
+    options = ", ".join(f"{o} = {best[o]!r}" for o in result.options)
     print(f"best: {best['trial']} ({options}): {result.plan.metric} {best[result.plan.metric]:.4f}, run "
           f"{best['run']}; all trials in {result.path / 'results.csv'}")
     return 0

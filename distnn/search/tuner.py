@@ -76,10 +76,11 @@ class SearchPlan:
 
 class Search:
     """A finished (or interrupted) search: ``results`` (a dict per trial, as in results.csv), ``best``
-    (the best trial's Run), ``interrupted``, ``path``."""
+    (the best trial's Run), ``options`` (the options searched), ``interrupted``, ``path``."""
 
-    def __init__(self, path: Path, plan: SearchPlan, rows: list[dict], interrupted: bool):
-        self.path, self.plan, self.results, self.interrupted = Path(path), plan, rows, interrupted
+    def __init__(self, path: Path, plan: SearchPlan, options: list[str], rows: list[dict], interrupted: bool):
+        self.path, self.plan, self.options, self.results = Path(path), plan, options, rows
+        self.interrupted = interrupted
         scored = [r for r in rows if r.get(plan.metric) not in (None, "")]
         pick = min if mode_of(plan.metric) == "min" else max
         self.best_row = pick(scored, key=lambda r: r[plan.metric]) if scored else None
@@ -88,9 +89,6 @@ class Search:
     def best(self):
         from ..api import Run
         return None if self.best_row is None else Run(self.best_row["run"])
-
-    def plan_options(self) -> list[str]:
-        return parse_space(self.plan.space).options
 
     def __repr__(self):
         best = None if self.best_row is None else self.best_row[self.plan.metric]
@@ -130,7 +128,7 @@ def search(plan: SearchPlan, folder, resume: bool = False, log=print) -> Search:
     trials = grid._experiment_analysis.trials   # every trial with its status (a Result has none)
     rows = [_row(t, space.options, folder, table.epochs) for t in sorted(trials, key=lambda t: t.trial_id)]
     finished = sum(1 for r in rows if r["status"] != "unfinished")
-    result = Search(folder, plan, rows, interrupted=finished < len(rows))
+    result = Search(folder, plan, space.options, rows, interrupted=finished < len(rows))
     write_results(result, time.perf_counter() - started)
     return result
 
@@ -175,7 +173,7 @@ def _row(trial, options: list[str], folder: Path, epochs: int) -> dict:
 
 def write_results(s: Search, seconds: float) -> None:
     """DIR/results.csv and DIR/search.json, each written whole or not at all."""
-    columns = ["trial", "status", *s.plan_options(), *RESULT_FIELDS, "run"]
+    columns = ["trial", "status", *s.options, *RESULT_FIELDS, "run"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, columns, extrasaction="ignore")
     writer.writeheader()
@@ -186,7 +184,7 @@ def write_results(s: Search, seconds: float) -> None:
         "metric": s.plan.metric, "mode": mode_of(s.plan.metric), "trials": len(s.results),
         "interrupted": s.interrupted, "wall_time_s": round(seconds, 1),
         "best": None if best is None else {"trial": best["trial"], s.plan.metric: best[s.plan.metric],
-                                            "options": {o: best[o] for o in s.plan_options()}, "run": best["run"]},
+                                            "options": {o: best[o] for o in s.options}, "run": best["run"]},
     }, indent=1))
 
 

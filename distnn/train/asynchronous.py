@@ -124,8 +124,9 @@ class AsyncLoop:
             else:
                 self._replace(lost_workers)
             event = t.checkpoints.record(failed_at, t.step, lost_workers, lost_servers, fleet.backend.describe(error))
-            if membership.lost_nodes(fleet):
-                event["lost_nodes"] = membership.lost_nodes(fleet)
+            nodes = membership.lost_nodes(fleet)
+            if nodes:
+                event["lost_nodes"] = nodes
         t.report.recovery(event)
 
     def _replace(self, lost: list[int]) -> None:
