@@ -14,6 +14,7 @@ import pytest
 from datagen import prepared_mnist
 from distnn.config import TrainConfig
 from distnn.parallel import ParameterServer
+from distnn.parallel.reducer import NodeReducer
 from distnn.parallel.server import StepAbandoned
 from distnn.parallel.shm import PeerLost, Plane, PlaneClient
 from distnn.parallel.specs import OptimizerSpec, ScheduleSpec
@@ -47,7 +48,7 @@ def test_a_step_through_the_plane_is_the_mean_in_rank_order():
     out = [None] * 3
 
     def worker(r):
-        clients[r].send(grads[r], 0)
+        clients[r].send([grads[r]], 0)
         out[r] = clients[r].receive(0).copy()
     threads = [threading.Thread(target=worker, args=(r,)) for r in (2, 0, 1)]   # any arrival order
     for t in threads:
@@ -65,7 +66,7 @@ def test_a_step_through_the_plane_is_the_mean_in_rank_order():
 def test_an_aborted_step_and_a_lost_server_reach_the_worker():
     s = server(10, 2)
     a, b = PlaneClient(s.plane.name, 0), PlaneClient(s.plane.name, 1)
-    a.send(np.ones(10, np.float32), 0)
+    a.send([np.ones(10, np.float32)], 0)
     result = []
     waiter = threading.Thread(target=lambda: result.append(pytest.raises(StepAbandoned, a.receive, 0)))
     waiter.start()
@@ -77,6 +78,76 @@ def test_an_aborted_step_and_a_lost_server_reach_the_worker():
     a.sock.shutdown(2)                  # the server's end closing looks the same from the worker
     with pytest.raises(PeerLost):
         a.receive(1)
+
+
+def run_threads(*targets):
+    threads = [threading.Thread(target=t) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+
+
+def test_a_node_reducer_sends_one_sum_and_its_workers_read_the_step_from_its_plane():
+    """World 4: ranks 0 and 1 on the shard's node push to it directly, ranks 2 and 3 through a reducer
+    (its own plane) that sends the shard one message: the shard gets 3 messages, the update is the
+    sum of (g0, g1, g2 + g3) over 4, and all four workers read the same parameters."""
+    rng = np.random.default_rng(1)
+    grads = rng.standard_normal((4, 500)).astype(np.float32)
+    s = server(500, 4)
+    reducer = NodeReducer([3, 2], forward=lambda ranks, total, step: s.push(ranks, total, step))
+    plane, why = Plane.open(reducer, 4, 500)
+    assert why is None
+    reducer.publish = plane.publish
+    clients = {r: PlaneClient(s.plane.name if r < 2 else plane.name, r) for r in range(4)}
+    out = {}
+
+    def worker(r):
+        def run():
+            clients[r].send([grads[r][:200], grads[r][200:]], 0)   # two parts, as for two shards
+            out[r] = clients[r].receive(0).copy()
+        return run
+    run_threads(*(worker(r) for r in (3, 1, 2, 0)))
+    expected = np.zeros(500, np.float32) - np.float32(0.5) * (
+        (grads[0] + grads[1] + (grads[2] + grads[3])) * np.float32(0.25))
+    assert s.messages == 3 and reducer.messages == 1
+    assert all(np.array_equal(out[r], expected) for r in range(4))
+    with pytest.raises(RuntimeError, match="workers \\[2, 3\\] pushed twice"):
+        s.contribute((2, 3), grads[2]) or s.contribute((2, 3), grads[2])
+    for c in clients.values():
+        c.close()
+    plane.close()
+    s.plane.close()
+
+
+def test_a_reducer_releases_its_workers_when_the_step_is_abandoned():
+    """An abort while one worker waits, and a forward that fails: every worker of the node gets
+    StepAbandoned (or the failure), none waits on."""
+    r = NodeReducer([0, 1], forward=lambda *a: None)
+    caught = []
+    waiting = threading.Thread(target=lambda: caught.append(pytest.raises(StepAbandoned, r.push, 0, np.ones(3), 0)))
+    waiting.start()
+    r.abort("worker 1 died")
+    waiting.join(timeout=30)
+    assert caught and not waiting.is_alive()
+    with pytest.raises(StepAbandoned):
+        r.push(1, np.ones(3), 0)
+
+    def refuse(ranks, total, step):
+        raise StepAbandoned("the shard dropped the step")
+    r = NodeReducer([0, 1], forward=refuse)
+    errors = []
+
+    def push(rank):
+        def run():
+            try:
+                r.push(rank, np.ones(3, np.float32), 0)
+            except StepAbandoned as e:
+                errors.append(str(e))
+        return run
+    run_threads(push(0), push(1))
+    assert len(errors) == 2
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +203,85 @@ def test_killed_workers_and_servers_recover_on_the_plane_and_leave_nothing(data_
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert set(os.listdir("/dev/shm")) <= before
     assert json.loads((tmp_path / "broken" / "summary.json").read_text())["steps"] == summary["steps"]
+
+
+CLUSTER_RUN = """
+import faulthandler, json, os, signal, sys
+faulthandler.dump_traceback_later(240, exit=True)   # a wait without a deadline shows where it waits
+sys.path.insert(0, {root!r})
+from ray.cluster_utils import Cluster
+from distnn.config import TrainConfig
+from distnn.parallel import RayBackend
+from distnn.train import Trainer
+cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": {cpus}}})
+cluster.add_node(num_cpus={cpus})
+backend = RayBackend(address=cluster.address)
+cfg = TrainConfig(**{config!r}).validate()
+killed = []
+def kill(trainer, step):
+    if step != 5 or killed or not {kill!r}:
+        return
+    fleet = trainer.fleet
+    [reducer] = fleet.plane.reducers
+    node = fleet.get(fleet.backend.call(reducer, "node"))
+    victim = reducer if {kill!r} == "reducer" else next(
+        w for w in fleet.workers if fleet.get(fleet.backend.call(w, "node")) == node)
+    killed.append(fleet.get(fleet.backend.call(victim, "pid")))
+    os.kill(killed[0], signal.SIGKILL)
+trainer = Trainer(cfg, backend=backend, log=lambda line: None, progress=False, on_step=kill)
+try:
+    summary = trainer.run()
+    fleet = trainer.fleet
+    print("RESULT", json.dumps({{"summary": summary, "reducers": len(fleet.plane.offers),
+                                "messages": fleet.plane.messages()}}))
+finally:
+    trainer.close()
+backend.ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def run_on_two_nodes(config, cpus, kill=None):
+    """Train ``config`` on a ``ray.cluster_utils.Cluster`` of two nodes of ``cpus`` CPUs each (in a
+    subprocess); killing the reducer or a worker on its node at step 5 if asked."""
+    import subprocess
+    import sys
+    import textwrap
+    values = {k: v for k, v in vars(config).items() if k in TrainConfig.__dataclass_fields__}
+    script = CLUSTER_RUN.format(root=str(Path(__file__).resolve().parents[1]), cpus=cpus, config=values, kill=kill)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[7:])
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_across_two_nodes_a_shard_gets_one_message_per_node_and_step(data_dir, tmp_path, workers):
+    """Two nodes, the workers spread over both: the node without the shard gets a reducer, and the
+    shard receives (workers on its node + 1) messages per step. One worker per node: bit-identical to
+    the one-process backend; two per node: the same within float32 rounding (each node sums first)."""
+    before = set(os.listdir("/dev/shm"))
+    result = run_on_two_nodes(cfg(data_dir, tmp_path / "nodes", workers=workers), cpus=workers // 2)
+    summary = result["summary"]
+    train(cfg(data_dir, tmp_path / "local", workers=workers, backend="local"))
+    assert summary["data_plane"] == "shm" and result["reducers"] == 1
+    assert result["messages"] == summary["steps"] * (workers // 2 + 1)
+    a, b = params(tmp_path / "nodes"), params(tmp_path / "local")
+    if workers == 2:
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    else:
+        assert all(np.allclose(a[k], b[k], rtol=0, atol=1e-4) for k in a)
+    assert set(os.listdir("/dev/shm")) <= before
+
+
+@pytest.mark.parametrize("victim", ["reducer", "worker"])
+def test_a_killed_reducer_or_worker_on_its_node_is_recovered(data_dir, tmp_path, victim):
+    """SIGKILL of the reducer, or of the worker on its node, at step 5: the run recovers (new
+    reducer placed) and ends bit-identical to the one-process backend's."""
+    result = run_on_two_nodes(cfg(data_dir, tmp_path / "nodes"), cpus=1, kill=victim)
+    summary = result["summary"]
+    assert len(summary["recoveries"]) == 1 and result["reducers"] == 1
+    train(cfg(data_dir, tmp_path / "local", backend="local"))
+    a, b = params(tmp_path / "nodes"), params(tmp_path / "local")
+    assert all(np.array_equal(a[k], b[k]) for k in a)

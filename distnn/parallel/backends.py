@@ -92,15 +92,18 @@ class RayBackend:
         self._classes = {}
         self._placed = -1   # server shards placed so far (round the nodes)
 
-    def create(self, cls, *args, cpus=1, **kwargs):
-        """An actor of ``cls``, or of its Ray subclass (ray_actors.ACTORS) where it has one. A server
-        runs pushes concurrently: two threads per worker (an async worker may have two pushes there),
-        plus a few for the driver's calls."""
+    def create(self, cls, *args, cpus=1, node=None, **kwargs):
+        """An actor of ``cls``, or of its Ray subclass (ray_actors.ACTORS) where it has one, on the
+        Ray node ``node`` if given. A server runs pushes concurrently: two threads per worker (an
+        async worker may have two pushes there), plus a few for the driver's calls."""
         from .ray_actors import ACTORS, ServerActor
         actor_cls = ACTORS.get(cls, cls)
         if actor_cls not in self._classes:
             self._classes[actor_cls] = self.ray.remote(actor_cls)
         options = {"num_cpus": cpus, "max_restarts": 0}
+        if node is not None:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
         if actor_cls is ServerActor:
             options["max_concurrency"] = 2 * kwargs.get("world", 1) + 4   # async: two pushes per worker
             if self.ray.util.get_current_placement_group() is None:   # a search trial's group holds its shards
@@ -119,9 +122,10 @@ class RayBackend:
     def call(self, handle, method, *args, num_returns=1, **kwargs):
         return getattr(handle, method).options(num_returns=num_returns).remote(*args, **kwargs)
 
-    def sync_steps(self, workers, servers, first: int, n: int, bounds=None) -> list:
-        """Worker-driven steps (``WorkerActor.run_sync``): one future per worker of its step metrics."""
-        return [self.call(w, "run_sync", servers, first, n, bounds) for w in workers]
+    def sync_steps(self, workers, servers, first: int, n: int, bounds=None, reducers=None) -> list:
+        """Worker-driven steps (``WorkerActor.run_sync``; ``reducers``: {node: plane name} of the nodes
+        that have one): one future per worker of its step metrics."""
+        return [self.call(w, "run_sync", servers, first, n, bounds, reducers) for w in workers]
 
     def async_round(self, workers, servers, counts, starts, bound=None, bounds=None, pipelined=False) -> list:
         """Worker-driven asynchronous updates (``WorkerActor.run_async``): one future per worker with

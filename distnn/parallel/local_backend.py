@@ -51,7 +51,7 @@ class LocalBackend:
         """The first future (all are complete) and the rest."""
         return futures[:1], futures[1:]
 
-    def sync_steps(self, workers, servers, first: int, n: int, bounds=None) -> list:
+    def sync_steps(self, workers, servers, first: int, n: int, bounds=None, reducers=None) -> list:
         """``n`` synchronous steps from ``first``: each step every worker's ``step`` (its gradient's K
         parts, or with local SGD its parameter moves at a round's end), then one update per shard
         from the workers' parts in rank order. Returns one future per worker of its list of step

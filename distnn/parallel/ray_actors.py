@@ -24,7 +24,8 @@ import numpy as np
 import ray
 
 from .._memory import tune_allocator
-from .server import ParameterServer
+from .reducer import NodeReducer
+from .server import ParameterServer, StepAbandoned
 from .shm import Plane, PlaneClient
 from .simulate import SimulatedWorker
 from .worker import GradientWorker
@@ -105,41 +106,52 @@ class WorkerActor(ProcessInfo, GradientWorker):
         tune_allocator()  # this process is the actor's own
         super().__init__(*args, **kwargs)
 
-    def run_sync(self, servers: list, first_step: int, steps: int, bounds=None) -> list:
+    def run_sync(self, servers: list, first_step: int, steps: int, bounds=None, reducers=None) -> list:
         """Run ``steps`` synchronous steps from ``first_step`` against the shard actors ``servers``;
-        returns their metrics. A shard on this node that serves a shared-memory plane gets the
-        gradient part there (``shm``), the others over Ray."""
-        planes = self._planes(servers)
+        returns their metrics. ``reducers``: {node id: plane name} of the nodes whose aggregator is a
+        ``ReducerActor``; on such a node the whole gradient goes to it through shared memory, elsewhere
+        a shard on this node that serves a plane gets its part there, the other shards over Ray."""
+        node_plane = self._node_plane(reducers or {})
+        planes = [None] * len(servers) if node_plane else self._planes(servers)
+        cuts = bounds or [(0, None)]
 
         def push(grads, step):
+            if node_plane is not None:
+                node_plane.send(grads, step)
+                params = node_plane.receive(step)
+                return [params[lo:hi] for lo, hi in cuts]
             refs = [None if p else s.push.remote(self.rank, g, step) for s, g, p in zip(servers, grads, planes)]
             for p, g in zip(planes, grads):
                 if p is not None:
-                    p.send(g, step)
+                    p.send([g], step)
             return [p.receive(step) if p is not None else _fetch([r])[0] for p, r in zip(planes, refs)]
 
         if self.next_step != first_step:  # a new start, a resume or a recovery
             self.receive(_fetch([s.published.remote() for s in servers]))
         return self.run_steps(push, first_step, steps, bounds)
 
+    def _node_plane(self, reducers: dict):
+        """The connection to this node's reducer, if it has one (else None)."""
+        name = reducers.get(ray.get_runtime_context().get_node_id())
+        return None if name is None else self._connect([name])[0]
+
     def _planes(self, servers: list) -> list:
-        """This worker's connection to each shard's plane on its node (None: over Ray), kept from one
-        run of steps to the next while the shard is the same."""
+        """This worker's connection to each shard's plane on its node (None: over Ray)."""
         here = ray.get_runtime_context().get_node_id()
         offers = ray.get([s.plane.remote() for s in servers])
+        return self._connect([o[1] if o is not None and o[0] == here else None for o in offers])
+
+    def _connect(self, names: list) -> list:
+        """A client of each named plane (None stays None), kept from one run of steps to the next while
+        the name is the same; connections to planes no longer named are closed."""
         kept = getattr(self, "_plane_clients", {})
-        planes = []
-        for offer in offers:
-            if offer is None or offer[0] != here:
-                planes.append(None)
-                continue
-            if offer[1] not in kept:
-                kept[offer[1]] = PlaneClient(offer[1], self.rank)
-            planes.append(kept[offer[1]])
-        for name in [n for n in kept if all(p is None or p.name != n for p in planes)]:
+        for name in names:
+            if name is not None and name not in kept:
+                kept[name] = PlaneClient(name, self.rank)
+        for name in [n for n in kept if n not in names]:
             kept.pop(name).close()
         self._plane_clients = kept
-        return planes
+        return [None if n is None else kept[n] for n in names]
 
     def run_async(self, servers: list, count: int, epoch: int, batch: int, bound=None, bounds=None,
                   pipelined=False) -> int:
@@ -174,8 +186,38 @@ def _fetch(replies: list) -> list:
     return _fetch_parts(ray.get(replies))
 
 
+class ReducerActor(ProcessInfo, NodeReducer):
+    """A node's reducer (``parallel.reducer``): serves the node's workers ``ranks`` through a plane
+    and forwards each step's sum to the shard actors ``servers`` (slices ``bounds``; None: one shard),
+    waiting up to ``timeout`` seconds for them."""
+
+    def __init__(self, ranks, world: int, size: int, servers: list, bounds=None, timeout: float = 600.0):
+        tune_allocator()
+        super().__init__(ranks, self._forward)
+        self._servers, self._cuts, self._timeout = servers, bounds or [(0, size)], timeout
+        self._plane, self._why = Plane.open(self, world, size)
+        if self._plane is not None:
+            self.publish = self._plane.publish
+
+    def plane(self):
+        """(node id, plane name), or (node id, None, why this host cannot give one)."""
+        node = ray.get_runtime_context().get_node_id()
+        return (node, self._plane.name) if self._plane is not None else (node, None, self._why)
+
+    def _forward(self, ranks, total, step):
+        refs = [s.push.remote(ranks, total[lo:hi], step) for s, (lo, hi) in zip(self._servers, self._cuts)]
+        try:
+            parts = _fetch_parts(ray.get(refs, timeout=self._timeout))
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, StepAbandoned):   # another worker failed: the driver recovers
+                raise StepAbandoned(str(e.cause)) from None
+            raise
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 class SimulatedWorkerActor(SimulatedWorker, WorkerActor):
     """A SimulatedWorker that drives sync steps as WorkerActor does."""
 
 
-ACTORS = {GradientWorker: WorkerActor, ParameterServer: ServerActor, SimulatedWorker: SimulatedWorkerActor}
+ACTORS = {GradientWorker: WorkerActor, ParameterServer: ServerActor, SimulatedWorker: SimulatedWorkerActor,
+          NodeReducer: ReducerActor}

@@ -35,7 +35,9 @@ class ParameterServer:
         self.update_seconds = 0.0
         self.world = world
         self.average = average    # local SGD: the workers send parameter moves, which are averaged
-        self._pending = {}        # rank -> gradient of the step being collected
+        self._pending = {}        # first rank -> gradient (or a node's sum) of the step being collected
+        self._given = set()       # ranks whose gradients are in _pending
+        self.messages = 0         # sync: gradient messages received (one per worker, or per node with reducers)
         self._step_done = threading.Condition()   # pushes of one step wait on it for each other
         self._aborted = None
         self._published = self._publish()
@@ -64,26 +66,37 @@ class ParameterServer:
     def apply_mean(self, *grads, step: int | None = None) -> np.ndarray:
         """Synchronous step: average the workers' gradients (local SGD: their parameter moves) in the
         order given, apply one update, return the new parameters."""
+        return self._apply_mean(grads, len(grads), step)
+
+    def _apply_mean(self, grads, count: int, step: int | None) -> np.ndarray:
+        """Sum ``grads`` in the order given, divide by ``count`` (the workers they hold), apply."""
         mean = np.array(dense(grads[0]), np.float32, copy=True)
         for g in grads[1:]:
             if isinstance(g, Sparse):
                 mean[g.index] += g.values
             else:
                 mean += g
-        mean *= np.float32(1.0 / len(grads))
+        mean *= np.float32(1.0 / count)
         self._apply(mean, step)
         return self.params
 
-    def contribute(self, rank: int, grad: np.ndarray, step: int | None = None) -> bool:
-        """Synchronous step, one worker at a time: keep ``grad`` until all ``world`` workers have given
-        theirs, then apply their mean in rank order, exactly as ``apply_mean``. True when applied."""
-        if rank in self._pending:
-            raise RuntimeError(f"worker {rank} pushed twice in step {self.version}")
-        self._pending[rank] = grad
-        if len(self._pending) < self.world:
+    def contribute(self, rank, grad: np.ndarray, step: int | None = None) -> bool:
+        """Synchronous step, one message at a time: keep ``grad`` until all ``world`` workers' gradients
+        are in, then apply their mean, the messages summed in the order of their first rank (one worker
+        per message: rank order, exactly as ``apply_mean``). ``rank``: a worker's rank, or the ranks
+        whose gradients a node's reducer summed into ``grad`` (``parallel.reducer``). True when applied."""
+        ranks = (rank,) if isinstance(rank, (int, np.integer)) else tuple(rank)
+        if any(r in self._given for r in ranks):
+            who = f"worker {ranks[0]}" if len(ranks) == 1 else f"workers {list(ranks)}"
+            raise RuntimeError(f"{who} pushed twice in step {self.version}")
+        self._pending[ranks[0]] = grad
+        self._given.update(ranks)
+        self.messages += 1
+        if len(self._given) < self.world:
             return False
-        grads = [self._pending.pop(r) for r in range(self.world)]
-        self.apply_mean(*grads, step=step)
+        grads = [self._pending.pop(r) for r in sorted(self._pending)]
+        self._given.clear()
+        self._apply_mean(grads, self.world, step)
         return True
 
     # -- worker-driven synchronous steps: each worker's thread pushes and waits for the update ---------
@@ -92,8 +105,8 @@ class ParameterServer:
         updates (the Ray actor may publish an object-store reference instead)."""
         return self.params.copy()
 
-    def push(self, rank: int, grad: np.ndarray, step: int):
-        """Give worker ``rank``'s gradient of ``step`` and wait until all ``world`` gradients of it are
+    def push(self, rank, grad: np.ndarray, step: int):
+        """Give worker ``rank``'s gradient of ``step`` (or a node's sum: ``contribute``) and wait until all ``world`` gradients of it are
         applied (``contribute``); returns the published parameters after it. Raises StepAbandoned if
         the step is aborted while waiting."""
         with self._step_done:
@@ -115,6 +128,7 @@ class ParameterServer:
         with self._step_done:
             self._aborted = reason
             self._pending.clear()
+            self._given.clear()
             self._step_done.notify_all()
 
     def recover(self) -> int:
@@ -122,6 +136,7 @@ class ParameterServer:
         with self._step_done:
             self._aborted = None
             self._pending.clear()
+            self._given.clear()
             return self.version
 
     # -- worker-driven asynchronous updates --------------------------------------------------------
@@ -188,7 +203,7 @@ class ParameterServer:
 
     def stats(self) -> dict:
         return {"version": self.version, "update_seconds": self.update_seconds, "lr": self.lr(),
-                "max_lead": self.max_lead}
+                "max_lead": self.max_lead, "messages": self.messages}
 
     def state(self) -> dict:
         """Everything a checkpoint needs to restore this server exactly."""

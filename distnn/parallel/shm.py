@@ -22,6 +22,7 @@ import mmap
 import os
 import socket
 import struct
+import sys
 import threading
 import uuid
 
@@ -95,6 +96,7 @@ class Plane:
 
     def _serve(self, conn) -> None:
         """One worker's connection: its rank, the memory's descriptor, then its steps."""
+        rank = None
         try:
             _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
             if uid != os.getuid():   # the memory is this user's processes' only (an abstract name has no mode)
@@ -110,6 +112,9 @@ class Plane:
                     conn.sendall(_encode(-1))
         except (PeerLost, OSError):
             pass   # the worker is gone (its replacement connects anew)
+        except Exception as e:   # noqa: BLE001 - the step failed here (a reducer's shards unanswered):
+            # the worker sees its connection close (PeerLost), a failure the driver recovers from
+            print(f"plane {self.name}: worker {rank}'s step failed: {e!r}", file=sys.stderr)
         finally:
             conn.close()
 
@@ -148,8 +153,9 @@ class PlaneClient:
         self.published = whole[world * size:]
         self.sock.settimeout(None)   # a step waits for the slowest worker; the driver holds the deadline
 
-    def send(self, grad: np.ndarray, step: int) -> None:
-        self.slot[...] = grad
+    def send(self, parts: list, step: int) -> None:
+        """A gradient of ``step`` given as contiguous parts (one, or the K slices of the shards)."""
+        np.concatenate(parts, out=self.slot)
         try:
             self.sock.sendall(_encode(step))
         except (ConnectionError, OSError) as e:

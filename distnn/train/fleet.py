@@ -12,6 +12,7 @@ import numpy as np
 from ..parallel import GradientWorker, ParameterServer
 from ..parallel.backends import NotReady
 from .errors import PlacementTimeout, TrainingError
+from .planes import DataPlane
 
 
 def shard_bounds(size: int, k: int) -> list[tuple[int, int]]:
@@ -48,7 +49,7 @@ class Fleet:
         self.threads, self.compress = plan.config.threads, plan.config.compress
         self.workers, self.servers, self.bounds = [], [], []
         self.pending = []   # futures of sync steps handed out and not yet collected
-        self.data_plane = "ray" if backend.name == "ray" else None   # "shm" once the shards serve planes
+        self.plane = DataPlane(self)   # the path of a sync step's data on each node
         self.dead_before = set(backend.dead_nodes())   # nodes dead before this fleet started
         try:
             for rank in range(self.world):
@@ -87,24 +88,17 @@ class Fleet:
         self._mask = decay_mask
         self.servers = [self._new_server(i, params[lo:hi]) for i, (lo, hi) in enumerate(self.bounds)]
         self.started(self.servers, "stats", "servers")
-        self.open_planes()
-
-    def open_planes(self) -> None:
-        """Sync steps on Ray (no --compress): each shard serves the workers on its node through shared
-        memory (``parallel.shm``) unless --data-plane ray; a host that cannot is said in one line, and
-        Ray carries its steps."""
-        c = self.plan.config
-        if self.backend.name != "ray" or c.mode != "sync" or c.compress != "none" or c.data_plane != "shm":
-            return
-        why = [w for w in self.call_servers("open_plane") if w]
-        self.data_plane = "ray" if why else "shm"
-        if why:
-            self.log(f"shared memory unavailable ({why[0]}); the steps' data goes through Ray")
+        self.plane.open()
 
     def _new_server(self, k, params):
         lo, hi = self.bounds[k]
         return self.backend.create(ParameterServer, params, self.plan.optimizer, self.plan.schedule,
                                    self._mask[lo:hi], world=self.world, average=self.local is not None, cpus=0)
+
+    @property
+    def data_plane(self) -> str | None:
+        """"shm" (shared memory on each node), "ray" (Ray calls) or None (one process)."""
+        return self.plane.kind
 
     @property
     def shard_bounds(self):
@@ -130,7 +124,8 @@ class Fleet:
 
     def sync_steps(self, first: int, n: int) -> list:
         """``n`` synchronous steps from ``first``: one future per worker of its list of step metrics."""
-        futures = self.backend.sync_steps(self.workers, self.servers, first, n, self.shard_bounds)
+        futures = self.backend.sync_steps(self.workers, self.servers, first, n, self.shard_bounds,
+                                          self.plane.offers or None)
         self.pending.extend(futures)
         return futures
 
@@ -143,6 +138,7 @@ class Fleet:
         except Exception as e:
             for s in self.servers:
                 self.backend.call(s, "abort", self.backend.describe(e))
+            self.plane.abort(self.backend.describe(e))
             self.backend.discard(self.pending)
             self.pending = []
             raise
@@ -211,6 +207,7 @@ class Fleet:
             self.workers[r] = self._new_worker(r)
         self.started(self.workers, "ping", "workers")
         self.call_workers("ready")
+        self.plane.place()
 
     def replace_worker(self, rank: int, buffers: np.ndarray | None = None) -> None:
         """A fresh replica of one rank (its process died), given ``buffers`` (batch-norm statistics)."""
@@ -220,6 +217,7 @@ class Fleet:
         self.get(self.backend.call(self.workers[rank], "ready"))
         if buffers is not None and buffers.size:
             self.get(self.backend.call(self.workers[rank], "set_buffers", buffers))
+        self.plane.place()
 
     def restart_servers(self, states: list[dict]) -> None:
         """New shard processes holding ``states`` (``ParameterServer.state()`` of each)."""
@@ -227,10 +225,11 @@ class Fleet:
             self.backend.kill(s)
             self.servers[k] = self._new_server(k, state["params"])
         self.started(self.servers, "stats", "servers")
-        self.open_planes()
+        self.plane.open()
         self.load_server_states(states)
 
     def close(self) -> None:
+        self.plane.close()
         for handle in self.workers + self.servers:
             self.backend.kill(handle)
         self.workers, self.servers = [], []
