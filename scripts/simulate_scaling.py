@@ -19,6 +19,11 @@ non-compute part stays within a quarter of the compute (E >= 0.8). On this 2-cor
 hold the CPU the N simulated workers' own messages take from each other, which a cluster, with cores
 per worker, does not pay: the figures are conservative.
 
+``--nodes 1 2 4 8`` simulates sync steps over that many emulated nodes instead (``scripts/
+emulated_nodes.py``: a ``ray.cluster_utils.Cluster`` on this machine), each point through Ray calls
+and through the data plane (shared memory on a node, one message per node), and fits the data plane's
+cost model: a per-worker term on a node and a per-node term.
+
 ``--from JSON`` refits, checks and plots the points of an earlier run without simulating again.
 """
 from __future__ import annotations
@@ -43,6 +48,7 @@ from distnn.parallel.simulate import SimulatedWorker  # noqa: E402
 from distnn.parallel.specs import OptimizerSpec, ScheduleSpec  # noqa: E402
 from distnn.train.fleet import shard_bounds  # noqa: E402
 from scripts.benchmark_core import distnn_stepper, spec_for  # noqa: E402
+from scripts.emulated_nodes import emulate, fit_node_model, predict_node_step_ms  # noqa: E402
 
 MODELS = ["lenet5", "cifar_convnet", "resnet20", "lstm_classifier", "mlp"]
 EFFICIENT = 0.8
@@ -230,18 +236,39 @@ def plot(rows, path: Path):
 
 def simulate_all(args):
     tune_allocator()
-    backend = RayBackend(num_cpus=max(args.workers) + 2)
+    backend = None if args.nodes else RayBackend(num_cpus=max(args.workers) + 2)
     rows, compute = [], {}
     try:
         for model in args.models:
             size = build_model(spec_for(model)).flat_params.size
             compute[model] = args.compute_ms or measured_compute_ms(model)
             print(f"{model}: {size * 4 / 1e6:.2f} MB of parameters, compute {compute[model]:.1f} ms per step")
-            rows += simulate(backend, model, size, compute[model], args.workers, args.servers, args.modes,
-                             args.seconds, print)
+            if args.nodes:
+                rows += emulate(model, size, compute[model], args.nodes, args.workers, args.servers, args.seconds, print)
+            else:
+                rows += simulate(backend, model, size, compute[model], args.workers, args.servers, args.modes,
+                                 args.seconds, print)
     finally:
-        backend.shutdown()
+        if backend is not None:
+            backend.shutdown()
     return rows, compute
+
+
+def report_nodes(rows, result):
+    """The data plane's fitted cost model, and each emulated point's measured and predicted efficiency."""
+    cost = result["node_cost_model"] = fit_node_model(rows)
+    print(f"\ndata plane cost model: step = compute + {cost['a_ms']:.2f} ms + N/M x {cost['per_worker_on_node_ms']:.3f}"
+          f" ms + M x ({cost['per_node_ms']:.2f} ms + {cost['per_node_byte_ms'] * 1e6:.2f} ms/MB x P/K); median "
+          f"error {cost['median_step_error']:.1%} of a simulated step")
+    print(f"\n{'model':<14}{'M':>3}{'K':>3}{'N':>4}  {'E Ray calls':>11}  {'E data plane':>12}  {'predicted':>9}")
+    for r in (r for r in rows if r["data_plane"] == "shm"):
+        calls = next(c for c in rows if c["data_plane"] == "ray" and all(
+            c[k] == r[k] for k in ("model", "nodes", "servers", "workers")))
+        e = r["compute_ms"] / predict_node_step_ms(cost, r["compute_ms"], r["workers"], r["nodes"], r["servers"],
+                                                   r["param_bytes"])
+        r["predicted_efficiency"] = round(e, 3)
+        print(f"{r['model']:<14}{r['nodes']:>3}{r['servers']:>3}{r['workers']:>4}  {calls['efficiency']:>11.2f}  "
+              f"{r['efficiency']:>12.2f}  {e:>9.2f}")
 
 
 def main(argv=None):
@@ -255,6 +282,7 @@ def main(argv=None):
     ap.add_argument("--real", nargs="*", default=[], help="JSON of scripts/benchmark_scaling.py runs to check against")
     ap.add_argument("--out", default="benchmarks/scaling_sim.json")
     ap.add_argument("--plot", help="PNG of efficiency against N (e.g. docs/scaling.png)")
+    ap.add_argument("--nodes", nargs="+", type=int, help="emulated node counts (sync, Ray calls and the data plane)")
     ap.add_argument("--from", dest="source", help="the JSON of an earlier run: refit and report, no simulation")
     args = ap.parse_args(argv)
     if args.source:
@@ -263,6 +291,13 @@ def main(argv=None):
         compute = {r["model"]: r["compute_ms"] for r in rows}
     else:
         rows, compute = simulate_all(args)
+    if any("nodes" in r for r in rows):
+        result = {"rows": rows, "cpu": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
+                  "command": "python scripts/simulate_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+        report_nodes(rows, result)
+        atomic_write_text(Path(args.out), json.dumps(result, indent=1))
+        print(f"wrote {args.out}")
+        return
     cost = fit_cost_model(rows) if any(r["mode"] == "sync" for r in rows) else None
     result = {"rows": rows, "knees": [{"model": m, "mode": mo, "servers": k, "saturates_at": n}
                                       for (m, mo, k), n in knees(rows).items()],

@@ -16,6 +16,10 @@ from ..parallel.reducer import NodeReducer
 
 
 class DataPlane:
+    """The planes and reducers of one fleet. ``fleet``: a ``train.fleet.Fleet``, or anything with what
+    this reads of one (``backend``, ``plan.config``, ``servers``, ``bounds``, ``shard_bounds``, ``world``,
+    ``call_servers``, ``call_workers``, ``started``, ``log``; ``scripts/simulate_scaling.py`` has one)."""
+
     def __init__(self, fleet):
         self.fleet = fleet
         self.kind = "ray" if fleet.backend.name == "ray" else None   # "shm" once the shards serve planes
@@ -52,8 +56,9 @@ class DataPlane:
         size = f.bounds[-1][1]
         for node, ranks in sorted(ranks_by_node.items()):
             if shard_nodes != {node}:
-                self.reducers.append(f.backend.create(NodeReducer, ranks, f.world, size, f.servers, f.shard_bounds,
-                                                      f.plan.config.step_timeout, cpus=0, node=node))
+                self.reducers.append(f.backend.create(
+                    NodeReducer, ranks, f.world, size, f.servers, f.shard_bounds, f.plan.config.step_timeout,
+                    inline_bytes=f.backend.inline_bytes, cpus=0, node=node))
         for offer in f.started(self.reducers, "plane", "reducers"):
             if offer[1] is None:
                 f.log(f"shared memory unavailable on node {offer[0][:8]} ({offer[2]}); its workers' "
