@@ -80,6 +80,38 @@ def test_an_aborted_step_and_a_lost_server_reach_the_worker():
         a.receive(1)
 
 
+def test_async_updates_through_the_plane_reply_in_the_worker_s_own_slots():
+    """Two workers' async updates: each reply is the parameters right after that update (update count
+    and values), staleness is recorded from the metrics sent with it, and a worker with two pushes in
+    flight (pipelined) gets each reply in its own slot, in order."""
+    rng = np.random.default_rng(2)
+    g = rng.standard_normal((4, 50)).astype(np.float32)
+    s = server(50, 2)
+    a, b = PlaneClient(s.plane.name, 0), PlaneClient(s.plane.name, 1)
+    expected = np.zeros(50, np.float32)
+    a.send_async(g[0], 0, seen=0, metrics={"loss": 1.0})
+    params, version = a.receive_async(0)
+    expected -= np.float32(0.5) * g[0]
+    assert version == 1 and np.array_equal(params, expected)
+    b.send_async(g[1], 0, seen=0, metrics={"loss": 2.0})
+    expected -= np.float32(0.5) * g[1]
+    assert b.receive_async(0)[1] == 2 and np.array_equal(b.replies[0], expected)
+    assert [m["staleness"] for m in s.take_applied()] == [0, 1]
+    a.send_async(g[2], 1, seen=1)            # two in flight, then both replies
+    a.send_async(g[3], 0, seen=1)
+    (first, v1), (second, v2) = a.receive_async(1), a.receive_async(0)
+    after_third = expected - np.float32(0.5) * g[2]
+    assert (v1, v2) == (3, 4) and np.array_equal(first, after_third)
+    assert np.array_equal(second, after_third - np.float32(0.5) * g[3]) and np.array_equal(second, s.params)
+    s.abort("a worker died")
+    b.send_async(g[0], 1, seen=2)
+    with pytest.raises(StepAbandoned):
+        b.receive_async(1)
+    a.close()
+    b.close()
+    s.plane.close()
+
+
 def run_threads(*targets):
     threads = [threading.Thread(target=t) for t in targets]
     for t in threads:
@@ -171,6 +203,20 @@ def train(config, backend=None, hook=None):
         return trainer.run()
     finally:
         trainer.close()
+
+
+def test_async_on_the_plane_one_worker_equals_one_process_and_two_keep_the_bound(data_dir, tmp_path, ray_backend):
+    """Async through shared memory: one worker's run equals the one-process backend's bit for bit (its
+    updates are in one order whatever the path); two pipelined workers finish within the staleness
+    bound."""
+    opts = dict(mode="async", staleness=1, workers=1)
+    one = train(cfg(data_dir, tmp_path / "shm", **opts), ray_backend)
+    train(cfg(data_dir, tmp_path / "local", backend="local", **opts))
+    assert one["data_plane"] == "shm"
+    a, b = params(tmp_path / "shm"), params(tmp_path / "local")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    two = train(cfg(data_dir, tmp_path / "two", **{**opts, "workers": 2, "pipeline": True, "servers": 2}), ray_backend)
+    assert two["data_plane"] == "shm" and two["steps"] == one["steps"] and two["max_worker_lead"] <= 1
 
 
 @pytest.mark.parametrize("servers", [1, 2])

@@ -72,6 +72,9 @@ class ServerActor(ProcessInfo, ParameterServer):
     def _publish(self):
         if self._plane is not None:   # written once per step where the node's workers read it (others: Ray)
             return self._plane.publish(self.params)
+        return self._copy_out()
+
+    def _copy_out(self):
         return self.params.copy() if self.params.nbytes <= self._inline_bytes else ray.put(self.params)
 
     def push(self, rank: int, grad, step: int) -> list:
@@ -115,6 +118,8 @@ class WorkerActor(ProcessInfo, GradientWorker):
     def __init__(self, *args, **kwargs):
         tune_allocator()  # this process is the actor's own
         super().__init__(*args, **kwargs)
+        self._plane_clients = {}   # plane name -> PlaneClient
+        self._async_pushes = 0
 
     def run_sync(self, servers: list, first_step: int, steps: int, bounds=None, reducers=None) -> list:
         """Run ``steps`` synchronous steps from ``first_step`` against the shard actors ``servers``;
@@ -154,7 +159,7 @@ class WorkerActor(ProcessInfo, GradientWorker):
     def _connect(self, names: list) -> list:
         """A client of each named plane (None stays None), kept from one run of steps to the next while
         the name is the same; connections to planes no longer named are closed."""
-        kept = getattr(self, "_plane_clients", {})
+        kept = self._plane_clients
         for name in names:
             if name is not None and name not in kept:
                 kept[name] = PlaneClient(name, self.rank)
@@ -168,13 +173,21 @@ class WorkerActor(ProcessInfo, GradientWorker):
         """``count`` asynchronous updates from batch ``batch`` of ``epoch``, each pushed straight to
         the shard actors ``servers`` (shard 0 keeps the metrics), ``pipelined`` or not
         (``async_updates``). Returns ``count``."""
+        planes = self._planes(servers)
+
         def push(grads, seen, metrics, ahead):
-            refs = [s.push_async.remote(self.rank, g, seen, metrics if k == 0 else None, bound, ahead)
-                    for k, (s, g) in enumerate(zip(servers, grads))]
+            # a plane's slots alternate from push to push, across rounds too: the parameters this worker
+            # computes from next are in the other reply slot (a pipelined worker has two pushes in flight)
+            slot, self._async_pushes = self._async_pushes % 2, self._async_pushes + 1
+            refs = [None if p else s.push_async.remote(self.rank, g, seen, metrics if k == 0 else None, bound, ahead)
+                    for k, (s, g, p) in enumerate(zip(servers, grads, planes))]
+            for k, (p, g) in enumerate(zip(planes, grads)):
+                if p is not None:
+                    p.send_async(g, slot, seen, metrics if k == 0 else None, bound, ahead)
 
             def reply():
-                replies = ray.get(refs)
-                return _fetch_parts([r[0] for r in replies]), replies[0][1]
+                answers = [p.receive_async(slot) if p is not None else ray.get(r) for p, r in zip(planes, refs)]
+                return _fetch_parts([[a[0]] if p is not None else a[0] for p, a in zip(planes, answers)]), answers[0][1]
             return reply
 
         if self.params is None:   # a new process: from the shards' current parameters
@@ -238,6 +251,10 @@ class ReducerActor(ProcessInfo, NodeReducer):
 
 class SimulatedWorkerActor(SimulatedWorker, WorkerActor):
     """A SimulatedWorker that drives sync steps as WorkerActor does."""
+
+    def __init__(self, *args, **kwargs):
+        SimulatedWorker.__init__(self, *args, **kwargs)
+        self._plane_clients, self._async_pushes = {}, 0
 
 
 ACTORS = {GradientWorker: WorkerActor, ParameterServer: ServerActor, SimulatedWorker: SimulatedWorkerActor,

@@ -40,6 +40,7 @@ class ParameterServer:
         self.messages = 0         # sync: gradient messages received (one per worker, or per node with reducers)
         self._step_done = threading.Condition()   # pushes of one step wait on it for each other
         self._aborted = None
+        self._reply_slot = threading.local()   # a plane's thread: where its async reply goes (reply_into)
         self._published = self._publish()
         self.done = [0] * world   # async: gradients of each worker applied
         self.max_lead = 0         # async: the furthest a worker went on ahead of the slowest
@@ -101,9 +102,32 @@ class ParameterServer:
 
     # -- worker-driven synchronous steps: each worker's thread pushes and waits for the update ---------
     def _publish(self):
-        """The parameters as the workers receive them after a step: a copy, kept unchanged by later
-        updates (the Ray actor may publish an object-store reference instead)."""
+        """The parameters as the workers receive them after a sync step (the Ray actor writes them into
+        its plane where it has one)."""
+        return self._copy_out()
+
+    def _copy_out(self):
+        """The parameters as of now, kept unchanged by later updates: a copy (the Ray actor may put them
+        into the object store instead)."""
         return self.params.copy()
+
+    def _reply(self):
+        """The parameters an async update or snapshot answers with: written into the calling plane
+        thread's reply slot (``reply_into``), else ``_copy_out``. Called under the lock."""
+        target = getattr(self._reply_slot, "target", None)
+        if target is None:
+            return self._copy_out()
+        target[...] = self.params
+        return target
+
+    def reply_into(self, target: np.ndarray, method, *args):
+        """``method(*args)`` (``push_async``), its reply parameters written into ``target`` (P,) under the
+        lock: a worker's reply slot of a shared-memory plane (``parallel.shm``)."""
+        self._reply_slot.target = target
+        try:
+            return method(*args)
+        finally:
+            self._reply_slot.target = None
 
     def push(self, rank, grad: np.ndarray, step: int):
         """Give worker ``rank``'s gradient of ``step`` (or a node's sum: ``contribute``) and wait until all ``world`` gradients of it are
@@ -158,7 +182,7 @@ class ParameterServer:
             self._step_done.notify_all()
             if ahead is not None:
                 self._wait_turn(rank, bound, ahead)
-            return self._publish(), self.version
+            return self._reply(), self.version
 
     def turn(self, rank: int, bound: int | None, ahead: int = 0) -> None:
         """Return once worker ``rank`` may compute its next batch: it will then be ``done[rank] +
@@ -176,7 +200,7 @@ class ParameterServer:
     def snapshot(self):
         """(the current parameters, their update count): where an asynchronous worker starts."""
         with self._step_done:
-            return self._publish(), self.version
+            return self._reply(), self.version
 
     def take_applied(self) -> list[dict]:
         """The metrics of the asynchronous updates applied since the last call, in the order applied."""

@@ -10,6 +10,14 @@ exactly as for a gradient that came over Ray) and once the step's update is appl
 the shared parameters, answers with the step number (or -1: the step was abandoned). The worker, blocked
 in its own ``recv``, wakes and reads the parameters from the shared memory.
 
+Asynchronous updates use the same plane: a worker has two gradient slots and two reply slots (a
+pipelined worker has two pushes in flight); its message says which slot, the update it computed at,
+its staleness bound, whether it computes again, and (to shard 0) its step metrics; the shard's thread
+calls ``ParameterServer.push_async`` and, under the shard's lock, copies the parameters after that
+update into the worker's reply slot, then answers with their update count. A connection's messages are
+handled one at a time, in order, so a worker's second push waits behind its first (as its staleness
+bound would have it wait anyway).
+
 Nothing spins: both sides block in the kernel. Nothing leaks: the memory and the socket have no name
 in any file system and vanish with the last process that holds them, however it ends. Only processes
 of the same user are served (the peer's credentials, ``SO_PEERCRED``). A peer that dies
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import json
 import socket
 import struct
 import sys
@@ -31,6 +40,20 @@ import numpy as np
 from .server import StepAbandoned
 
 _STEP = 8   # bytes of a step number on the socket (little-endian, signed)
+_HEADER = struct.Struct("<6q")   # a message: kind (0 sync, 1 async), step or seen, ahead, bound, slot, metrics bytes
+_NONE = -1                       # ahead or bound not given
+
+
+def _layout(memory, world: int, size: int):
+    """The plane's memory as (gradient slots (world, 2, size), reply slots (world, 2, size), the
+    published parameters (size,)). Pages no process touches take no memory."""
+    whole = np.frombuffer(memory, np.float32, (4 * world + 1) * size)
+    return (whole[:2 * world * size].reshape(world, 2, size),
+            whole[2 * world * size:4 * world * size].reshape(world, 2, size), whole[4 * world * size:])
+
+
+def _plane_bytes(world: int, size: int) -> int:
+    return max((4 * world + 1) * size * 4, 1)
 
 
 class PeerLost(ConnectionError):
@@ -59,18 +82,16 @@ def _decode(data: bytes) -> int:
 
 
 class Plane:
-    """A server shard's side: slots for ``world`` gradients of ``size`` float32 each, the published
-    parameters (``size``), and a thread per connected worker calling ``server.push``."""
+    """A server shard's side: gradient and reply slots for ``world`` workers of ``size`` float32 each,
+    the published parameters (``size``), and a thread per connected worker calling ``server.push``
+    (``server.push_async`` with ``server.reply_into`` for asynchronous updates)."""
 
     def __init__(self, server, world: int, size: int):
         self.server, self.world, self.size = server, world, size
-        nbytes = (world + 1) * size * 4
         self.fd = os.memfd_create("distnn-plane", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, max(nbytes, 1))
-        self.memory = mmap.mmap(self.fd, max(nbytes, 1))
-        whole = np.frombuffer(self.memory, np.float32, (world + 1) * size)
-        self.slots = whole[:world * size].reshape(world, size)
-        self.published = whole[world * size:]
+        os.ftruncate(self.fd, _plane_bytes(world, size))
+        self.memory = mmap.mmap(self.fd, _plane_bytes(world, size))
+        self.slots, self.replies, self.published = _layout(self.memory, world, size)
         self.name = f"distnn-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind("\0" + self.name)
@@ -104,10 +125,18 @@ class Plane:
             rank = _decode(_recv_exact(conn, _STEP))
             socket.send_fds(conn, [_encode(self.world), _encode(self.size)], [self.fd])
             while True:
-                step = _decode(_recv_exact(conn, _STEP))
+                kind, step, ahead, bound, slot, n = _HEADER.unpack(_recv_exact(conn, _HEADER.size))
+                metrics = json.loads(_recv_exact(conn, n)) if n else None
                 try:
-                    self.server.push(rank, self.slots[rank], step)
-                    conn.sendall(_encode(step))
+                    if kind == 0:
+                        self.server.push(rank, self.slots[rank, 0], step)
+                        conn.sendall(_encode(step))
+                    else:
+                        _, version = self.server.reply_into(self.replies[rank, slot], self.server.push_async, rank,
+                                                            self.slots[rank, slot], step, metrics,
+                                                            None if bound == _NONE else bound,
+                                                            None if ahead == _NONE else ahead)
+                        conn.sendall(_encode(version))
                 except StepAbandoned:
                     conn.sendall(_encode(-1))
         except (PeerLost, OSError):
@@ -146,26 +175,43 @@ class PlaneClient:
         if len(msg) != 2 * _STEP or len(fds) != 1:
             raise PeerLost(f"plane {name}: no shared memory received")
         world, size = _decode(msg[:_STEP]), _decode(msg[_STEP:])
-        self.memory = mmap.mmap(fds[0], max((world + 1) * size * 4, 1))
+        self.memory = mmap.mmap(fds[0], _plane_bytes(world, size))
         os.close(fds[0])
-        whole = np.frombuffer(self.memory, np.float32, (world + 1) * size)
-        self.slot = whole[rank * size:(rank + 1) * size]
-        self.published = whole[world * size:]
+        slots, replies, self.published = _layout(self.memory, world, size)
+        self.slots, self.replies = slots[rank], replies[rank]
         self.sock.settimeout(None)   # a step waits for the slowest worker; the driver holds the deadline
+
+    def _send(self, header: tuple, metrics=None) -> None:
+        extra = b"" if metrics is None else json.dumps(metrics).encode()
+        try:
+            self.sock.sendall(_HEADER.pack(*header[:5], len(extra)) + extra)
+        except (ConnectionError, OSError) as e:
+            raise PeerLost(f"the server shard of plane {self.name} is gone ({e})") from None
 
     def send(self, parts: list, step: int) -> None:
         """A gradient of ``step`` given as contiguous parts (one, or the K slices of the shards)."""
-        np.concatenate(parts, out=self.slot)
-        try:
-            self.sock.sendall(_encode(step))
-        except (ConnectionError, OSError) as e:
-            raise PeerLost(f"the server shard of plane {self.name} is gone ({e})") from None
+        np.concatenate(parts, out=self.slots[0])
+        self._send((0, step, _NONE, _NONE, 0))
 
     def receive(self, step: int) -> np.ndarray:
         answer = _decode(_recv_exact(self.sock, _STEP))
         if answer != step:
             raise StepAbandoned(f"step {step} abandoned (shared-memory plane {self.name})")
         return self.published
+
+    def send_async(self, grad: np.ndarray, slot: int, seen: int, metrics=None, bound=None, ahead=None) -> None:
+        """An asynchronous update's gradient part through slot ``slot`` (0 or 1; its reply comes back in
+        the reply slot of that number): see ``ParameterServer.push_async`` for the rest."""
+        self.slots[slot][...] = grad
+        self._send((1, seen, _NONE if ahead is None else ahead, _NONE if bound is None else bound, slot), metrics)
+
+    def receive_async(self, slot: int) -> tuple:
+        """(the parameters after the update sent through ``slot``, a view valid until that slot is used
+        again; their update count). Raises StepAbandoned where the shard refused it."""
+        version = _decode(_recv_exact(self.sock, _STEP))
+        if version < 0:
+            raise StepAbandoned(f"update refused (shared-memory plane {self.name}): the run is recovering")
+        return self.replies[slot], version
 
     def close(self) -> None:
         self.sock.close()

@@ -30,7 +30,7 @@ class DataPlane:
         """The shards' planes, then the reducers; a host that cannot give shared memory is said in one
         line, and Ray carries its steps."""
         f, c = self.fleet, self.fleet.plan.config
-        if f.backend.name != "ray" or c.mode != "sync" or c.compress != "none" or c.data_plane != "shm":
+        if f.backend.name != "ray" or c.compress != "none" or c.data_plane != "shm":
             return
         why = [w for w in f.call_servers("open_plane") if w]
         self.kind = "ray" if why else "shm"
@@ -42,8 +42,8 @@ class DataPlane:
         """A reducer on each node with workers whose shards are not all on it (old ones closed)."""
         self.close()
         f = self.fleet
-        if self.kind != "shm" or not f.servers:
-            return
+        if self.kind != "shm" or not f.servers or f.plan.config.mode != "sync":
+            return   # async: a worker's updates go to a shard on its node through its plane, else over Ray
         try:
             shard_nodes = {offer[0] for offer in f.call_servers("plane")}
         except Exception as e:   # a dead shard: the recovery restarts the shards, and they place anew
