@@ -2,6 +2,9 @@
 (N workers x 1 thread) sync, async (staleness 4), async pipelined and local SGD (``--sync-every``), with
 the sync step's breakdown, where every run's CPU time went (workers, servers, driver, Ray's own
 processes, idle), and PyTorch with N threads at the same global batch. Names the CPU and BLAS kernel.
+A/Bs of the step's data path (shared memory on the node, the default, against a Ray call per worker),
+sync and async, and the ceiling of the machine: N one-worker local runs at once, in N processes of
+their own (what N workers would reach with no messages at all).
 
     python scripts/benchmark_scaling.py --source ../shared/data/mnist [--workers 2] [--sync-every 8]
                                         [--models lenet5 cifar_convnet] [--out benchmarks/scaling.json]
@@ -72,6 +75,19 @@ def cpu_shares(cpu: dict) -> str:
     return " / ".join(parts + [f"{100 * cpu['idle_share']:5.1f}%"])
 
 
+def _alone(args):
+    return run(*args)["samples_per_s"]
+
+
+def ceiling(model, case, data, n) -> float:
+    """Samples/s of ``n`` one-worker local runs at once, each in a (spawned) process of its own."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return round(sum(pool.map(_alone, [(model, case, data, "local", 1, data / f"{model}-alone-{i}")
+                                           for i in range(n)])), 1)
+
+
 def torch_rate(model, global_batch, threads, seconds=4.0):
     try:
         import torch
@@ -103,6 +119,9 @@ def main(argv=None):
             dist = run(model, case, tmp, "ray", args.workers, tmp / f"{model}-ray", ray)
             calls = run(model, case, tmp, "ray", args.workers, tmp / f"{model}-calls", ray, data_plane="ray")
             asyn = run(model, case, tmp, "ray", args.workers, tmp / f"{model}-async", ray, mode="async")
+            asyn_calls = run(model, case, tmp, "ray", args.workers, tmp / f"{model}-async-calls", ray, mode="async",
+                             data_plane="ray")
+            alone = ceiling(model, case, tmp, args.workers)
             piped = run(model, case, tmp, "ray", args.workers, tmp / f"{model}-piped", ray, mode="async", pipeline=True)
             local_sgd = None if args.sync_every == 1 else run(model, case, tmp, "ray", args.workers, tmp / f"{model}-h",
                                                               ray, sync_every=args.sync_every)
@@ -112,7 +131,9 @@ def main(argv=None):
                          f"ray_calls_{args.workers}x1": calls,
                          "plane_vs_calls": round(dist["samples_per_s"] / calls["samples_per_s"], 2),
                          "calls_speedup": round(calls["samples_per_s"] / local["samples_per_s"], 2),
-                         f"ray_async_{args.workers}x1": asyn,
+                         f"ray_async_{args.workers}x1": asyn, f"ray_async_calls_{args.workers}x1": asyn_calls,
+                         "async_plane_vs_calls": round(asyn["samples_per_s"] / asyn_calls["samples_per_s"], 2),
+                         f"alone_{args.workers}x1": alone, "ceiling": round(alone / local["samples_per_s"], 2),
                          "async_vs_sync": round(asyn["samples_per_s"] / dist["samples_per_s"], 2),
                          f"ray_async_pipelined_{args.workers}x1": piped,
                          "pipelined_vs_sync": round(piped["samples_per_s"] / dist["samples_per_s"], 2),
@@ -144,6 +165,10 @@ def main(argv=None):
         print(f"  {r['model']:<15} shm {d['samples_per_s']:.0f} samples/s ({r['speedup']:.2f}x local 1x1, wait+transfer "
               f"{d['wait_and_transfer']} of {d['total']} ms); Ray calls {c['samples_per_s']:.0f} ({r['calls_speedup']:.2f}x, "
               f"{c['wait_and_transfer']} of {c['total']} ms); shm / calls {r['plane_vs_calls']:.2f}")
+    print(f"async ({n}x1): shm / Ray calls " + ", ".join(f"{r['model']} {r['async_plane_vs_calls']:.2f}" for r in rows))
+    print(f"ceiling: {n} one-worker local runs at once, in processes of their own, against one alone: "
+          + ", ".join(f"{r['model']} {r['ceiling']:.2f}x (sync {n}x1 reaches {r['speedup'] / r['ceiling']:.0%} of it)"
+                      for r in rows))
     if args.sync_every > 1:
         print(f"local SGD, averaging every {args.sync_every} steps ({n}x1): "
               + ", ".join(f"{r['model']} {r[f'ray_local_sgd_{n}x1']['samples_per_s']:.0f} samples/s = "

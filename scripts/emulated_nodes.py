@@ -6,9 +6,10 @@ in node order), K shards placed as a run places them, and each step's data eithe
 message per node and shard).
 
 The cost model of a sync step on the data plane:
-T = compute + a + r_w N/M + r_n M + b M P/K, with a a fixed cost per step, r_w a cost per worker on
-the busiest node (its shared-memory hand-over), r_n a cost per node message (a reducer's Ray call) and
-b the time per byte a shard's node messages take. Over Ray calls: T = compute + a + N (r + b P/K).
+T = compute + a + r_w N/M + (M - 1) (r_n + b P/K), with a a fixed cost per step, r_w a cost per
+worker on a node (its shared-memory hand-over), r_n a cost per message from another node (a reducer's
+Ray call) and b the time per byte of those messages (told apart from r_n only by points of several
+sizes P/K). Over Ray calls: T = compute + a + N (r + b P/K).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from distnn.parallel import ParameterServer, RayBackend
 from distnn.parallel.simulate import SimulatedWorker
-from distnn.parallel.specs import OptimizerSpec, ScheduleSpec
+from distnn.parallel.specs import LocalSpec, OptimizerSpec, ScheduleSpec
 from distnn.train.fleet import shard_bounds
 from distnn.train.planes import DataPlane
 
@@ -60,8 +61,9 @@ def steps_per_second(backend, team, reducers, seconds, compute_ms):
     return steps / (time.perf_counter() - t)
 
 
-def emulate(model, size, compute_ms, nodes, workers, servers, seconds, log):
-    """Every (M nodes, K shards, N workers, path) point with N >= M and N a multiple of M."""
+def emulate(model, size, compute_ms, nodes, workers, servers, seconds, log, sync_every=1):
+    """Every (M nodes, K shards, N workers, path) point with N >= M and N a multiple of M; with
+    ``sync_every`` H > 1 the workers run local SGD (one message per H steps)."""
     from ray.cluster_utils import Cluster
     rows = []
     opt, sched = OptimizerSpec("sgd", 1e-6), ScheduleSpec("constant", 1)
@@ -76,11 +78,14 @@ def emulate(model, size, compute_ms, nodes, workers, servers, seconds, log):
                 team_workers = [backend.create(SimulatedWorker, size, compute_ms, r, n, cpus=0, node=ids[r * m // n])
                                 for r in range(n)]
                 backend.get([backend.call(w, "pid") for w in team_workers], timeout=TIMEOUT)
+                if sync_every > 1:
+                    local = LocalSpec(opt, sched, sync_every, steps_per_epoch=10 ** 9, total=10 ** 9)
+                    backend.get([backend.call(w, "set_local", local) for w in team_workers], timeout=TIMEOUT)
                 for k in servers:
                     for path in ("ray", "shm"):
                         params = np.zeros(size, np.float32)
-                        shards = [backend.create(ParameterServer, params[lo:hi], opt, sched, None, world=n, cpus=0)
-                                  for lo, hi in shard_bounds(size, k)]
+                        shards = [backend.create(ParameterServer, params[lo:hi], opt, sched, None, world=n,
+                                                 average=sync_every > 1, cpus=0) for lo, hi in shard_bounds(size, k)]
                         team = Team(backend, team_workers, shards, size)
                         plane = DataPlane(team)
                         if path == "shm":
@@ -90,12 +95,13 @@ def emulate(model, size, compute_ms, nodes, workers, servers, seconds, log):
                         plane.close()
                         for s in shards:
                             backend.kill(s)
-                        row = {"model": model, "mode": "sync", "data_plane": path, "nodes": m, "servers": k,
+                        row = {"model": model, "mode": "sync", "sync_every": sync_every, "data_plane": path,
+                               "nodes": m, "servers": k,
                                "workers": n, "compute_ms": round(compute_ms, 2), "param_bytes": size * 4,
                                "updates_per_s": round(rate, 2), "overhead_ms": round(1e3 / rate - compute_ms, 2),
                                "efficiency": round(rate * compute_ms / 1e3, 3),
-                               "messages_per_step": round(steps[0]["messages"] / steps[0]["version"], 2)}
-                        log(f"{model:<14}M={m} K={k} N={n:<3}{path:<4}{rate:8.1f} steps/s  overhead "
+                               "messages_per_step": round(steps[0]["messages"] / max(1, steps[0]["version"]), 2)}
+                        log(f"{model:<14}H={sync_every} M={m} K={k} N={n:<3}{path:<4}{rate:8.1f} steps/s  overhead "
                             f"{row['overhead_ms']:6.2f} ms  E {row['efficiency']:5.2f}  "
                             f"{row['messages_per_step']:g} messages per shard and step")
                         rows.append(row)
@@ -108,22 +114,24 @@ def emulate(model, size, compute_ms, nodes, workers, servers, seconds, log):
 
 
 def fit_node_model(rows):
-    """The data plane's cost model (module docstring) fitted to the emulated shm points by least
-    squares on relative error, as ``fit_cost_model`` does for Ray calls."""
-    shm = [r for r in rows if r.get("data_plane") == "shm"]
+    """The data plane's cost model (module docstring) fitted to the emulated shm points of sync steps
+    by least squares on relative error, as ``fit_cost_model`` does for Ray calls. Where every point has
+    one P/K, the per-node and per-byte terms cannot be told apart: the byte term is left out (0)."""
+    shm = [r for r in rows if r.get("data_plane") == "shm" and r.get("sync_every", 1) == 1]
     step_ms = np.array([r["compute_ms"] + r["overhead_ms"] for r in shm])
-    A = np.array([[1.0, r["workers"] / r["nodes"], r["nodes"], r["nodes"] * r["param_bytes"] / r["servers"]]
-                  for r in shm])
+    sizes = len({r["param_bytes"] / r["servers"] for r in shm}) > 1
+    A = np.array([[1.0, r["workers"] / r["nodes"], r["nodes"] - 1]
+                  + ([(r["nodes"] - 1) * r["param_bytes"] / r["servers"]] if sizes else []) for r in shm])
     y = np.array([r["overhead_ms"] for r in shm])
     coef, *_ = np.linalg.lstsq(A / step_ms[:, None], y / step_ms, rcond=None)
     fitted = A @ coef
     return {"a_ms": float(coef[0]), "per_worker_on_node_ms": float(coef[1]), "per_node_ms": float(coef[2]),
-            "per_node_byte_ms": float(coef[3]),
+            "per_node_byte_ms": float(coef[3]) if sizes else 0.0,
             "median_step_error": round(float(np.median(np.abs(fitted - y) / step_ms)), 4)}
 
 
 def predict_node_step_ms(model, compute_ms, n, m, k, param_bytes):
-    """compute + a + r_w N/M + r_n M + b M P/K."""
-    return (compute_ms + model["a_ms"] + model["per_worker_on_node_ms"] * n / m + model["per_node_ms"] * m
-            + model["per_node_byte_ms"] * m * param_bytes / k)
+    """compute + a + r_w N/M + (M - 1) (r_n + b P/K)."""
+    return (compute_ms + model["a_ms"] + model["per_worker_on_node_ms"] * n / m
+            + (m - 1) * (model["per_node_ms"] + model["per_node_byte_ms"] * param_bytes / k))
 

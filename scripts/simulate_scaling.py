@@ -244,7 +244,8 @@ def simulate_all(args):
             compute[model] = args.compute_ms or measured_compute_ms(model)
             print(f"{model}: {size * 4 / 1e6:.2f} MB of parameters, compute {compute[model]:.1f} ms per step")
             if args.nodes:
-                rows += emulate(model, size, compute[model], args.nodes, args.workers, args.servers, args.seconds, print)
+                rows += emulate(model, size, compute[model], args.nodes, args.workers, args.servers, args.seconds, print,
+                                args.sync_every)
             else:
                 rows += simulate(backend, model, size, compute[model], args.workers, args.servers, args.modes,
                                  args.seconds, print)
@@ -256,19 +257,34 @@ def simulate_all(args):
 
 def report_nodes(rows, result):
     """The data plane's fitted cost model, and each emulated point's measured and predicted efficiency."""
+    for r in rows:
+        r.setdefault("sync_every", 1)
+    if not any(r["sync_every"] == 1 for r in rows):
+        return
     cost = result["node_cost_model"] = fit_node_model(rows)
     print(f"\ndata plane cost model: step = compute + {cost['a_ms']:.2f} ms + N/M x {cost['per_worker_on_node_ms']:.3f}"
-          f" ms + M x ({cost['per_node_ms']:.2f} ms + {cost['per_node_byte_ms'] * 1e6:.2f} ms/MB x P/K); median "
+          f" ms + (M - 1) x ({cost['per_node_ms']:.2f} ms + {cost['per_node_byte_ms'] * 1e6:.2f} ms/MB x P/K); median "
           f"error {cost['median_step_error']:.1%} of a simulated step")
-    print(f"\n{'model':<14}{'M':>3}{'K':>3}{'N':>4}  {'E Ray calls':>11}  {'E data plane':>12}  {'predicted':>9}")
+    print(f"\n{'model':<14}{'H':>3}{'M':>3}{'K':>3}{'N':>4}  {'E Ray calls':>11}  {'E data plane':>12}  "
+          f"{'predicted (sync)':>16}")
     for r in (r for r in rows if r["data_plane"] == "shm"):
         calls = next(c for c in rows if c["data_plane"] == "ray" and all(
-            c[k] == r[k] for k in ("model", "nodes", "servers", "workers")))
+            c[k] == r[k] for k in ("model", "sync_every", "nodes", "servers", "workers")))
         e = r["compute_ms"] / predict_node_step_ms(cost, r["compute_ms"], r["workers"], r["nodes"], r["servers"],
                                                    r["param_bytes"])
         r["predicted_efficiency"] = round(e, 3)
-        print(f"{r['model']:<14}{r['nodes']:>3}{r['servers']:>3}{r['workers']:>4}  {calls['efficiency']:>11.2f}  "
-              f"{r['efficiency']:>12.2f}  {e:>9.2f}")
+        print(f"{r['model']:<14}{r['sync_every']:>3}{r['nodes']:>3}{r['servers']:>3}{r['workers']:>4}  "
+              f"{calls['efficiency']:>11.2f}  {r['efficiency']:>12.2f}  {e:>16.2f}")
+    result["real_check"] = []
+    for path in result.get("real", []):   # real sync runs on one node: their wait and transfer per step
+        for row in json.loads(Path(path).read_text())["rows"]:
+            key = next(k for k in row if k.startswith("ray_") and k.endswith("x1") and "_" not in k[4:])
+            n, measured = int(key[4:].split("x")[0]), row[key]
+            predicted = predict_node_step_ms(cost, 0.0, n, 1, 1, 0)
+            result["real_check"].append({"model": row["model"], "workers": n, "measured_ms": measured["wait_and_transfer"],
+                                         "predicted_ms": round(predicted, 2)})
+            print(f"  real {row['model']} {n} workers on one node: wait and transfer {measured['wait_and_transfer']} "
+                  f"ms per step, the model's {predicted:.2f} ms")
 
 
 def main(argv=None):
@@ -283,6 +299,7 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/scaling_sim.json")
     ap.add_argument("--plot", help="PNG of efficiency against N (e.g. docs/scaling.png)")
     ap.add_argument("--nodes", nargs="+", type=int, help="emulated node counts (sync, Ray calls and the data plane)")
+    ap.add_argument("--sync-every", type=int, default=1, help="with --nodes: local SGD, averaging every H steps")
     ap.add_argument("--from", dest="source", help="the JSON of an earlier run: refit and report, no simulation")
     args = ap.parse_args(argv)
     if args.source:
@@ -293,7 +310,8 @@ def main(argv=None):
         rows, compute = simulate_all(args)
     if any("nodes" in r for r in rows):
         result = {"rows": rows, "cpu": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
-                  "command": "python scripts/simulate_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+                  "command": "python scripts/simulate_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                  "real": args.real}
         report_nodes(rows, result)
         atomic_write_text(Path(args.out), json.dumps(result, indent=1))
         print(f"wrote {args.out}")

@@ -302,17 +302,19 @@ def run_on_two_nodes(config, cpus, kill=None):
     return json.loads(line[7:])
 
 
-@pytest.mark.parametrize("workers", [2, 4])
-def test_across_two_nodes_a_shard_gets_one_message_per_node_and_step(data_dir, tmp_path, workers):
+@pytest.mark.parametrize("workers,sync_every", [(2, 1), (4, 1), (2, 4)])
+def test_across_two_nodes_a_shard_gets_one_message_per_node_and_step(data_dir, tmp_path, workers, sync_every):
     """Two nodes, the workers spread over both: the node without the shard gets a reducer, and the
-    shard receives (workers on its node + 1) messages per step. One worker per node: bit-identical to
-    the one-process backend; two per node: the same within float32 rounding (each node sums first)."""
+    shard receives (workers on its node + 1) messages per step (local SGD: per round). One worker per
+    node: bit-identical to the one-process backend; two per node: the same within float32 rounding
+    (each node sums first)."""
     before = set(os.listdir("/dev/shm"))
-    result = run_on_two_nodes(cfg(data_dir, tmp_path / "nodes", workers=workers), cpus=workers // 2)
+    options = dict(workers=workers, sync_every=sync_every)
+    result = run_on_two_nodes(cfg(data_dir, tmp_path / "nodes", **options), cpus=workers // 2)
     summary = result["summary"]
-    train(cfg(data_dir, tmp_path / "local", workers=workers, backend="local"))
+    train(cfg(data_dir, tmp_path / "local", backend="local", **options))
     assert summary["data_plane"] == "shm" and result["reducers"] == 1
-    assert result["messages"] == summary["steps"] * (workers // 2 + 1)
+    assert result["messages"] == summary["steps"] // sync_every * (workers // 2 + 1)
     a, b = params(tmp_path / "nodes"), params(tmp_path / "local")
     if workers == 2:
         assert all(np.array_equal(a[k], b[k]) for k in a)

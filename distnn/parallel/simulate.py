@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from .local_sgd import LocalRounds
 from .worker import GradientWorker
 
 
@@ -21,6 +22,10 @@ class SimulatedWorker(GradientWorker):
         self.grad = (np.random.default_rng((seed, rank)).standard_normal(size) * 1e-4).astype(np.float32)
         self.params, self.next_step, self.seen, self.local = None, None, 0, None
         self._batches, self.position = None, (0, 0)
+
+    def set_local(self, local) -> None:
+        """Local SGD (``LocalSpec``) over the gradient's size, no weight decay."""
+        self.local = LocalRounds(local, self.grad.size, None)
 
     def start_epoch(self, epoch: int, start: int = 0) -> None:
         self._batches, self.position = True, (epoch, start)
