@@ -56,6 +56,36 @@ def test_simulate_scaling_measures_fits_and_plots(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG" and "where a shard saturates" in proc.stdout
 
 
+def test_simulate_scaling_on_emulated_nodes_counts_one_message_per_node(tmp_path):
+    """--nodes: 4 simulated workers on 1 and on 2 emulated nodes, each point over Ray calls and the
+    data plane: the shard gets a message per worker over Ray calls, and over the data plane one per
+    worker of its node plus one per other node; the data plane's cost model is fitted and checked
+    against a real run's wait and transfer."""
+    real = tmp_path / "real.json"
+    real.write_text(json.dumps({"rows": [{"model": "lenet5", "ray_2x1": {"wait_and_transfer": 0.9}}]}))
+    out = tmp_path / "nodes.json"
+    proc = run_script(ROOT / "scripts" / "simulate_scaling.py", "--models", "lenet5", "--nodes", "1", "2",
+                      "--workers", "2", "4", "--servers", "1", "--compute-ms", "5", "--seconds", "0.2",
+                      "--real", real, "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    messages = {(r["nodes"], r["workers"], r["data_plane"]): r["messages_per_step"] for r in result["rows"]}
+    assert messages == {(1, 2, "ray"): 2, (1, 2, "shm"): 2, (1, 4, "ray"): 4, (1, 4, "shm"): 4,
+                        (2, 2, "ray"): 2, (2, 2, "shm"): 2, (2, 4, "ray"): 4, (2, 4, "shm"): 3}
+    assert all(0 < r["efficiency"] <= 1.05 for r in result["rows"])
+    assert set(result["node_cost_model"]) >= {"a_ms", "per_worker_on_node_ms", "per_node_ms"}
+    (check,) = result["real_check"]
+    assert check["measured_ms"] == 0.9 and "data plane cost model" in proc.stdout
+
+
+def test_node_message_ab_sends_both_ways(tmp_path):
+    out = tmp_path / "ab.json"
+    proc = run_script(ROOT / "scripts" / "ab_node_messages.py", "--sizes", "30000", "--repeats", "1", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted(r["chunked"] for r in rows) == [False, True] and all(r["round_trip_ms"] > 0 for r in rows)
+
+
 def test_compiled_graph_ab_runs_both_ways(tmp_path):
     from datagen import prepared_mnist
     data = prepared_mnist(tmp_path / "data", n_train=256, n_test=32, seed=1, shards=2)
