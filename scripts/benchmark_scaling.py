@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +53,10 @@ def fake_cifar(root: Path, n=8192):
 
 
 def run(model, case, data, backend, workers, out, backend_obj=None, mode="sync", sync_every=1, pipeline=False,
-        data_plane="shm"):
+        data_plane="shm", ready=None):
     """Throughput, the per-step breakdown and where the CPU time went (summary.json's ``cpu``); an
-    async run makes ``workers`` times the updates, so that both see the same samples."""
+    async run makes ``workers`` times the updates, so that both see the same samples. ``ready``: called
+    once the run is set up, before it trains (the ceiling's runs start together)."""
     steps = case["steps"] * (workers if mode == "async" else 1)
     cfg = TrainConfig(model=model, dataset=case["dataset"], labels="coarse" if case["dataset"] == "cifar100" else None,
                       data=str(data), workers=workers, backend=backend, batch_size=case["batch_size"], epochs=100,
@@ -63,12 +65,15 @@ def run(model, case, data, backend, workers, out, backend_obj=None, mode="sync",
                       data_plane=data_plane).validate()
     trainer = Trainer(cfg, backend=backend_obj, log=lambda *a: None, progress=False)
     try:
+        if ready is not None:
+            ready()
+        started = time.time()
         summary = trainer.run()
     finally:
         trainer.close()
     samples = summary["steps"] * case["batch_size"] * (1 if mode == "async" else workers)
     return {"samples_per_s": round(samples / summary["train_seconds"], 1), **summary["per_step_ms"],
-            "cpu": summary["cpu"]}
+            "cpu": summary["cpu"], "samples": samples, "started": started, "train_seconds": summary["train_seconds"]}
 
 
 def cpu_shares(cpu: dict) -> str:
@@ -86,18 +91,25 @@ def best(results: list) -> dict:
 def _alone(args):
     from distnn import tune_allocator
     tune_allocator()   # as every worker process does (without it two at once reached 1.1-1.3x, not 2x)
-    return run(*args)["samples_per_s"]
+    *args, barrier = args
+    return run(*args, ready=lambda: barrier.wait(timeout=600))
 
 
 def ceiling(model, case, data, n) -> float:
-    """Samples/s of ``n`` one-worker local runs at once, each in a (spawned) process of its own."""
+    """Samples/s of ``n`` one-worker local runs at once, each in a (spawned) process of its own: they
+    start training together, and their samples count over the time from that start to the last one's
+    end (so no run's time alone is counted)."""
     import multiprocessing
     import uuid
     from concurrent.futures import ProcessPoolExecutor
     tag = uuid.uuid4().hex[:8]
-    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return round(sum(pool.map(_alone, [(model, case, data, "local", 1, data / f"{model}-alone-{tag}-{i}")
-                                           for i in range(n)])), 1)
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(n, mp_context=context) as pool:
+        barrier = manager.Barrier(n)
+        runs = list(pool.map(_alone, [(model, case, data, "local", 1, data / f"{model}-alone-{tag}-{i}", barrier)
+                                      for i in range(n)]))
+    span = max(r["started"] + r["train_seconds"] for r in runs) - min(r["started"] for r in runs)
+    return round(sum(r["samples"] for r in runs) / span, 1)
 
 
 def torch_rate(model, global_batch, threads, seconds=4.0):
