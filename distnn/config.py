@@ -63,8 +63,9 @@ class TrainConfig:
     sync_every: int = option(1, "sync: each worker takes this many steps with its own optimizer between "
                                 "averagings of the workers' parameters (local SGD); 1: one update per step")
     servers: int = option(1, "parameter-server shards")
-    data_plane: str = option("shm", "sync steps: a worker and a server shard on one node pass gradients and "
-                                    "parameters through shared memory (shm), or every one through Ray calls (ray)",
+    data_plane: str = option("shm", "a step's gradients and parameters between the processes of one node go "
+                                    "through shared memory, one message per node to a shard elsewhere (shm), or "
+                                    "each worker's through Ray calls (ray)",
                              ("shm", "ray"))
     start_timeout: float = option(120.0, "seconds to wait for the workers and servers to be placed and started "
                                          "(at the start and after a recovery) before stopping with what could not "

@@ -302,16 +302,18 @@ def main(argv=None):
     ap.add_argument("--sync-every", type=int, default=1, help="with --nodes: local SGD, averaging every H steps")
     ap.add_argument("--from", dest="source", help="the JSON of an earlier run: refit and report, no simulation")
     args = ap.parse_args(argv)
+    command = "python scripts/simulate_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.source:
-        rows = json.loads(Path(args.source).read_text())["rows"]
+        earlier = json.loads(Path(args.source).read_text())
+        rows, measured_by = earlier["rows"], earlier.get("command")
         args.models = list(dict.fromkeys(r["model"] for r in rows))
         compute = {r["model"]: r["compute_ms"] for r in rows}
     else:
         rows, compute = simulate_all(args)
+        measured_by = command
     if any("nodes" in r for r in rows):
         result = {"rows": rows, "cpu": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
-                  "command": "python scripts/simulate_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                  "real": args.real}
+                  "command": measured_by, "refit_by": command if args.source else None, "real": args.real}
         report_nodes(rows, result)
         atomic_write_text(Path(args.out), json.dumps(result, indent=1))
         print(f"wrote {args.out}")

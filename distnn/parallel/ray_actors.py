@@ -215,9 +215,9 @@ class ReducerActor(ProcessInfo, NodeReducer):
     waiting up to ``timeout`` seconds for them.
 
     The sum and the parameters cross nodes in chunks of under ``inline_bytes`` (the size of object
-    the cluster passes inside call messages): a 0.25 MB vector that way took 1.2-1.4 ms per round trip
-    between two emulated nodes against 5.8-7.2 ms as one object, which goes through the object stores
-    (4.4 MB: 14-16 ms either way; ``docs/benchmarks.md``)."""
+    the cluster passes inside call messages): a 0.25 MB vector that way took 1.50-1.66 ms per round
+    trip between two emulated nodes against 7.3-9.5 ms as one object, which goes through the object
+    stores (4.4 MB: 24-26 ms either way; ``scripts/ab_node_messages.py``)."""
 
     def __init__(self, ranks, world: int, size: int, servers: list, bounds=None, timeout: float = 600.0,
                  inline_bytes: int = 100 * 1024):
