@@ -84,15 +84,17 @@ def main(argv=None):
             for _ in range(args.repeats):
                 for chunked in (False, True):
                     ms = ray.get(sender.round_trips.remote(k, chunked))
-                    rows.append({"floats": n, "mb": round(n * 4 / 1e6, 3), "chunked": chunked, "round_trip_ms": round(ms, 2)})
-                    print(f"{n * 4 / 1e6:7.2f} MB  {'chunks under 100 kB' if chunked else 'one object':<20}{ms:8.2f} ms per round trip")
+                    rows.append({"floats": n, "mb": round(n * 4 / 1e6, 3), "chunked": chunked,
+                                 "round_trip_ms": round(ms, 2)})
+                    how = "chunks under 100 kB" if chunked else "one object"
+                    print(f"{n * 4 / 1e6:7.2f} MB  {how:<20}{ms:8.2f} ms per round trip")
     finally:
         ray.shutdown()
         cluster.shutdown()
     host = describe_host()
     print(f"CPU: {host['cpu']} x {os.cpu_count()}")
-    atomic_write_text(Path(args.out), json.dumps({"rows": rows, "host": host, "command": "python scripts/ab_node_messages.py "
-                                                  + " ".join(sys.argv[1:] if argv is None else argv)}, indent=1))
+    command = "python scripts/ab_node_messages.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    atomic_write_text(Path(args.out), json.dumps({"rows": rows, "host": host, "command": command}, indent=1))
     print(f"wrote {args.out}")
 
 

@@ -130,9 +130,9 @@ class ParameterServer:
             self._reply_slot.target = None
 
     def push(self, rank, grad: np.ndarray, step: int):
-        """Give worker ``rank``'s gradient of ``step`` (or a node's sum: ``contribute``) and wait until all ``world`` gradients of it are
-        applied (``contribute``); returns the published parameters after it. Raises StepAbandoned if
-        the step is aborted while waiting."""
+        """Give worker ``rank``'s gradient of ``step`` (or a node's sum: ``contribute``) and wait until
+        all ``world`` gradients of it are applied; returns the published parameters after it. Raises
+        StepAbandoned if the step is aborted while waiting."""
         with self._step_done:
             if self.contribute(rank, grad, step):
                 self._published = self._publish()

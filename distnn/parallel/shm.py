@@ -26,9 +26,9 @@ missing, ``Plane.open`` says why and the step's data goes through Ray as before.
 """
 from __future__ import annotations
 
+import json
 import mmap
 import os
-import json
 import socket
 import struct
 import sys
@@ -184,7 +184,7 @@ class PlaneClient:
     def _send(self, header: tuple, metrics=None) -> None:
         extra = b"" if metrics is None else json.dumps(metrics).encode()
         try:
-            self.sock.sendall(_HEADER.pack(*header[:5], len(extra)) + extra)
+            self.sock.sendall(_HEADER.pack(*header, len(extra)) + extra)
         except (ConnectionError, OSError) as e:
             raise PeerLost(f"the server shard of plane {self.name} is gone ({e})") from None
 
