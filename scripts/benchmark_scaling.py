@@ -90,7 +90,7 @@ def best(results: list) -> dict:
 
 def _alone(args):
     from distnn import tune_allocator
-    tune_allocator()   # as every worker process does (without it two at once reached 1.1-1.3x, not 2x)
+    tune_allocator()   # as every worker process does (without it, by hand: two at once 1.11x / 1.27x)
     *args, barrier = args
     return run(*args, ready=lambda: barrier.wait(timeout=600))
 

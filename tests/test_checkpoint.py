@@ -7,11 +7,11 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
 from datagen import make_cifar100, prepared_mnist
+from runs import final_state
 from distnn.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model
 from distnn.cli import main as cli
 from distnn.config import TrainConfig
@@ -36,11 +36,6 @@ def cfg(data, out, **kw):
                 model_options={"widths": [4, 8], "fc": 16}, lr=0.01, warmup=3)
     base.update(kw)
     return TrainConfig(**base).validate()
-
-
-def final_state(run):
-    with h5py.File(Path(run) / "model.h5") as f:
-        return {f"{g}/{k}": f[g][k][()] for g in ("params", "buffers") for k in f[g]}
 
 
 def interrupted_then_resumed(config, stop_at, backend=None):

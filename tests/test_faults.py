@@ -13,15 +13,15 @@ import time
 import warnings
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
 from datagen import prepared_mnist, prepared_rule
+from runs import final_state, same, train
 from distnn.checkpoint import latest_checkpoint, load_checkpoint
 from distnn.cli import main as cli
 from distnn.config import TrainConfig
-from distnn.train import Trainer, TrainingError
+from distnn.train import TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -35,15 +35,6 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def learnable(tmp_path_factory):
     return prepared_rule(tmp_path_factory.mktemp("learnable"))
-
-
-def final_state(run):
-    with h5py.File(Path(run) / "model.h5") as f:
-        return {f"{g}/{k}": f[g][k][()] for g in ("params", "buffers") for k in f[g]}
-
-
-def same(a, b):
-    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def train_args(data, out, *extra):
@@ -200,14 +191,6 @@ def mlp_config(data, out, **kw):
     return TrainConfig(**base).validate()
 
 
-def run_trainer(config, backend=None, hook=None):
-    trainer = Trainer(config, backend=backend, log=lambda *a: None, progress=False, on_step=hook)
-    try:
-        return trainer.run()
-    finally:
-        trainer.close()
-
-
 def test_chaos_sync_many_kills_end_bit_identical(data_dir, tmp_path, ray_backend):
     """Five kills of a worker or a server at random steps: the parameters of an unbroken run. (The
     steps are at least 10 apart, so each kill is found before the next: two steps in flight at most.)"""
@@ -216,8 +199,8 @@ def test_chaos_sync_many_kills_end_bit_identical(data_dir, tmp_path, ray_backend
     schedule = {s: rng.choice(["worker", "worker", "server"]) for s in steps}
     schedule[steps[0]] = "server"
     schedule[steps[1]] = "worker"
-    whole = run_trainer(mlp_config(data_dir, tmp_path / "whole", backend="local"))
-    broken = run_trainer(mlp_config(data_dir, tmp_path / "broken"), ray_backend, killer(schedule))
+    whole = train(mlp_config(data_dir, tmp_path / "whole", backend="local"))
+    broken = train(mlp_config(data_dir, tmp_path / "broken"), ray_backend, killer(schedule))
     assert len(broken["recoveries"]) == 5
     assert {k for r in broken["recoveries"] for k in ("worker", "server") if r[f"lost_{k}s"]} == {"worker", "server"}
     assert broken["steps"] == whole["steps"] == 64
@@ -226,15 +209,15 @@ def test_chaos_sync_many_kills_end_bit_identical(data_dir, tmp_path, ray_backend
 
 def test_chaos_async_three_worker_kills_and_a_server_kill(learnable, tmp_path, ray_backend):
     common = dict(dataset="rule", mode="async", staleness=2, lr=0.01, epochs=3, warmup=0, model_options={})
-    whole = run_trainer(mlp_config(learnable, tmp_path / "whole", **common), ray_backend)
-    broken = run_trainer(mlp_config(learnable, tmp_path / "broken", **common), ray_backend,
+    whole = train(mlp_config(learnable, tmp_path / "whole", **common), ray_backend)
+    broken = train(mlp_config(learnable, tmp_path / "broken", **common), ray_backend,
                          killer({40: "worker", 150: "worker", 260: "worker"}))
     events = broken["recoveries"]
     assert len(events) == 3 and all(len(e["lost_workers"]) == 1 and not e["lost_servers"] for e in events)
     assert broken["steps"] == whole["steps"]              # every worker did all its batches
     acc = whole["final"]["test_accuracy"]
     assert acc > 0.8 and abs(broken["final"]["test_accuracy"] - acc) <= 0.05
-    server = run_trainer(mlp_config(learnable, tmp_path / "server", **common), ray_backend, killer({100: "server"}))
+    server = train(mlp_config(learnable, tmp_path / "server", **common), ray_backend, killer({100: "server"}))
     (event,) = server["recoveries"]
     # back to the newest checkpoint: async ones are taken once the updates in flight have landed after
     # every 8th, so at most 8 + (workers - 1) updates before the failure
@@ -247,7 +230,7 @@ def test_pipelined_async_survives_worker_kills(learnable, tmp_path, ray_backend)
     its replacement computes the rest, and every batch of the run is applied once."""
     common = dict(dataset="rule", mode="async", staleness=2, pipeline=True, lr=0.01, epochs=2, warmup=0,
                   model_options={})
-    broken = run_trainer(mlp_config(learnable, tmp_path / "broken", **common), ray_backend,
+    broken = train(mlp_config(learnable, tmp_path / "broken", **common), ray_backend,
                          killer({30: "worker", 120: "worker"}, rng_seed=1))
     events = broken["recoveries"]
     assert len(events) == 2 and all(len(e["lost_workers"]) == 1 and not e["lost_servers"] for e in events)
@@ -285,7 +268,7 @@ def test_diverging_run_stops_with_one_line_and_no_numpy_warnings(data_dir, tmp_p
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(TrainingError, match="^non-finite .* at step \\d+ on worker"):
-            run_trainer(config)
+            train(config)
     assert [w for w in caught if issubclass(w.category, RuntimeWarning)] == []
     proc = run_cli(train_args(data_dir, tmp_path / "cli", "--backend", "local", "--optimizer", "sgd", "--lr", "1e6"))
     assert proc.returncode == 2 and "RuntimeWarning" not in proc.stderr and proc.stderr.count("\n") == 1

@@ -7,18 +7,17 @@ import os
 import threading
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
 from datagen import prepared_mnist
+from runs import final_state, same, train
 from distnn.config import TrainConfig
 from distnn.parallel import ParameterServer
 from distnn.parallel.reducer import NodeReducer
 from distnn.parallel.server import StepAbandoned
 from distnn.parallel.shm import PeerLost, Plane, PlaneClient
 from distnn.parallel.specs import OptimizerSpec, ScheduleSpec
-from distnn.train import Trainer
 
 
 class PlaneServer(ParameterServer):
@@ -26,7 +25,7 @@ class PlaneServer(ParameterServer):
     plane = None
 
     def _publish(self):
-        return self.plane.publish(self.params) if self.plane is not None else self.params.copy()
+        return self.plane.publish([self.params]) if self.plane is not None else self.params.copy()
 
 
 def server(size, world):
@@ -128,7 +127,7 @@ def test_a_node_reducer_sends_one_sum_and_its_workers_read_the_step_from_its_pla
     rng = np.random.default_rng(1)
     grads = rng.standard_normal((4, 500)).astype(np.float32)
     s = server(500, 4)
-    reducer = NodeReducer([3, 2], forward=lambda ranks, total, step: s.push(ranks, total, step))
+    reducer = NodeReducer([3, 2], forward=lambda ranks, total, step: [s.push(ranks, total, step)])
     plane, why = Plane.open(reducer, 4, 500)
     assert why is None
     reducer.publish = plane.publish
@@ -192,19 +191,6 @@ def cfg(data, out, **kw):
                                  checkpoint_every=8, seed=4, out=str(out), backend="ray"), **kw}).validate()
 
 
-def params(run):
-    with h5py.File(Path(run) / "model.h5") as f:
-        return {k: f["params"][k][()] for k in f["params"]}
-
-
-def train(config, backend=None, hook=None):
-    trainer = Trainer(config, backend=backend, log=lambda *a: None, progress=False, on_step=hook)
-    try:
-        return trainer.run()
-    finally:
-        trainer.close()
-
-
 def test_async_on_the_plane_one_worker_equals_one_process_and_two_keep_the_bound(data_dir, tmp_path, ray_backend):
     """Async through shared memory: one worker's run equals the one-process backend's bit for bit (its
     updates are in one order whatever the path); two pipelined workers finish within the staleness
@@ -213,8 +199,7 @@ def test_async_on_the_plane_one_worker_equals_one_process_and_two_keep_the_bound
     one = train(cfg(data_dir, tmp_path / "shm", **opts), ray_backend)
     train(cfg(data_dir, tmp_path / "local", backend="local", **opts))
     assert one["data_plane"] == "shm"
-    a, b = params(tmp_path / "shm"), params(tmp_path / "local")
-    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert same(final_state(tmp_path / "shm"), final_state(tmp_path / "local"))
     two = train(cfg(data_dir, tmp_path / "two", **{**opts, "workers": 2, "pipeline": True, "servers": 2}), ray_backend)
     assert two["data_plane"] == "shm" and two["steps"] == one["steps"] and two["max_worker_lead"] <= 1
 
@@ -225,8 +210,8 @@ def test_shared_memory_equals_ray_calls_and_one_process(data_dir, tmp_path, ray_
         "backend", "ray") == "ray" else None) for name, kw in (("shm", {}), ("calls", {"data_plane": "ray"}),
                                                                 ("local", {"backend": "local"}))}
     assert summaries["shm"]["data_plane"] == "shm" and summaries["calls"]["data_plane"] == "ray"
-    a, b, c = params(tmp_path / "shm"), params(tmp_path / "calls"), params(tmp_path / "local")
-    assert all(np.array_equal(a[k], b[k]) and np.array_equal(a[k], c[k]) for k in a)
+    a, b, c = (final_state(tmp_path / name) for name in ("shm", "calls", "local"))
+    assert same(a, b) and same(a, c)
 
 
 def test_killed_workers_and_servers_recover_on_the_plane_and_leave_nothing(data_dir, tmp_path, ray_backend):
@@ -245,8 +230,7 @@ def test_killed_workers_and_servers_recover_on_the_plane_and_leave_nothing(data_
             os.kill(fleet.get(fleet.backend.call(handle, "pid")), signal.SIGKILL)
     summary = train(cfg(data_dir, tmp_path / "broken"), ray_backend, kill)
     assert summary["data_plane"] == "shm" and len(summary["recoveries"]) == 2
-    a, b = params(tmp_path / "whole"), params(tmp_path / "broken")
-    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert same(final_state(tmp_path / "whole"), final_state(tmp_path / "broken"))
     assert set(os.listdir("/dev/shm")) <= before
     assert json.loads((tmp_path / "broken" / "summary.json").read_text())["steps"] == summary["steps"]
 
@@ -315,9 +299,9 @@ def test_across_two_nodes_a_shard_gets_one_message_per_node_and_step(data_dir, t
     train(cfg(data_dir, tmp_path / "local", backend="local", **options))
     assert summary["data_plane"] == "shm" and result["reducers"] == 1
     assert result["messages"] == summary["steps"] // sync_every * (workers // 2 + 1)
-    a, b = params(tmp_path / "nodes"), params(tmp_path / "local")
+    a, b = final_state(tmp_path / "nodes"), final_state(tmp_path / "local")
     if workers == 2:
-        assert all(np.array_equal(a[k], b[k]) for k in a)
+        assert same(a, b)
     else:
         assert all(np.allclose(a[k], b[k], rtol=0, atol=1e-4) for k in a)
     assert set(os.listdir("/dev/shm")) <= before
@@ -331,5 +315,4 @@ def test_a_killed_reducer_or_worker_on_its_node_is_recovered(data_dir, tmp_path,
     summary = result["summary"]
     assert len(summary["recoveries"]) == 1 and result["reducers"] == 1
     train(cfg(data_dir, tmp_path / "local", backend="local"))
-    a, b = params(tmp_path / "nodes"), params(tmp_path / "local")
-    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert same(final_state(tmp_path / "nodes"), final_state(tmp_path / "local"))

@@ -10,12 +10,12 @@ import sys
 import textwrap
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
 import distnn
 from datagen import prepared_mnist
+from runs import final_state
 from distnn.cli import main as cli
 from distnn.config import TrainConfig, load_config
 from distnn.models import build_model
@@ -66,11 +66,6 @@ def cfg(data_dir, out, builder, **kw):
                 out=str(out), log_every=2, checkpoint_every=5, seed=4, model_options={"width": 12}, warmup=2)
     base.update(kw)
     return TrainConfig(**base).validate()
-
-
-def final_state(run):
-    with h5py.File(Path(run) / "model.h5") as f:
-        return {f"{g}/{k}": f[g][k][()] for g in ("params", "buffers") for k in f[g]}
 
 
 def quiet_run(config, **kw):

@@ -173,8 +173,8 @@ class RayBackend:
             return {}
         if not ids:
             return {}
-        alive = {n["NodeID"]: n["NodeManagerAddress"] for n in self.ray.nodes() if n["Alive"]}
-        return {i: alive[i] for i in ids if i in alive}
+        alive = self.nodes()
+        return {i: alive[i][0] for i in ids if i in alive}
 
     def dead_nodes(self) -> dict[str, str]:
         """{node id: address} of the nodes Ray counts as dead."""

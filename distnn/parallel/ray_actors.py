@@ -71,7 +71,7 @@ class ServerActor(ProcessInfo, ParameterServer):
 
     def _publish(self):
         if self._plane is not None:   # written once per step where the node's workers read it (others: Ray)
-            return self._plane.publish(self.params)
+            return self._plane.publish([self.params])
         return self._copy_out()
 
     def _copy_out(self):
@@ -165,7 +165,6 @@ class WorkerActor(ProcessInfo, GradientWorker):
                 kept[name] = PlaneClient(name, self.rank)
         for name in [n for n in kept if n not in names]:
             kept.pop(name).close()
-        self._plane_clients = kept
         return [None if n is None else kept[n] for n in names]
 
     def run_async(self, servers: list, count: int, epoch: int, batch: int, bound=None, bounds=None,
@@ -246,7 +245,7 @@ class ReducerActor(ProcessInfo, NodeReducer):
             if isinstance(e.cause, StepAbandoned):   # another worker failed: the driver recovers
                 raise StepAbandoned(str(e.cause)) from None
             raise
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return parts
 
 
 class SimulatedWorkerActor(SimulatedWorker, WorkerActor):

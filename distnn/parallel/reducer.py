@@ -26,13 +26,14 @@ from .server import StepAbandoned
 
 class NodeReducer:
     """Sums the gradients of ``ranks`` (the workers of one node) per step and ``forward(ranks, total,
-    step)`` them: a function that returns the new flat parameters (P,) once the step is applied.
-    ``publish(params)`` (set by the plane) returns the parameters as the workers read them."""
+    step)`` them: a function that returns the new flat parameters once the step is applied, as
+    contiguous parts (P,) in all. ``publish(parts)`` (set by the plane: written once into its shared
+    memory) returns the parameters as the workers read them."""
 
     def __init__(self, ranks, forward=None):
         self.ranks = tuple(sorted(int(r) for r in ranks))
         self.forward = forward
-        self.publish = np.array
+        self.publish = np.concatenate
         self._pending = {}
         self._cond = threading.Condition()
         self._done = -1            # the last step whose parameters are published
@@ -61,13 +62,13 @@ class NodeReducer:
         for g in grads[1:]:
             total += g
         try:
-            params = self.forward(self.ranks, total, step)
+            parts = self.forward(self.ranks, total, step)
         except BaseException as e:
             self.abort(f"the shards did not take step {step}: {e}")
             raise
         with self._cond:
             self.messages += 1
-            self._published = self.publish(params)
+            self._published = self.publish(parts)
             self._done = step
             self._cond.notify_all()
             return self._published

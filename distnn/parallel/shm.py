@@ -147,9 +147,10 @@ class Plane:
         finally:
             conn.close()
 
-    def publish(self, params: np.ndarray) -> np.ndarray:
-        """Write the parameters after a step where every worker on the node reads them."""
-        self.published[...] = params
+    def publish(self, parts: list) -> np.ndarray:
+        """Write the parameters after a step, given as contiguous parts (P,) in all, where every worker on
+        the node reads them."""
+        np.concatenate(parts, out=self.published)
         return self.published
 
     def close(self) -> None:

@@ -123,10 +123,7 @@ class AsyncLoop:
                 self.restart(done)
             else:
                 self._replace(lost_workers)
-            event = t.checkpoints.record(failed_at, t.step, lost_workers, lost_servers, fleet.backend.describe(error))
-            nodes = membership.lost_nodes(fleet)
-            if nodes:
-                event["lost_nodes"] = nodes
+            event = t.checkpoints.record(fleet, error, failed_at, t.step, lost_workers, lost_servers)
         t.report.recovery(event)
 
     def _replace(self, lost: list[int]) -> None:

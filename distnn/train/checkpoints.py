@@ -15,6 +15,7 @@ import numpy as np
 from ..checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from ..config import ConfigError, TrainConfig
 from .errors import TrainingError
+from .membership import lost_nodes
 
 RESUME_OVERRIDES = ("backend", "address", "workers", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard",
                     "mlflow", "start_timeout", "step_timeout")
@@ -129,8 +130,7 @@ class Checkpoints:
         else:
             fleet.set_worker_buffers([buffers] * fleet.world)
             restart = versions[0]
-        return self.record(step, restart, lost_workers, lost_servers, fleet.backend.describe(error),
-                           time.perf_counter() - started)
+        return self.record(fleet, error, step, restart, lost_workers, lost_servers, time.perf_counter() - started)
 
     def restart(self, fleet, replace_workers: bool = True) -> tuple[int, list[int] | None]:
         """Every shard (and worker) anew from the newest checkpoint; returns (its step, its done)."""
@@ -141,12 +141,16 @@ class Checkpoints:
         fleet.load(ckpt)
         return ckpt["step"], ckpt.get("done")
 
-    def record(self, failed_at: int, restart: int, lost_workers, lost_servers, error: str,
+    def record(self, fleet, error, failed_at: int, restart: int, lost_workers, lost_servers,
                seconds: float | None = None) -> dict:
-        """The recovery event, kept for metrics.jsonl and summary.json."""
+        """The recovery event from ``error``, kept for metrics.jsonl and summary.json; it names the
+        nodes lost since ``fleet`` started, if any."""
         event = {"type": "recovery", "after_step": failed_at, "restart_step": restart, "lost_workers": lost_workers,
-                 "lost_servers": lost_servers, "error": error}
+                 "lost_servers": lost_servers, "error": fleet.backend.describe(error)}
         if seconds is not None:
             event["seconds"] = round(seconds, 3)
+        nodes = lost_nodes(fleet)
+        if nodes:
+            event["lost_nodes"] = nodes
         self.recoveries.append(event)
         return event

@@ -217,7 +217,6 @@ class Fleet:
         self.get(self.backend.call(self.workers[rank], "ready"))
         if buffers is not None and buffers.size:
             self.get(self.backend.call(self.workers[rank], "set_buffers", buffers))
-        self.plane.place()
 
     def restart_servers(self, states: list[dict]) -> None:
         """New shard processes holding ``states`` (``ParameterServer.state()`` of each)."""

@@ -161,9 +161,6 @@ class Trainer:
             except PlacementTimeout as e:
                 self.shrink(e, here)
         self.step = event["restart_step"]
-        nodes = membership.lost_nodes(self.fleet)
-        if nodes:
-            event["lost_nodes"] = nodes
         self.report.recovery(event)
 
     def shrink(self, error: PlacementTimeout, here: dict | None) -> None:
