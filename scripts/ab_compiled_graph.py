@@ -46,7 +46,9 @@ class GraphWorker(GradientWorker):
 
 class GraphServer(ParameterServer):
     def graph_apply(self, *grads):
-        return self.apply_mean(*grads).copy()
+        for rank, grad in enumerate(grads):
+            self.contribute(rank, grad)
+        return self.params.copy()
 
 
 def compiled(data, p0, opt, sched, steps):

@@ -8,6 +8,7 @@ import pytest
 from datagen import prepared_mnist
 from distnn.models import build_model
 from distnn.parallel import GradientWorker, LocalBackend, ParameterServer, StepAbandoned
+from distnn.parallel.transport import InProcess
 from distnn.parallel.specs import DataSpec, OptimizerSpec, ScheduleSpec
 from distnn.train import shard_bounds
 
@@ -38,12 +39,10 @@ def run_threads(workers, servers, first, steps, bounds):
     results, errors = {}, []
 
     def drive(w):
-        def push(grads, step):
-            return [s.push(w.rank, g, step) for s, g in zip(servers, grads)]
         try:
             if w.next_step != first:
                 w.params = [s.published() for s in servers]
-            results[w.rank] = w.run_steps(push, first, steps, bounds)
+            results[w.rank] = w.drive(InProcess(w.rank, servers), first, steps, bounds)
         except Exception as e:  # reported to the test below
             errors.append(e)
     threads = [threading.Thread(target=drive, args=(w,)) for w in workers]

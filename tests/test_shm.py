@@ -42,7 +42,8 @@ def test_a_step_through_the_plane_is_the_mean_in_rank_order():
     s = server(1000, 3)
     reference = ParameterServer(np.zeros(1000, np.float32), OptimizerSpec("sgd", lr=0.5),
                                 ScheduleSpec("constant", 10, 0), world=3)
-    reference.apply_mean(*grads, step=0)
+    for r in range(3):
+        reference.contribute(r, grads[r], step=0)
     clients = [PlaneClient(s.plane.name, r) for r in range(3)]
     out = [None] * 3
 

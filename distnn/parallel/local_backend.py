@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from .transport import InProcess
+
 
 class LocalFuture:
     __slots__ = ("value", "error")
@@ -52,26 +54,17 @@ class LocalBackend:
         return futures[:1], futures[1:]
 
     def sync_steps(self, workers, servers, first: int, n: int, bounds=None, reducers=None) -> list:
-        """``n`` synchronous steps from ``first``: each step every worker's ``step`` (its gradient's K
-        parts, or with local SGD its parameter moves at a round's end), then one update per shard
-        from the workers' parts in rank order. Returns one future per worker of its list of step
-        metrics, as the Ray backend's worker-driven steps do."""
+        """``n`` synchronous steps from ``first``: each worker's ``run_steps`` over an ``InProcess``
+        transport, advanced in rank order (every worker sends its gradient of a step, the last one's
+        send applies the update, then each receives). The same worker loop as on Ray. Returns one
+        future per worker of its list of step metrics."""
         try:
-            # The workers hold the shards' own arrays, not copies: every worker has computed from them
-            # (and local SGD has copied them) before the next update changes them.
             for w in workers:
                 if w.next_step != first:   # a new start, a resume or a recovery
-                    w.receive([s.params for s in servers])
+                    w.receive([s.published() for s in servers])
             per_worker = [[] for _ in workers]
-            for step in range(first, first + n):
-                outs = [w.step(step, bounds) for w in workers]
-                if outs[0][0] is not None:
-                    parts = [s.apply_mean(*[o[0][i] for o in outs], step=step) for i, s in enumerate(servers)]
-                    for w in workers:
-                        w.receive(parts)
-                for r, (w, (_, metrics)) in enumerate(zip(workers, outs)):
-                    w.next_step = step + 1
-                    per_worker[r].append(metrics)
+            self._take_turns([w.run_steps(InProcess(w.rank, servers), first, n, bounds, per_worker[r])
+                              for r, w in enumerate(workers)])
         except Exception as e:  # delivered at get(), as Ray would
             return [LocalFuture(error=e)] * len(workers)
         return [self.put(m) for m in per_worker]
@@ -91,20 +84,23 @@ class LocalBackend:
             return push
 
         try:
-            self._take_turns(workers, servers, counts, starts, bounds, push_to, pipelined)
+            turns = []
+            for r, w in enumerate(workers):
+                if counts[r]:
+                    if w.params is None:   # a new worker: from the shards' current parameters
+                        snaps = [s.snapshot() for s in servers]
+                        w.receive([p for p, _ in snaps], snaps[0][1])
+                    turns.append(w.async_updates(push_to(r), counts[r], *starts[r], bounds=bounds,
+                                                 pipelined=pipelined))
+            self._take_turns(turns)
         except Exception as e:  # delivered at get(), as Ray would
             return [LocalFuture(error=e) for c in counts if c]
         return [LocalFuture(c) for c in counts if c]
 
     @staticmethod
-    def _take_turns(workers, servers, counts, starts, bounds, push_to, pipelined):
-        turns = {}
-        for r, w in enumerate(workers):
-            if counts[r]:
-                if w.params is None:   # a new worker: from the shards' current parameters
-                    snaps = [s.snapshot() for s in servers]
-                    w.receive([p for p, _ in snaps], snaps[0][1])
-                turns[r] = w.async_updates(push_to(r), counts[r], *starts[r], bounds=bounds, pipelined=pipelined)
+    def _take_turns(generators: list) -> None:
+        """Advance each generator by one in turn until all are exhausted."""
+        turns = dict(enumerate(generators))
         while turns:
             for r in list(turns):
                 try:

@@ -27,6 +27,7 @@ from .._memory import tune_allocator
 from .reducer import NodeReducer
 from .server import ParameterServer, StepAbandoned
 from .shm import Plane, PlaneClient
+from .transport import PerShard, SharedMemory, ThroughReducer, Transport
 from .simulate import SimulatedWorker
 from .worker import GradientWorker
 
@@ -101,10 +102,6 @@ class ServerActor(ProcessInfo, ParameterServer):
         params, version = super().snapshot()
         return [params], version
 
-    def apply_mean(self, *grads, step=None):
-        with self._step_done:
-            return super().apply_mean(*grads, step=step).copy()
-
     def get(self):
         with self._step_done:
             return self.params.copy()
@@ -122,33 +119,23 @@ class WorkerActor(ProcessInfo, GradientWorker):
         self._async_pushes = 0
 
     def run_sync(self, servers: list, first_step: int, steps: int, bounds=None, reducers=None) -> list:
-        """Run ``steps`` synchronous steps from ``first_step`` against the shard actors ``servers``;
-        returns their metrics. ``reducers``: {node id: plane name} of the nodes whose aggregator is a
-        ``ReducerActor``; on such a node the whole gradient goes to it through shared memory, elsewhere
-        a shard on this node that serves a plane gets its part there, the other shards over Ray."""
-        node_plane = self._node_plane(reducers or {})
-        planes = [None] * len(servers) if node_plane else self._planes(servers)
-        cuts = bounds or [(0, None)]
-
-        def push(grads, step):
-            if node_plane is not None:
-                node_plane.send(grads, step)
-                params = node_plane.receive(step)
-                return [params[lo:hi] for lo, hi in cuts]
-            refs = [None if p else s.push.remote(self.rank, g, step) for s, g, p in zip(servers, grads, planes)]
-            for p, g in zip(planes, grads):
-                if p is not None:
-                    p.send([g], step)
-            return [p.receive(step) if p is not None else _fetch([r])[0] for p, r in zip(planes, refs)]
-
+        """Run ``steps`` synchronous steps from ``first_step`` against the shard actors ``servers``
+        over this worker's transport (``transport_to``); returns their metrics."""
+        transport = self.transport_to(servers, bounds, reducers or {})
         if self.next_step != first_step:  # a new start, a resume or a recovery
             self.receive(_fetch([s.published.remote() for s in servers]))
-        return self.run_steps(push, first_step, steps, bounds)
+        return self.drive(transport, first_step, steps, bounds)
 
-    def _node_plane(self, reducers: dict):
-        """The connection to this node's reducer, if it has one (else None)."""
+    def transport_to(self, servers: list, bounds, reducers: dict) -> Transport:
+        """The path of this worker's step data (``parallel.transport``). ``reducers``: {node id: plane
+        name} of the nodes whose aggregator is a ``ReducerActor``: on such a node the whole gradient
+        goes to it through shared memory; elsewhere a shard on this node that serves a plane gets its
+        part there, the other shards over Ray."""
         name = reducers.get(ray.get_runtime_context().get_node_id())
-        return None if name is None else self._connect([name])[0]
+        if name is not None:
+            return ThroughReducer(self._connect([name])[0], bounds)
+        return PerShard([RayCall(self.rank, s) if p is None else SharedMemory(p)
+                         for s, p in zip(servers, self._planes(servers))])
 
     def _planes(self, servers: list) -> list:
         """This worker's connection to each shard's plane on its node (None: over Ray)."""
@@ -197,6 +184,20 @@ class WorkerActor(ProcessInfo, GradientWorker):
         for _ in self.async_updates(push, count, epoch, batch, bounds, pipelined):
             pass
         return count
+
+
+class RayCall(Transport):
+    """One shard actor, by a call (``ServerActor.push``) whose reply brings its parameter part."""
+
+    def __init__(self, rank: int, server):
+        self.rank, self.server, self._reply = rank, server, None
+
+    def send(self, parts, step):
+        self._reply = self.server.push.remote(self.rank, parts[0], step)
+
+    def receive(self, step):
+        reply, self._reply = self._reply, None
+        return _fetch([reply])
 
 
 def _fetch_parts(wrapped: list) -> list:

@@ -64,11 +64,6 @@ class ParameterServer:
         self.version = self.version + 1 if step is None else step + 1
         self.update_seconds += time.perf_counter() - start
 
-    def apply_mean(self, *grads, step: int | None = None) -> np.ndarray:
-        """Synchronous step: average the workers' gradients (local SGD: their parameter moves) in the
-        order given, apply one update, return the new parameters."""
-        return self._apply_mean(grads, len(grads), step)
-
     def _apply_mean(self, grads, count: int, step: int | None) -> np.ndarray:
         """Sum ``grads`` in the order given, divide by ``count`` (the workers they hold), apply."""
         mean = np.array(dense(grads[0]), np.float32, copy=True)
@@ -84,7 +79,7 @@ class ParameterServer:
     def contribute(self, rank, grad: np.ndarray, step: int | None = None) -> bool:
         """Synchronous step, one message at a time: keep ``grad`` until all ``world`` workers' gradients
         are in, then apply their mean, the messages summed in the order of their first rank (one worker
-        per message: rank order, exactly as ``apply_mean``). ``rank``: a worker's rank, or the ranks
+        per message: plain rank order). ``rank``: a worker's rank, or the ranks
         whose gradients a node's reducer summed into ``grad`` (``parallel.reducer``). True when applied."""
         ranks = (rank,) if isinstance(rank, (int, np.integer)) else tuple(rank)
         if any(r in self._given for r in ranks):
@@ -129,19 +124,29 @@ class ParameterServer:
         finally:
             self._reply_slot.target = None
 
-    def push(self, rank, grad: np.ndarray, step: int):
-        """Give worker ``rank``'s gradient of ``step`` (or a node's sum: ``contribute``) and wait until
-        all ``world`` gradients of it are applied; returns the published parameters after it. Raises
-        StepAbandoned if the step is aborted while waiting."""
+    def give(self, rank, grad: np.ndarray, step: int) -> None:
+        """Worker ``rank``'s gradient of ``step`` (or a node's sum: ``contribute``), without waiting: the
+        last of the step's gradients applies their mean and publishes the parameters after it."""
         with self._step_done:
+            if self._aborted:
+                raise StepAbandoned(f"step {step} abandoned: {self._aborted}")
             if self.contribute(rank, grad, step):
                 self._published = self._publish()
                 self._step_done.notify_all()
-            else:
-                self._step_done.wait_for(lambda: self.version > step or self._aborted)
-                if self.version <= step:
-                    raise StepAbandoned(f"step {step} abandoned: {self._aborted}")
+
+    def take(self, step: int):
+        """Wait until ``step`` is applied; the published parameters after it. Raises StepAbandoned if
+        the step is aborted while waiting."""
+        with self._step_done:
+            self._step_done.wait_for(lambda: self.version > step or self._aborted)
+            if self.version <= step:
+                raise StepAbandoned(f"step {step} abandoned: {self._aborted}")
             return self._published
+
+    def push(self, rank, grad: np.ndarray, step: int):
+        """``give`` then ``take``: one worker's whole round trip of a step (a Ray call, a plane's thread)."""
+        self.give(rank, grad, step)
+        return self.take(step)
 
     def published(self):
         """The parameters as the last step published them (where a worker-driven run starts)."""

@@ -137,20 +137,30 @@ class GradientWorker:
         grad, metrics = self.compute(self.local.params, step=step)
         return self.local.step(grad, step, bounds), metrics
 
-    def run_steps(self, push, first_step: int, steps: int, bounds=None) -> list:
-        """Synchronous steps driven by this worker, from the parameter parts it holds (``receive``):
-        ``step`` each, and when it has something to send, ``push(parts, step)`` it to the shards,
-        which returns once the step's update is applied, with the new parameter parts. Returns the
-        steps' metrics. (On Ray ``push`` is a call to the server actors; the tests use threads.)"""
-        out = []
+    def run_steps(self, transport, first_step: int, steps: int, bounds=None, out: list | None = None):
+        """Synchronous steps from the parameter parts this worker holds (``receive``), a generator that
+        yields after each gradient it sends: ``step``, and when there is something to send,
+        ``transport.send`` it (``parallel.transport``), yield, then take the step's parameters from
+        ``transport.receive``. Each step's metrics are appended to ``out``. A process that drives one
+        worker exhausts it (``drive``); the local backend advances its workers' generators in turn, so
+        that every gradient of a step is sent before any worker receives."""
+        out = [] if out is None else out
         for step in range(first_step, first_step + steps):
             parts, metrics = self.step(step, bounds)
             if parts is not None:
                 sent = time.perf_counter()
-                self.receive(push(parts, step))
+                transport.send(parts, step)
+                yield
+                self.receive(transport.receive(step))
                 metrics["push_s"] = time.perf_counter() - sent   # the round trip, and the wait for the others
             self.next_step = step + 1
             out.append(metrics)
+
+    def drive(self, transport, first_step: int, steps: int, bounds=None) -> list:
+        """``run_steps`` to the end in this thread; the steps' metrics."""
+        out = []
+        for _ in self.run_steps(transport, first_step, steps, bounds, out):
+            pass
         return out
 
     def async_updates(self, push, count: int, epoch: int, batch: int, bounds=None, pipelined=False):
