@@ -1,0 +1,111 @@
+"""Training across emulated machines (``distnn.testbed``): network namespaces with their own IPs,
+shaped links and a Ray node each. They need root; CI runs as root, so there these tests run."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from datagen import prepared_mnist
+from runs import final_state, same
+
+from distnn import testbed
+
+pytestmark = pytest.mark.cluster
+WHY = testbed.unavailable()
+needs_root = pytest.mark.skipif(WHY is not None, reason=f"{WHY} (CI runs these as root)")
+
+
+@pytest.fixture(scope="module")
+def mnist(tmp_path_factory):
+    folder = prepared_mnist(tmp_path_factory.mktemp("testbed"), n_train=512, n_test=64, seed=3, shards=4)
+    return folder / "mnist"
+
+
+def train_args(data, out, *extra):
+    return [sys.executable, "-m", "distnn.cli", "train", "--model", "mlp", "--dataset", str(data), "--epochs", "1",
+            "--batch-size", "16", "--workers", "2", "--seed", "4", "--out", str(out), "--quiet", *map(str, extra)]
+
+
+def test_rates_and_burst_sizes_are_read_as_tc_writes_them():
+    assert testbed.parse_rate("100mbit") == 1e8 and testbed.parse_rate("10gbit") == 1e10
+    assert testbed.burst_for("10gbit") == "2mb" and testbed.burst_for("100mbit") == "32kb"
+    with pytest.raises(ValueError, match="'fast': write it as tc does"):
+        testbed.parse_rate("fast")
+
+
+@needs_root
+def test_machines_have_their_ips_shaped_links_hidden_folders_and_leave_nothing(tmp_path):
+    hidden = tmp_path / "data"
+    hidden.mkdir()
+    (hidden / "f").write_text("x")
+    pointer = Path("/tmp/ray/ray_current_cluster")   # where a plain ray.init() looks for a cluster
+    with testbed.Machines(2, rate="100mbit", hide={1: [hidden]}) as m:
+        names, root = list(m.namespaces) + [m.switch], m.root
+        listen = ("import socket, time\ns = socket.socket(); s.bind(('10.88.0.11', 7100)); s.listen()\n"
+                  "c, _ = s.accept(); n = 0; t = time.monotonic()\nwhile (d := c.recv(1 << 20)): n += len(d)\n"
+                  "print(n, time.monotonic() - t)")
+        server = m.popen(1, [sys.executable, "-c", listen], stdout=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        sent = m.run(0, [sys.executable, "-c", "import socket\ns = socket.create_connection(('10.88.0.11', 7100))\n"
+                         "s.sendall(bytes(4_000_000)); s.close()"], timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        count, seconds = server.communicate(timeout=60)[0].split()
+        assert int(count) == 4_000_000 and float(seconds) > 0.8 * 32e6 / 1e8   # 32 Mbit at 100 Mbit/s
+        tx, rx = m.counters()[0]["tx_bytes"], m.counters()[1]["rx_bytes"]
+        assert tx >= 4_000_000 and rx >= 4_000_000
+        seen = [m.run(i, ["test", "-e", hidden / "f"], timeout=10).returncode for i in (0, 1)]
+        assert seen == [0, 1]   # machine 1 sees an empty folder there
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(n in listed for n in names)
+    assert not root.exists()
+    assert not pointer.exists() or testbed.SUBNET not in pointer.read_text()
+    ours = subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True).stdout
+    assert ours == ""
+
+
+@needs_root
+def test_a_sync_run_across_two_machines_equals_the_local_backend(mnist, tmp_path):
+    with testbed.Machines(2, rate="1gbit") as m:
+        done = m.run(0, train_args(mnist, tmp_path / "machines", "--address", m.address), timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        nodes = m.run(0, [sys.executable, "-c", "import ray; ray.init(log_to_driver=False); "
+                          "print(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']))"], timeout=60)
+        assert nodes.stdout.strip().splitlines()[-1] == str(m.ips)
+    local = subprocess.run(train_args(mnist, tmp_path / "local", "--backend", "local"), capture_output=True,
+                           text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert same(final_state(tmp_path / "machines"), final_state(tmp_path / "local"))
+    summary = json.loads((tmp_path / "machines" / "summary.json").read_text())
+    assert summary["workers"] == 2 and summary["backend"] == "ray"
+
+
+@needs_root
+def test_a_machine_lost_mid_run_leaves_the_survivor_to_finish(mnist, tmp_path):
+    """--workers 1:2 on two one-CPU machines; machine 1's processes all killed once the run has taken
+    a few steps: its worker cannot be placed again within --start-timeout and the run goes on with one
+    worker, naming the lost node's address."""
+    out = tmp_path / "run"
+    with testbed.Machines(2, rate="1gbit") as m:
+        run = m.popen(0, train_args(mnist, out, "--address", m.address, "--workers", "1:2", "--epochs", "4",
+                                    "--batch-size", "8", "--start-timeout", "15", "--step-timeout", "120",
+                                    "--log-every", "1"),
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        metrics, deadline = out / "metrics.jsonl", time.monotonic() + 180
+        while time.monotonic() < deadline and run.poll() is None:
+            if metrics.exists() and sum(1 for _ in metrics.open()) >= 10:
+                break
+            time.sleep(0.2)
+        assert run.poll() is None, run.communicate()[1][-3000:]
+        m.lose(1)
+        stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    [change] = summary["membership"]
+    assert change["workers_before"] == 2 and change["workers"] == 1
+    assert "lost, not replaced within --start-timeout" in change["reason"] and "10.88.0.11" in change["reason"]
+    assert summary["workers"] == 1 and summary["steps"] > 10
