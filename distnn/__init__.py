@@ -5,7 +5,8 @@ Importing distnn imports no Ray and changes nothing in the host process: the all
 """
 from . import init, nn, ops, optim
 from ._memory import tune_allocator
-from .api import Run, fit, load, tune
+from .api import fit, tune
+from .run import Run, load
 from .autograd import Operator, Variable, eval_mode, is_training, no_grad, train_mode
 from .gradcheck import gradcheck, gradcheck_module
 from .models import build_model

@@ -1,4 +1,4 @@
-"""The ``distnn`` command: prepare | train | eval | plot | info."""
+"""The ``distnn`` command: prepare | info | train | tune | eval | export | import | predict | plot."""
 from __future__ import annotations
 
 import argparse

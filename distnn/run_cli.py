@@ -68,7 +68,7 @@ def _predict_inputs(path: Path, shape) -> tuple[list[str], np.ndarray]:
 
 def _predict(args):
     from ._io import atomic_write_text
-    from .api import Run
+    from .run import Run
     try:
         run = Run(args.run)
     except FileNotFoundError as e:

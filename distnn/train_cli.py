@@ -83,7 +83,7 @@ def _tune(args):
             plan = search.SearchPlan(search.absolute_paths(fixed), args.space, args.samples, args.scheduler,
                                      args.metric, args.max_concurrent, args.max_failures)
             folder = args.out
-        result = search.run(plan, folder, resume=bool(args.resume), log=print)
+        result = search.run(plan, folder, resume=bool(args.resume), log=(lambda *a: None) if args.quiet else print)
     except (SpaceError, ConfigError) as e:
         raise UsageError(str(e)) from None
     except TrainingError as e:
@@ -178,5 +178,6 @@ def add_training_commands(sub):
     p.add_argument("--out", help="the search folder (default searches/MODEL-DATASET-TIME)")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted search")
     add_config_flags(p, skip=("out", "overwrite"))
+    p.add_argument("--quiet", action="store_true", help="no line per trial: only the best at the end")
     p.set_defaults(handler=_tune)
     add_run_commands(sub)

@@ -91,7 +91,7 @@ def test_cli_refuses_a_bad_search_before_starting_anything(tmp_path, capsys):
     assert cli(["tune", "--space", '{momentum = "uniform(0.5, 0.9)"}', "--out", str(tmp_path / "s")]) == 2
     assert "space: momentum = 0.5 makes an invalid run: momentum = 0.5 applies only with optimizer" \
         in capsys.readouterr().err
-    assert cli(["tune", "--out", str(tmp_path / "s")]) == 2
+    assert cli(["tune", "--out", str(tmp_path / "s"), "--quiet"]) == 2   # tune takes train's --quiet too
     assert "give --space" in capsys.readouterr().err
     assert cli(["tune", "--resume", str(tmp_path / "nowhere")]) == 2
     assert "not a search folder" in capsys.readouterr().err

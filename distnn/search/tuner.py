@@ -87,7 +87,7 @@ class Search:
 
     @property
     def best(self):
-        from ..api import Run
+        from ..run import Run
         return None if self.best_row is None else Run(self.best_row["run"])
 
     def __repr__(self):
