@@ -18,13 +18,12 @@ from pathlib import Path
 import numpy as np
 import ray
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distnn._hardware import describe as describe_host  # noqa: E402
-from distnn._io import atomic_write_text  # noqa: E402
-from distnn.models import build_model  # noqa: E402
-from distnn.parallel import GradientWorker, ParameterServer, RayBackend  # noqa: E402
-from distnn.parallel.specs import DataSpec, OptimizerSpec, ScheduleSpec  # noqa: E402
+from distnn._hardware import describe as describe_host
+from distnn._io import atomic_write_text
+from distnn.models import build_model
+from distnn.parallel import GradientWorker, ParameterServer, RayBackend
+from distnn.parallel.specs import DataSpec, OptimizerSpec, ScheduleSpec
 
 SPEC = {"model": "lenet5", "num_classes": 10, "seed": 0}
 

@@ -19,14 +19,13 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distnn import kernels, ops  # noqa: E402
-from distnn._hardware import describe as describe_host  # noqa: E402
-from distnn._io import atomic_write_text  # noqa: E402
-from distnn.autograd import Variable, train_mode  # noqa: E402
-from distnn.ops import winograd  # noqa: E402
-from distnn.ops.recurrent import LSTMSequence  # noqa: E402
+from distnn import kernels, ops
+from distnn._hardware import describe as describe_host
+from distnn._io import atomic_write_text
+from distnn.autograd import Variable, train_mode
+from distnn.ops import winograd
+from distnn.ops.recurrent import LSTMSequence
 
 
 def hwnc(rng, n, c, h):

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distnn._hardware import describe as describe_host  # noqa: E402
-from distnn._io import atomic_write_text  # noqa: E402
+from distnn._hardware import describe as describe_host
+from distnn._io import atomic_write_text
 
 CHUNK = (100 * 1024 - 4096) // 4   # floats per chunk under Ray's default 100 kB (as ReducerActor cuts them)
 

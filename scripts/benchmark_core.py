@@ -25,16 +25,15 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distnn._io import atomic_write_text  # noqa: E402
-from distnn._hardware import describe as describe_host  # noqa: E402
+from distnn._io import atomic_write_text
+from distnn._hardware import describe as describe_host
 
-from distnn import kernels, ops, tune_allocator  # noqa: E402
-from distnn.interchange import torch_twin  # noqa: E402
-from distnn.models import ZOO, build_model, input_shape  # noqa: E402
-from distnn.ops import conv_choice  # noqa: E402
-from distnn.optim import Adam  # noqa: E402
+from distnn import kernels, ops, tune_allocator
+from distnn.interchange import torch_twin
+from distnn.models import ZOO, build_model, input_shape
+from distnn.ops import conv_choice
+from distnn.optim import Adam
 
 MODELS = list(ZOO)
 
@@ -152,8 +151,8 @@ def measure(step, n, seconds):
 
 def peak_memory_mb(name, n):
     """Peak RSS of a fresh process that builds the model and runs 3 training steps."""
-    code = (f"import sys, resource; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r});"
-            f"from scripts.benchmark_core import distnn_stepper, tune_allocator; tune_allocator();"
+    code = (f"import sys, resource; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r});"
+            f"from benchmark_core import distnn_stepper, tune_allocator; tune_allocator();"
             f"s = distnn_stepper({name!r}, {n});"
             "[s() for _ in range(3)];"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")

@@ -15,12 +15,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distnn._io import atomic_write_text  # noqa: E402
+from distnn._io import atomic_write_text
 
-from distnn.data import Loader, open_dataset, prepare  # noqa: E402
-from distnn.data.writer import FORMAT_VERSION, _write  # noqa: E402
+from distnn.data import Loader, open_dataset, prepare
+from distnn.data.writer import FORMAT_VERSION, _write
 
 
 def stream(loader, seconds=3.0):

@@ -26,15 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distnn._io import atomic_write_text  # noqa: E402
-from distnn._hardware import describe as describe_host  # noqa: E402
+from distnn._io import atomic_write_text
+from distnn._hardware import describe as describe_host
 
-from distnn.config import TrainConfig  # noqa: E402
-from distnn.data import prepare  # noqa: E402
-from distnn.data.writer import _write  # noqa: E402
-from distnn.train import Trainer  # noqa: E402
+from distnn.config import TrainConfig
+from distnn.data import prepare
+from distnn.data.writer import _write
+from distnn.train import Trainer
 
 CASES = {"lenet5": {"dataset": "mnist", "batch_size": 128, "steps": 600},
          "cifar_convnet": {"dataset": "cifar100", "batch_size": 64, "steps": 40},
@@ -117,7 +116,7 @@ def torch_rate(model, global_batch, threads, seconds=4.0):
         import torch
     except ImportError:
         return None
-    from scripts.benchmark_core import measure, torch_stepper
+    from benchmark_core import measure, torch_stepper
     torch.set_num_threads(threads)
     return round(measure(torch_stepper(model, global_batch), global_batch, seconds), 1)
 

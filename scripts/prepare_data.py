@@ -4,11 +4,9 @@
     python scripts/prepare_data.py cifar100            # downloads the official archive
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distnn.cli import main  # noqa: E402
+from distnn.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["prepare", *sys.argv[1:]]))

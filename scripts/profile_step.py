@@ -19,11 +19,10 @@ from pathlib import Path
 
 from threadpoolctl import threadpool_limits
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distnn._io import atomic_write_text  # noqa: E402
-from distnn import ops, tune_allocator  # noqa: E402
-from scripts.benchmark_core import MODELS, distnn_stepper  # noqa: E402
+from distnn._io import atomic_write_text
+from distnn import ops, tune_allocator
+from benchmark_core import MODELS, distnn_stepper
 
 
 def instrument(totals: dict) -> None:

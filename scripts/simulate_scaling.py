@@ -38,17 +38,16 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distnn import tune_allocator  # noqa: E402
-from distnn._io import atomic_write_text  # noqa: E402
-from distnn.models import build_model  # noqa: E402
-from distnn.parallel import ParameterServer, RayBackend  # noqa: E402
-from distnn.parallel.simulate import SimulatedWorker  # noqa: E402
-from distnn.parallel.specs import OptimizerSpec, ScheduleSpec  # noqa: E402
-from distnn.train.fleet import shard_bounds  # noqa: E402
-from scripts.benchmark_core import distnn_stepper, spec_for  # noqa: E402
-from scripts.emulated_nodes import emulate, fit_node_model, predict_node_step_ms  # noqa: E402
+from distnn import tune_allocator
+from distnn._io import atomic_write_text
+from distnn.models import build_model
+from distnn.parallel import ParameterServer, RayBackend
+from distnn.parallel.simulate import SimulatedWorker
+from distnn.parallel.specs import OptimizerSpec, ScheduleSpec
+from distnn.train.fleet import shard_bounds
+from benchmark_core import distnn_stepper, spec_for
+from emulated_nodes import emulate, fit_node_model, predict_node_step_ms
 
 MODELS = ["lenet5", "cifar_convnet", "resnet20", "lstm_classifier", "mlp"]
 EFFICIENT = 0.8

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distnn._io import atomic_write_text  # noqa: E402
-from distnn.data import Loader, open_dataset  # noqa: E402
-from distnn.interchange import torch_twin  # noqa: E402
+from distnn._io import atomic_write_text
+from distnn.data import Loader, open_dataset
+from distnn.interchange import torch_twin
 
 
 def main(argv=None):
