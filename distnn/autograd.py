@@ -113,11 +113,13 @@ class Variable:
             self.grad[...] = 0
 
     # -- backward ------------------------------------------------------------------------------
-    def backward(self, grad=None, retain_graph: bool = False):
+    def backward(self, grad=None, retain_graph: bool = False, on_final=None):
         """Accumulate d(self)/d(leaf) into every leaf's ``grad``.
 
         ``grad`` defaults to ones (a scalar loss). Gradients of intermediate Variables are freed as
         soon as they have been passed on; leaves that require grad keep theirs (accumulated).
+        ``on_final(leaf)`` is called as soon as a leaf's gradient is complete (after the last operator
+        that uses it), while the rest of backward still runs: a worker sends those gradients then.
         """
         if grad is None:
             grad = np.ones_like(self.data)
@@ -129,31 +131,52 @@ class Variable:
             _accumulate(self, grad)
             return
         order = _topological_order(self.creator)
+        final_after = _last_uses(order) if on_final is not None else {}
         # id -> (Variable, grad); holding the Variable keeps its id from being reused meanwhile.
         pending = {id(self): (self, grad)}
-        for op in order:
-            gys, any_grad = [], False
-            for ref, shape, dtype in zip(op.outputs, op.out_shapes, op.out_dtypes):
-                out = ref()
-                entry = pending.pop(id(out), None) if out is not None else None
-                any_grad |= entry is not None
-                gys.append(entry[1] if entry is not None else np.zeros(shape, dtype))
-            if not any_grad:
-                continue
-            gxs = op.backward(*gys)
-            if not isinstance(gxs, tuple):
-                gxs = (gxs,)
-            for x, gx in zip(op.inputs, gxs):
-                if gx is None or not x.requires_grad:
-                    continue
-                if x.creator is None:
-                    _accumulate(x, gx)
-                elif id(x) in pending:
-                    pending[id(x)] = (x, pending[id(x)][1] + gx)
-                else:
-                    pending[id(x)] = (x, gx)
-            if not retain_graph:
-                op.release()
+        for k, op in enumerate(order):
+            _backward_one(op, pending, retain_graph)
+            for leaf in final_after.get(k, ()):
+                on_final(leaf)
+
+
+def _backward_one(op, pending: dict, retain_graph: bool) -> None:
+    """Run ``op``'s backward on the gradients of its outputs in ``pending``; pass its inputs' on."""
+    gys, any_grad = [], False
+    for ref, shape, dtype in zip(op.outputs, op.out_shapes, op.out_dtypes):
+        out = ref()
+        entry = pending.pop(id(out), None) if out is not None else None
+        any_grad |= entry is not None
+        gys.append(entry[1] if entry is not None else np.zeros(shape, dtype))
+    if not any_grad:
+        return
+    gxs = op.backward(*gys)
+    if not isinstance(gxs, tuple):
+        gxs = (gxs,)
+    for x, gx in zip(op.inputs, gxs):
+        if gx is None or not x.requires_grad:
+            continue
+        if x.creator is None:
+            _accumulate(x, gx)
+        elif id(x) in pending:
+            pending[id(x)] = (x, pending[id(x)][1] + gx)
+        else:
+            pending[id(x)] = (x, gx)
+    if not retain_graph:
+        op.release()
+
+
+def _last_uses(order) -> dict:
+    """{position in ``order``: the leaves (requiring grad) whose last use is the operator there}."""
+    last = {}
+    for k, op in enumerate(order):
+        for x in op.inputs:
+            if x.creator is None and x.requires_grad:
+                last[id(x)] = (k, x)
+    out = {}
+    for k, x in last.values():
+        out.setdefault(k, []).append(x)
+    return out
 
 
 def _accumulate(leaf: Variable, g: np.ndarray) -> None:

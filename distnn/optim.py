@@ -3,8 +3,10 @@
 An optimizer updates a flat parameter vector in place from a flat gradient vector of the same size:
 ``opt.step(params, grads, lr=None)``. Its state is a dict of flat arrays and a step count
 (``state_dict`` / ``load_state_dict``), so a checkpoint restores it exactly, and a parameter-server
-shard can own the optimizer of one contiguous slice. Every update is a handful of in-place numpy
-expressions over the whole vector, into preallocated scratch space.
+shard can own the optimizer of one contiguous slice (``part``: the same optimizer over a chunk of it,
+which a shard updates chunk by chunk as a link brings them). Every update is a handful of element-wise
+numpy expressions over the whole vector: SGD, momentum, Nesterov, Adam and AdamW work in place in
+preallocated scratch space; AdaGrad, RMSProp and AdaDelta allocate temporaries for some terms.
 
 Weight decay: ``weight_decay`` is L2 (added to the gradient; for AdamW it is decoupled, applied to the
 parameters directly). ``decay_mask`` (1 for weights, 0 for biases and normalisation parameters; see
@@ -12,6 +14,7 @@ parameters directly). ``decay_mask`` (1 for weights, 0 for biases and normalisat
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -62,6 +65,22 @@ class Optimizer:
 
     def _update(self, params, grads, lr):
         raise NotImplementedError
+
+    def part(self, lo: int, hi: int) -> "Optimizer":
+        """This optimizer over elements [lo, hi): its slots, scratch space and mask are views of this
+        one's, so ``update_part`` of every part in turn is exactly one ``step`` of the whole (every
+        update is element-wise)."""
+        part = copy.copy(self)
+        part.size = hi - lo
+        part.state = {k: v[lo:hi] for k, v in self.state.items()}
+        part._tmp, part._step = self._tmp[lo:hi], self._step[lo:hi]
+        part.decay_mask = None if self.decay_mask is None else self.decay_mask[lo:hi]
+        return part
+
+    def update_part(self, params: np.ndarray, grads: np.ndarray, lr: float, t: int) -> None:
+        """The update of step count ``t`` on this part's elements (the whole's count is the caller's)."""
+        self.t = t
+        self._update(params, grads, lr)
 
     def state_dict(self) -> dict:
         out = {f"slot.{k}": v.copy() for k, v in self.state.items()}

@@ -41,14 +41,14 @@ class Team:
     def shard_bounds(self):
         return self.bounds if len(self.servers) > 1 else None
 
-    def started(self, handles, method, what):
-        return self.backend.get([self.backend.call(h, method) for h in handles], timeout=TIMEOUT)
+    def started(self, handles, method, what, *args):
+        return self.backend.get([self.backend.call(h, method, *args) for h in handles], timeout=TIMEOUT)
 
-    def call_servers(self, method):
-        return self.started(self.servers, method, "servers")
+    def call_servers(self, method, *args):
+        return self.started(self.servers, method, "servers", *args)
 
-    def call_workers(self, method):
-        return self.started(self.workers, method, "workers")
+    def call_workers(self, method, *args):
+        return self.started(self.workers, method, "workers", *args)
 
 
 def steps_per_second(backend, team, reducers, seconds, compute_ms):

@@ -8,7 +8,9 @@ import pytest
 
 from datagen import prepared_mnist
 from distnn.config import ConfigError, TrainConfig
-from distnn.parallel.compress import Compressor, Sparse, dense, parse
+from distnn.parallel import ParameterServer
+from distnn.parallel.compress import Compressor, Sparse, Update, dense, parse
+from distnn.parallel.specs import OptimizerSpec, ScheduleSpec
 from distnn.train import Trainer
 
 
@@ -58,7 +60,7 @@ def run(data_dir, out, handle=None, **kw):
 
 
 @pytest.mark.parametrize("method", ["fp16", "topk:0.05"])
-def test_local_and_ray_bit_identical_with_compression(data_dir, tmp_path, ray_backend, method):
+def test_local_and_ray_bit_identical_with_compression_both_ways(data_dir, tmp_path, ray_backend, method):
     s_local, p_local = run(data_dir, tmp_path / "local", compress=method)
     s_ray, p_ray = run(data_dir, tmp_path / "ray", ray_backend, backend="ray", compress=method)
     s_none, p_none = run(data_dir, tmp_path / "none")
@@ -66,7 +68,13 @@ def test_local_and_ray_bit_identical_with_compression(data_dir, tmp_path, ray_ba
     sent, dense_bytes = s_local["bytes_per_step"]["gradients_to_servers"], s_none["bytes_per_step"]["gradients_to_servers"]
     assert dense_bytes == 2 * p_none.nbytes                     # two workers' float32 gradients per step
     assert sent == (dense_bytes // 2 if method == "fp16" else pytest.approx(dense_bytes / 10, rel=0.01))
-    assert s_local["bytes_per_step"]["parameters_to_workers"] == 2 * p_none.nbytes
+    back = s_local["bytes_per_step"]["parameters_to_workers"]   # the replies are compressed too
+    assert s_none["bytes_per_step"]["parameters_to_workers"] == 2 * p_none.nbytes
+    if method == "fp16":   # the mean comes back in float32: fp16 halves only what goes up
+        assert back == 2 * p_none.nbytes
+    else:                  # top-k: the mean where either worker's 5% were, 8 bytes an entry
+        assert 2 * p_none.nbytes / 10 <= back <= 2 * p_none.nbytes / 5
+    assert s_ray["bytes_per_step"] == s_local["bytes_per_step"]
 
 
 def test_async_with_topk_converges(tmp_path):
@@ -103,3 +111,25 @@ def test_resume_with_compression_is_bit_identical(data_dir, tmp_path):
     resumed.run()
     resumed.close()
     assert np.array_equal(resumed.model.flat_params, p_whole)
+
+
+@pytest.mark.parametrize("method", ["fp16", "topk:0.05"])
+def test_a_worker_following_the_shards_updates_holds_its_parameters_bit_for_bit(method):
+    """Compressed replies: the shard sends the step's mean (sparse where the workers' top-k entries
+    were), and a worker applying it with a copy of the shard's optimizer holds the shard's parameters."""
+    rng = np.random.default_rng(2)
+    p0 = rng.standard_normal(1000).astype(np.float32)
+    opt, sched = OptimizerSpec("adam", 0.01, weight_decay=0.1), ScheduleSpec("cosine", 10, 2)
+    shard = ParameterServer(p0, opt, sched, world=2, reply_updates=True)
+    follower = ParameterServer(p0, opt, sched, world=1)
+    workers = [Compressor(method, 1000) for _ in range(2)]
+    for step in range(6):
+        for rank, w in enumerate(workers):
+            [payload] = w(rng.standard_normal(1000).astype(np.float32))
+            shard.give(rank, payload, step)
+        update = shard.take(step)
+        assert isinstance(update, Update) and update.step == step
+        follower.contribute(0, update.mean, update.step)
+        assert np.array_equal(follower.params, shard.params)
+    sent = shard.stats()["reply_bytes"] / 6
+    assert sent <= (2 * 50 * 8 if method.startswith("topk") else 4000)

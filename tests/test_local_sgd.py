@@ -39,7 +39,8 @@ def test_local_and_ray_bit_identical(data_dir, tmp_path, ray_backend):
     assert s_local["steps"] == s_ray["steps"] == 2 * 8               # 8 steps per epoch (256 / 32)
     # Ray's worker-driven steps split their wait: the last worker's push, and the others' wait for it
     assert s_ray["per_step_ms"]["push_round_trip"] > 0 and s_ray["per_step_ms"]["barrier"] >= 0
-    assert "push_round_trip" not in s_local["per_step_ms"]
+    # the same worker loop in one process: its round trip is the update itself, no transfer, no wait
+    assert s_local["per_step_ms"]["push_round_trip"] < s_local["per_step_ms"]["compute"]
 
 
 def test_one_worker_local_sgd_is_plain_training(data_dir, tmp_path):

@@ -87,7 +87,7 @@ def test_abort_releases_a_waiting_worker_and_recover_forgets_the_step(data):
     t = threading.Thread(target=waiter)
     t.start()
     for _ in range(10_000):            # until worker 0's gradient is in and it waits for worker 1's
-        if server._pending:
+        if server.messages:
             break
         t.join(0.001)
     server.abort("worker 1 died")

@@ -10,6 +10,10 @@ optimizer state, and turn what arrives back into a dense gradient (``dense``).
   entries: 50x fewer bytes than float32.
 Sent + residual equals the gradient plus the old residual: exactly for top-k (disjoint entries), and
 up to float32 rounding of the fp16 difference (exact within fp16's range, by Sterbenz's lemma).
+
+What comes back is compressed too: not the parameters but the step's mean gradient (``Update``),
+which with top-k has entries only where some worker sent one (at most world x k); every worker applies
+it with the shard's optimizer itself, exactly as the shard did.
 """
 from __future__ import annotations
 
@@ -82,3 +86,18 @@ class Compressor:
                 part[index] = 0
             payloads.append(sent)
         return payloads
+
+
+
+@dataclass(frozen=True)
+class Update:
+    """What a sync step sends back under compression instead of the parameters: the step's mean
+    gradient, as a shard applied it (``mean``: Sparse over the entries any worker sent, for top-k;
+    float32 otherwise). Each worker applies it with a copy of the shard's optimizer
+    (``GradientWorker.follow``), so its parameters equal the shard's bit for bit."""
+    mean: object
+    step: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.mean.nbytes

@@ -62,6 +62,8 @@ class LocalBackend:
             for w in workers:
                 if w.next_step != first:   # a new start, a resume or a recovery
                     w.receive([s.published() for s in servers])
+                    if w.follows:
+                        w.follow([s.state() for s in servers])
             per_worker = [[] for _ in workers]
             self._take_turns([w.run_steps(InProcess(w.rank, servers), first, n, bounds, per_worker[r])
                               for r, w in enumerate(workers)])
@@ -135,8 +137,8 @@ class LocalBackend:
     def cause(self, error):
         return error
 
-    def discard(self, futures) -> None:
-        pass
+    def discard(self, futures, timeout: float | None = None) -> None:
+        """(Calls have run already: nothing to wait for or drop.)"""
 
     def is_failure(self, error) -> bool:
         return False

@@ -27,7 +27,8 @@ from .._memory import tune_allocator
 from .reducer import NodeReducer
 from .server import ParameterServer, StepAbandoned
 from .shm import Plane, PlaneClient
-from .transport import PerShard, SharedMemory, ThroughReducer, Transport
+from .link import LinkClient, LinkServer, node_address
+from .transport import OverLink, PerShard, SharedMemory, ThroughReducer, Transport
 from .simulate import SimulatedWorker
 from .worker import GradientWorker
 
@@ -55,7 +56,7 @@ class ServerActor(ProcessInfo, ParameterServer):
     def __init__(self, *args, inline_bytes: int = 0, **kwargs):
         tune_allocator()  # this process is the actor's own
         self._inline_bytes = inline_bytes
-        self._plane = None
+        self._plane = self._link = None
         super().__init__(*args, **kwargs)
 
     def open_plane(self) -> str | None:
@@ -69,6 +70,17 @@ class ServerActor(ProcessInfo, ParameterServer):
     def plane(self):
         """(node id, plane name) where this shard serves its node's workers through shared memory."""
         return None if self._plane is None else (ray.get_runtime_context().get_node_id(), self._plane.name)
+
+    def open_link(self, chunk: int) -> None:
+        """Serve workers on other nodes through TCP links (``parallel.link``), in chunks of ``chunk``
+        floats."""
+        if self._link is None:
+            self.cut(chunk)
+            self._link = LinkServer(self, node_address(), chunk)
+
+    def link(self):
+        """(node id, (host, port, secret)) where workers on other nodes reach this shard, or None."""
+        return None if self._link is None else (ray.get_runtime_context().get_node_id(), self._link.offer())
 
     def _publish(self):
         if self._plane is not None:   # written once per step where the node's workers read it (others: Ray)
@@ -115,8 +127,12 @@ class WorkerActor(ProcessInfo, GradientWorker):
     def __init__(self, *args, **kwargs):
         tune_allocator()  # this process is the actor's own
         super().__init__(*args, **kwargs)
+        self._reset_connections()
+
+    def _reset_connections(self) -> None:
         self._plane_clients = {}   # plane name -> PlaneClient
-        self._async_pushes = 0
+        self._link_clients = {}    # a shard's link offer -> LinkClient
+        self._async_pushes = 0     # async pushes through a plane so far (their slots alternate)
 
     def run_sync(self, servers: list, first_step: int, steps: int, bounds=None, reducers=None) -> list:
         """Run ``steps`` synchronous steps from ``first_step`` against the shard actors ``servers``
@@ -124,6 +140,8 @@ class WorkerActor(ProcessInfo, GradientWorker):
         transport = self.transport_to(servers, bounds, reducers or {})
         if self.next_step != first_step:  # a new start, a resume or a recovery
             self.receive(_fetch([s.published.remote() for s in servers]))
+            if self.follows:
+                self.follow(ray.get([s.state.remote() for s in servers]))
         return self.drive(transport, first_step, steps, bounds)
 
     def transport_to(self, servers: list, bounds, reducers: dict) -> Transport:
@@ -131,11 +149,29 @@ class WorkerActor(ProcessInfo, GradientWorker):
         name} of the nodes whose aggregator is a ``ReducerActor``: on such a node the whole gradient
         goes to it through shared memory; elsewhere a shard on this node that serves a plane gets its
         part there, the other shards over Ray."""
-        name = reducers.get(ray.get_runtime_context().get_node_id())
+        here = ray.get_runtime_context().get_node_id()
+        name = reducers.get(here)
         if name is not None:
             return ThroughReducer(self._connect([name])[0], bounds)
-        return PerShard([RayCall(self.rank, s) if p is None else SharedMemory(p)
-                         for s, p in zip(servers, self._planes(servers))])
+        planes = self._planes(servers)
+        links = self._links([None if p else s for s, p in zip(servers, planes)])
+        return PerShard([SharedMemory(p) if p else OverLink(c) if c else RayCall(self.rank, s)
+                         for s, p, c in zip(servers, planes, links)], bounds)
+
+    def _links(self, servers: list) -> list:
+        """A link client to each shard given (None: none wanted, or the shard serves no link), kept
+        from one run of steps to the next while the shard's offer is the same."""
+        offers = ray.get([s.link.remote() for s in servers if s is not None])
+        offers = iter(offers)
+        wanted = [None if s is None else next(offers) for s in servers]
+        keys = [None if o is None else o[1] for o in wanted]
+        kept = self._link_clients
+        for key in keys:
+            if key is not None and key not in kept:
+                kept[key] = LinkClient(key, self.rank)
+        for key in [k for k in kept if k not in keys]:
+            kept.pop(key).close()
+        return [None if k is None else kept[k] for k in keys]
 
     def _planes(self, servers: list) -> list:
         """This worker's connection to each shard's plane on its node (None: over Ray)."""
@@ -201,8 +237,9 @@ class RayCall(Transport):
 
 
 def _fetch_parts(wrapped: list) -> list:
-    """Parameter parts from the shards' one-element lists (an array, or an object-store reference)."""
-    return [p if isinstance(p, np.ndarray) else ray.get(p) for p in (w[0] for w in wrapped)]
+    """Parameter parts from the shards' one-element lists (an array, or an object-store reference; or a
+    compressed change of them)."""
+    return [ray.get(p) if isinstance(p, ray.ObjectRef) else p for p in (w[0] for w in wrapped)]
 
 
 def _fetch(replies: list) -> list:
@@ -254,7 +291,7 @@ class SimulatedWorkerActor(SimulatedWorker, WorkerActor):
 
     def __init__(self, *args, **kwargs):
         SimulatedWorker.__init__(self, *args, **kwargs)
-        self._plane_clients, self._async_pushes = {}, 0
+        self._reset_connections()
 
 
 ACTORS = {GradientWorker: WorkerActor, ParameterServer: ServerActor, SimulatedWorker: SimulatedWorkerActor,

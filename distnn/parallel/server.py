@@ -9,7 +9,8 @@ import time
 
 import numpy as np
 
-from .compress import Sparse, dense
+from .collect import StepParts, chunk_bounds
+from .compress import Sparse, Update, dense
 from .specs import OptimizerSpec, ScheduleSpec
 
 
@@ -26,8 +27,10 @@ class ParameterServer:
     """
 
     def __init__(self, params: np.ndarray, optimizer: OptimizerSpec, schedule: ScheduleSpec, decay_mask=None,
-                 world: int = 1, average: bool = False):
+                 world: int = 1, average: bool = False, reply_updates: bool = False):
         self.params = np.array(params, np.float32, copy=True)
+        self.reply_updates = reply_updates   # sync replies: the step's mean (``compress.Update``), not the parameters
+        self.reply_bytes = 0                 # what those replies carried
         self.optimizer = optimizer.make(self.params.size, decay_mask)
         self.base_lr = self.optimizer.lr
         self.schedule = schedule.make()
@@ -35,11 +38,14 @@ class ParameterServer:
         self.update_seconds = 0.0
         self.world = world
         self.average = average    # local SGD: the workers send parameter moves, which are averaged
-        self._pending = {}        # first rank -> gradient (or a node's sum) of the step being collected
-        self._given = set()       # ranks whose gradients are in _pending
+        self.chunks = chunk_bounds(self.params.size, None)   # one chunk until a link cuts it (``cut``)
+        self._collecting = StepParts(world, self.chunks)     # the sync step's gradients being collected
+        self._parts = [self.optimizer.part(0, self.params.size)]   # the optimizer over each chunk
+        self.chunk_version = [0]                            # per chunk: updates applied to it
         self.messages = 0         # sync: gradient messages received (one per worker, or per node with reducers)
         self._step_done = threading.Condition()   # pushes of one step wait on it for each other
         self._aborted = None
+        self.generation = 0       # recoveries: links connected before the last one are stale
         self._reply_slot = threading.local()   # a plane's thread: where its async reply goes (reply_into)
         self._published = self._publish()
         self.done = [0] * world   # async: gradients of each worker applied
@@ -64,36 +70,45 @@ class ParameterServer:
         self.version = self.version + 1 if step is None else step + 1
         self.update_seconds += time.perf_counter() - start
 
-    def _apply_mean(self, grads, count: int, step: int | None) -> np.ndarray:
-        """Sum ``grads`` in the order given, divide by ``count`` (the workers they hold), apply."""
-        mean = np.array(dense(grads[0]), np.float32, copy=True)
-        for g in grads[1:]:
-            if isinstance(g, Sparse):
-                mean[g.index] += g.values
-            else:
-                mean += g
-        mean *= np.float32(1.0 / count)
-        self._apply(mean, step)
-        return self.params
+    def cut(self, chunk: int | None) -> None:
+        """Collect and apply sync steps in chunks of ``chunk`` elements (``parallel.link`` streams them);
+        every chunk applies exactly what the whole update would to its elements."""
+        with self._step_done:
+            self.chunks = chunk_bounds(self.params.size, None if self.reply_updates else chunk)
+            self._collecting = StepParts(self.world, self.chunks)
+            self._parts = [self.optimizer.part(lo, hi) for lo, hi in self.chunks]
+            self.chunk_version = [self.version] * len(self.chunks)
 
-    def contribute(self, rank, grad: np.ndarray, step: int | None = None) -> bool:
-        """Synchronous step, one message at a time: keep ``grad`` until all ``world`` workers' gradients
-        are in, then apply their mean, the messages summed in the order of their first rank (one worker
-        per message: plain rank order). ``rank``: a worker's rank, or the ranks
-        whose gradients a node's reducer summed into ``grad`` (``parallel.reducer``). True when applied."""
-        ranks = (rank,) if isinstance(rank, (int, np.integer)) else tuple(rank)
-        if any(r in self._given for r in ranks):
-            who = f"worker {ranks[0]}" if len(ranks) == 1 else f"workers {list(ranks)}"
-            raise RuntimeError(f"{who} pushed twice in step {self.version}")
-        self._pending[ranks[0]] = grad
-        self._given.update(ranks)
-        self.messages += 1
-        if len(self._given) < self.world:
+    def contribute(self, rank, grad, step: int | None = None, chunk: int | None = None) -> bool:
+        """Synchronous step, one message at a time: keep ``grad`` (the whole slice, or chunk ``chunk``
+        of it) until all ``world`` workers' gradients of a chunk are in, then apply their mean to it
+        (``StepParts``: summed in the order of the messages' first rank, one worker per message: plain
+        rank order). ``rank``: a worker's rank, or the ranks whose gradients a node's reducer summed
+        into ``grad`` (``parallel.reducer``). True once the step's last chunk is applied."""
+        ranks = (int(rank),) if isinstance(rank, (int, np.integer)) else tuple(rank)
+        complete = self._collecting.add(ranks, grad, chunk, self.version)
+        self.messages += chunk is None or chunk == 0
+        for i in complete:
+            mean = self._collecting.mean(i)
+            self._apply_chunk(i, mean, step)
+            self._mean = mean   # one chunk where replies are updates (``cut`` keeps it whole)
+        if self._collecting.left:
             return False
-        grads = [self._pending.pop(r) for r in sorted(self._pending)]
-        self._given.clear()
-        self._apply_mean(grads, self.world, step)
+        self._collecting.clear()
+        self.optimizer.t += 1
+        self.version = self.version + 1 if step is None else step + 1
         return True
+
+    def _apply_chunk(self, i: int, mean: np.ndarray, step: int | None) -> None:
+        start = time.perf_counter()
+        lo, hi = self.chunks[i]
+        with np.errstate(all="ignore"):
+            if self.average:
+                self.params[lo:hi] -= mean
+            else:
+                self._parts[i].update_part(self.params[lo:hi], mean, self.lr(), self.optimizer.t + 1)
+        self.chunk_version[i] = self.version + 1 if step is None else step + 1
+        self.update_seconds += time.perf_counter() - start
 
     # -- worker-driven synchronous steps: each worker's thread pushes and waits for the update ---------
     def _publish(self):
@@ -131,8 +146,8 @@ class ParameterServer:
             if self._aborted:
                 raise StepAbandoned(f"step {step} abandoned: {self._aborted}")
             if self.contribute(rank, grad, step):
-                self._published = self._publish()
-                self._step_done.notify_all()
+                self._published = self._step_reply()
+            self._step_done.notify_all()
 
     def take(self, step: int):
         """Wait until ``step`` is applied; the published parameters after it. Raises StepAbandoned if
@@ -143,10 +158,43 @@ class ParameterServer:
                 raise StepAbandoned(f"step {step} abandoned: {self._aborted}")
             return self._published
 
+    def give_chunk(self, rank, chunk: int, grad: np.ndarray, step: int) -> None:
+        """Chunk ``chunk`` of worker ``rank``'s gradient of ``step`` (``give`` of one chunk)."""
+        with self._step_done:
+            if self._aborted:
+                raise StepAbandoned(f"step {step} abandoned: {self._aborted}")
+            if self.contribute(rank, grad, step, chunk):
+                self._published = self._step_reply()
+            self._step_done.notify_all()
+
+    def applied_chunks(self, step: int, skip, gone=lambda: False) -> list[int]:
+        """Wait until a chunk not in ``skip`` has ``step`` applied; the chunks that have (not in
+        ``skip``); none once ``gone()`` (checked at every change, and every second). Raises
+        StepAbandoned if the step is aborted while waiting."""
+        with self._step_done:
+            def ready():
+                return [i for i, v in enumerate(self.chunk_version) if v > step and i not in skip]
+            while not self._step_done.wait_for(lambda: ready() or self._aborted or gone(), timeout=1.0):
+                pass
+            if self._aborted:
+                raise StepAbandoned(f"step {step} abandoned: {self._aborted}")
+            return ready()
+
     def push(self, rank, grad: np.ndarray, step: int):
         """``give`` then ``take``: one worker's whole round trip of a step (a Ray call, a plane's thread)."""
         self.give(rank, grad, step)
         return self.take(step)
+
+    def _step_reply(self):
+        """What a sync step's pushes return: the published parameters, or the step's mean (an Update:
+        sparse where every gradient was)."""
+        if not self.reply_updates:
+            return self._publish()
+        index = self._collecting.index
+        update = Update(self._mean if index is None else Sparse(index, self._mean[index], self._mean.size),
+                        self.version - 1)
+        self.reply_bytes += update.nbytes
+        return update
 
     def published(self):
         """The parameters as the last step published them (where a worker-driven run starts)."""
@@ -156,16 +204,16 @@ class ParameterServer:
         """Release the workers waiting in a step that will not complete; drop its gradients."""
         with self._step_done:
             self._aborted = reason
-            self._pending.clear()
-            self._given.clear()
+            self._collecting.clear()
             self._step_done.notify_all()
 
     def recover(self) -> int:
         """Forget a step abandoned by a failure; returns the number of updates applied."""
         with self._step_done:
             self._aborted = None
-            self._pending.clear()
-            self._given.clear()
+            self.generation += 1
+            self._collecting.clear()
+            self.chunk_version = [self.version] * len(self.chunks)
             return self.version
 
     # -- worker-driven asynchronous updates --------------------------------------------------------
@@ -232,7 +280,8 @@ class ParameterServer:
 
     def stats(self) -> dict:
         return {"version": self.version, "update_seconds": self.update_seconds, "lr": self.lr(),
-                "max_lead": self.max_lead, "messages": self.messages}
+                "max_lead": self.max_lead, "messages": self.messages,
+                "reply_bytes": self.reply_bytes if self.reply_updates else None}
 
     def state(self) -> dict:
         """Everything a checkpoint needs to restore this server exactly."""
@@ -243,4 +292,5 @@ class ParameterServer:
             self.params[...] = state["params"]
             self.version = int(state["version"])
             self.optimizer.load_state_dict(state["optimizer"])
+            self.chunk_version = [self.version] * len(self.chunks)
             self._published = self._publish()

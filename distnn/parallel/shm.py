@@ -4,7 +4,8 @@ A server shard opens a ``Plane``: one anonymous shared-memory file (``memfd``) h
 per worker rank and the parameters the shard publishes after each step, and a Unix socket in Linux's
 abstract namespace (a name, no file). A worker on the same node connects, says its rank and receives
 the memory's file descriptor over the socket (``SCM_RIGHTS``); from then on a step is: the worker
-writes its gradient into its slot and sends the step number (8 bytes); the shard's thread for that
+writes its gradient into its slot and sends a 48-byte header (kind, step, and for asynchronous
+updates its slot, staleness bound and how many bytes of metrics follow); the shard's thread for that
 worker, blocked in ``recv``, wakes, hands the slot to ``ParameterServer.push`` (the sum in rank order,
 exactly as for a gradient that came over Ray) and once the step's update is applied and published into
 the shared parameters, answers with the step number (or -1: the step was abandoned). The worker, blocked

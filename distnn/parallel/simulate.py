@@ -20,8 +20,8 @@ class SimulatedWorker(GradientWorker):
     def __init__(self, size: int, compute_ms: float, rank: int, world_size: int, seed: int = 0):
         self.rank, self.world_size, self.compute_ms = rank, world_size, compute_ms
         self.grad = (np.random.default_rng((seed, rank)).standard_normal(size) * 1e-4).astype(np.float32)
-        self.params, self.next_step, self.seen, self.local = None, None, 0, None
-        self._batches, self.position = None, (0, 0)
+        self.compressor = None
+        self.reset_steps()
 
     def set_local(self, local) -> None:
         """Local SGD (``LocalSpec``) over the gradient's size, no weight decay."""

@@ -16,9 +16,11 @@ from ..autograd import train_mode
 from ..data import Loader, open_dataset
 from ..models import build_model, builders, evaluate
 from ..nn import Dropout
-from .compress import Compressor
+from .compress import Compressor, Update
 from .local_sgd import LocalRounds
+from .server import ParameterServer
 from .specs import DataSpec, LocalSpec
+from .transport import FinalSuffix
 
 
 class NonFiniteError(RuntimeError):
@@ -52,11 +54,20 @@ class GradientWorker:
                                   labels=data.labels, shuffle=False, augment=False)
         self._dropouts = [m for _, m in self.model.named_modules() if isinstance(m, Dropout)]
         self.compressor = None if compress == "none" else Compressor(compress, self.model.flat_params.size)
+        self._suffix = FinalSuffix(self.model)
+        self.reset_steps()
+
+    def reset_steps(self) -> None:
+        """The state a worker carries from step to step, as a new worker has it (a stand-in worker
+        without a model, ``parallel.simulate``, starts from here too)."""
         self.local = None   # local SGD (set_local): LocalRounds
         self._batches = None
         self.position = (0, 0)  # (epoch, next batch index)
         self.params, self.next_step = None, None  # worker-driven sync steps: where they go on from
         self.seen = 0   # async: the update count of self.params
+        self._early = None   # (transport, step) while a step's gradient may leave during backward
+        self.follows = None  # (optimizer, schedule) where replies are updates (follow_updates)
+        self.shards = []     # the shards' copies that apply them
 
     def ping(self) -> int:
         """This worker's rank: an answer means its process was placed and the worker built."""
@@ -98,7 +109,7 @@ class GradientWorker:
         with train_mode():
             logits = self.model(x)
             loss = ops.softmax_cross_entropy(logits, y, self.label_smoothing)
-            loss.backward()
+            loss.backward(on_final=self._streaming())
         value = float(loss.data)
         grads = self.model.flat_grads
         if not math.isfinite(value) or not np.isfinite(grads).all():
@@ -114,6 +125,24 @@ class GradientWorker:
                    "sent_bytes": sum(p.nbytes for p in parts)}
         return (*parts, metrics)
 
+    def follow_updates(self, optimizer, schedule) -> None:
+        """Sync replies will be the shards' updates (``compress.Update``), applied here too with the
+        run's ``optimizer`` and ``schedule`` (``OptimizerSpec``, ``ScheduleSpec``): see ``follow``."""
+        self.follows = (optimizer, schedule)
+
+    def follow(self, states: list) -> None:
+        """Where a run of steps starts: a one-worker copy of each shard (``ParameterServer``) from its
+        ``state()``, which then applies every ``Update`` the shard sends exactly as the shard did."""
+        optimizer, schedule = self.follows
+        mask, lo, self.shards = self.model.decay_mask(), 0, []
+        for state in states:
+            hi = lo + state["params"].size
+            shard = ParameterServer(state["params"], optimizer, schedule, mask[lo:hi], average=self.local is not None)
+            shard.load_state(state)
+            self.shards.append(shard)
+            lo = hi
+        self.params = [shard.params for shard in self.shards]
+
     def set_local(self, local: LocalSpec) -> None:
         """Take ``local.every`` steps with an optimizer of this worker's own between averagings."""
         self.local = LocalRounds(local, self.model.flat_params.size, self.model.decay_mask())
@@ -121,7 +150,12 @@ class GradientWorker:
     def receive(self, param_parts, version: int | None = None) -> None:
         """The parameters after an update (K parts; ``version``: their update count, which async
         staleness is measured from); local SGD starts its next round from them."""
-        self.params = list(param_parts)
+        if param_parts and isinstance(param_parts[0], Update):   # the step's mean: apply it as the shards did
+            for shard, update in zip(self.shards, param_parts):
+                shard.contribute(0, update.mean, update.step)
+            self.params = [shard.params for shard in self.shards]
+        else:
+            self.params = list(param_parts)
         if version is not None:
             self.seen = version
         if self.local is not None:
@@ -145,16 +179,29 @@ class GradientWorker:
         worker exhausts it (``drive``); the local backend advances its workers' generators in turn, so
         that every gradient of a step is sent before any worker receives."""
         out = [] if out is None else out
+        early = transport.streams and self.local is None and self.compressor is None
         for step in range(first_step, first_step + steps):
+            self._early = (transport, step) if early else None
             parts, metrics = self.step(step, bounds)
             if parts is not None:
                 sent = time.perf_counter()
                 transport.send(parts, step)
+                sent = time.perf_counter() - sent
                 yield
+                self._early = None
+                waited = time.perf_counter()
                 self.receive(transport.receive(step))
-                metrics["push_s"] = time.perf_counter() - sent   # the round trip, and the wait for the others
+                # the round trip and the wait for the others (not the other workers' turns in between)
+                metrics["push_s"] = sent + time.perf_counter() - waited
             self.next_step = step + 1
             out.append(metrics)
+
+    def _streaming(self):
+        """The backward hook that sends the final end of the gradient early (None: nothing streams)."""
+        if self._early is None:
+            return None
+        transport, step = self._early
+        return self._suffix.start(transport, self.model.flat_grads, step)
 
     def drive(self, transport, first_step: int, steps: int, bounds=None) -> list:
         """``run_steps`` to the end in this thread; the steps' metrics."""

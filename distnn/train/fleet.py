@@ -47,6 +47,8 @@ class Fleet:
         self.convolutions = convolutions
         self.spec, self.data, self.world, self.local = plan.spec, plan.data, plan.world, plan.local
         self.threads, self.compress = plan.config.threads, plan.config.compress
+        # compressed sync steps: the shards reply with the step's (sparse) mean, applied by each worker
+        self.reply_updates = self.compress != "none" and plan.config.mode == "sync"
         self.workers, self.servers, self.bounds = [], [], []
         self.pending = []   # futures of sync steps handed out and not yet collected
         self.plane = DataPlane(self)   # the path of a sync step's data on each node
@@ -75,6 +77,9 @@ class Fleet:
             raise PlacementTimeout(not_placed(self.backend, what, e.positions, timeout, self.threads)) from None
         if what == "workers" and self.local is not None:
             self.get([self.backend.call(h, "set_local", self.local) for h in handles])
+        if what == "workers" and self.reply_updates:
+            self.get([self.backend.call(h, "follow_updates", self.plan.optimizer, self.plan.schedule)
+                      for h in handles])
         return values
 
     def _new_worker(self, rank):
@@ -93,7 +98,8 @@ class Fleet:
     def _new_server(self, k, params):
         lo, hi = self.bounds[k]
         return self.backend.create(ParameterServer, params, self.plan.optimizer, self.plan.schedule,
-                                   self._mask[lo:hi], world=self.world, average=self.local is not None, cpus=0)
+                                   self._mask[lo:hi], world=self.world, average=self.local is not None,
+                                   reply_updates=self.reply_updates, cpus=0)
 
     @property
     def data_plane(self) -> str | None:

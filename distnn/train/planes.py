@@ -1,11 +1,13 @@
-"""The path of a synchronous step's data on each node (DESIGN.md, point 8).
+"""The path of a synchronous step's data on each node and between nodes (docs/architecture.md).
 
 On Ray, unless ``--data-plane ray`` or ``--compress``: every server shard serves the workers of its own
-node through shared memory (``parallel.shm``); a node whose workers' shards are not all on it gets a
-reducer (``parallel.reducer``), to which its workers hand their gradients through shared memory and
-which sends the shards one sum per step. So a shard receives one message per node and step. The
-reducers hold nothing from one step to the next: after any failure, or when workers are placed anew,
-they are placed again for where the workers now run.
+node through shared memory (``parallel.shm``) and workers on other nodes through TCP links that carry
+the gradient up and the parameters down in chunks at the same time (``parallel.link``). A node with
+several workers whose shards are not all on it gets a reducer (``parallel.reducer``), to which its
+workers hand their gradients through shared memory and which sends the shards one sum per step; a
+node with one worker has no such hop (its worker's links go straight to the shards). The reducers hold
+nothing from one step to the next: after any failure, or when workers are placed anew, they are placed
+again for where the workers now run.
 
 (Compression stays per worker, over Ray: its error feedback is per worker and in the checkpoints,
 which a per-node sum would tie to where the workers ran.)
@@ -13,6 +15,16 @@ which a per-node sum would tie to where the workers ran.)
 from __future__ import annotations
 
 from ..parallel.reducer import NodeReducer
+
+
+LINK_CHUNK_BYTES = 64 << 10
+
+
+def link_chunk(size: int) -> int:
+    """Floats per chunk on a link to a shard of ``size`` floats: at least 8 chunks (so that the two
+    directions overlap for most of a step), none under 64 kB (a chunk's cost beyond its bytes is a
+    header and a thread's wake-up)."""
+    return max(LINK_CHUNK_BYTES // 4, -(-size // 8))
 
 
 class DataPlane:
@@ -36,6 +48,8 @@ class DataPlane:
         self.kind = "ray" if why else "shm"
         if why:
             f.log(f"shared memory unavailable ({why[0]}); the steps' data goes through Ray")
+        if c.mode == "sync":
+            f.call_servers("open_link", link_chunk(f.bounds[0][1] - f.bounds[0][0]))
         self.place()
 
     def place(self) -> None:
@@ -55,7 +69,7 @@ class DataPlane:
             ranks_by_node.setdefault(node, []).append(rank)
         size = f.bounds[-1][1]
         for node, ranks in sorted(ranks_by_node.items()):
-            if shard_nodes != {node}:
+            if shard_nodes != {node} and len(ranks) > 1:   # one worker: its own links (no hop)
                 self.reducers.append(f.backend.create(
                     NodeReducer, ranks, f.world, size, f.servers, f.shard_bounds, f.plan.config.step_timeout,
                     inline_bytes=f.backend.inline_bytes, cpus=0, node=node))

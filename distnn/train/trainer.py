@@ -175,7 +175,8 @@ class Trainer:
         if self.buffers.size:
             self.model.set_buffers_vector(self.buffers)
         save_model(self.model, self.out / "model.h5", self.spec)
-        server = max(s["update_seconds"] for s in self.fleet.call_servers("stats"))
+        stats = self.fleet.call_servers("stats")
+        server = max(s["update_seconds"] for s in stats)
         fields = {"model": c.model_name, "dataset": c.dataset, "backend": c.backend, "mode": c.mode,
                   "workers": self.length.world, "servers": c.servers, "epochs": c.epochs, "steps": self.step,
                   "compress": c.compress, "data_plane": self.fleet.data_plane}
@@ -185,8 +186,11 @@ class Trainer:
             fields["membership"] = self.membership
         samples = self.step * self.plan.data.batch_size * (self.length.world if c.mode == "sync" else 1)
         per_update = self.length.world if c.mode == "sync" else 1   # parameter vectors sent per update
+        params_bytes = per_update * self.model.flat_params.nbytes
+        if stats[0]["reply_bytes"] is not None:   # compressed replies: what the shards sent, to every worker
+            params_bytes = round(per_update * sum(s["reply_bytes"] for s in stats) / max(self.report.steps_run, 1))
         summary = report.summary(fields, server, samples, self.checkpoints.recoveries,
-                                 params_bytes=per_update * self.model.flat_params.nbytes, cpu=self.cpu)
+                                 params_bytes=params_bytes, cpu=self.cpu)
         for sink in self.sinks:
             sink.finish(self.out, summary)
         self.finished = True

@@ -1,0 +1,107 @@
+"""Links between machines (``parallel.link``) on loopback, without Ray: chunks up and down at once,
+and the same parameters as the in-process path, bit for bit."""
+import threading
+
+import numpy as np
+import pytest
+
+from distnn.parallel import ParameterServer, StepAbandoned
+from distnn.parallel.link import LinkClient, LinkServer
+from distnn.parallel.shm import PeerLost
+from distnn.parallel.specs import OptimizerSpec, ScheduleSpec
+from distnn.parallel.transport import InProcess, OverLink
+
+SIZE, WORLD, STEPS = 10_000, 3, 4
+OPT, SCHED = OptimizerSpec("adam", 0.01, weight_decay=0.1), ScheduleSpec("cosine", 10, 2)
+
+
+def shard(chunk=None):
+    p0 = np.random.default_rng(0).standard_normal(SIZE).astype(np.float32)
+    mask = (np.arange(SIZE) % 3 != 0).astype(np.float32)
+    s = ParameterServer(p0, OPT, SCHED, mask, world=WORLD)
+    if chunk:
+        s.cut(chunk)
+    return s
+
+
+def gradient(rank, step, params):
+    rng = np.random.default_rng((rank, step))
+    return (rng.standard_normal(SIZE).astype(np.float32) + 0.1 * params).astype(np.float32)
+
+
+def drive(transports, steps=STEPS):
+    """Each worker in a thread: send its gradient at the parameters it holds, receive the next."""
+    out, errors = {}, []
+
+    def worker(rank, transport):
+        try:
+            params = None
+            for step in range(steps):
+                held = np.zeros(SIZE, np.float32) if params is None else params
+                transport.send([gradient(rank, step, held)], step)
+                params = transport.receive(step)[0].copy()
+            out[rank] = params
+        except Exception as e:   # reported below
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=(r, t)) for r, t in enumerate(transports)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1000, 3333, SIZE])
+def test_links_in_chunks_equal_the_in_process_path_bit_for_bit(chunk):
+    reference = shard()
+    expected = drive([InProcess(r, [reference]) for r in range(WORLD)])
+    s = shard(chunk)
+    server = LinkServer(s, "127.0.0.1", chunk)
+    clients = [LinkClient(server.offer(), r) for r in range(WORLD - 1)]
+    try:   # the last worker on the shard's own node, whole gradients in-process
+        got = drive([OverLink(c) for c in clients] + [InProcess(WORLD - 1, [s])])
+    finally:
+        for c in clients:
+            c.close()
+        server.close()
+    assert np.array_equal(s.params, reference.params) and s.version == reference.version == STEPS
+    assert s.optimizer.t == reference.optimizer.t == STEPS
+    for r in range(WORLD):
+        assert np.array_equal(got[r], expected[r])
+
+
+def test_a_wrong_secret_is_refused_and_an_abort_releases_a_waiting_worker():
+    s = shard(1000)
+    server = LinkServer(s, "127.0.0.1", 1000)
+    host, port, _ = server.offer()
+    with pytest.raises(PeerLost, match="cannot connect"):
+        LinkClient((host, port, b"x" * 16), 0)
+    good = LinkClient(server.offer(), 0)
+    good.send(np.ones(SIZE, np.float32), 0)   # the other two workers never come
+    timer = threading.Timer(0.5, s.abort, args=("worker 1 died",))
+    timer.start()
+    with pytest.raises(StepAbandoned, match="step 0 abandoned"):
+        good.receive(0)
+    assert s.version == 0
+    good.close()
+    server.close()
+
+
+def test_chunks_of_an_optimizer_update_equal_the_whole_update():
+    """Optimizer.part: every optimizer, updated part by part, equals one update of the whole."""
+    from distnn.optim import OPTIMIZERS, make_optimizer
+    rng = np.random.default_rng(1)
+    p0, mask = rng.standard_normal(1001).astype(np.float32), (rng.random(1001) > 0.3).astype(np.float32)
+    for name in OPTIMIZERS:
+        whole = make_optimizer(name, 1001, lr=0.01, weight_decay=0.01, decay_mask=mask)
+        cut = make_optimizer(name, 1001, lr=0.01, weight_decay=0.01, decay_mask=mask)
+        parts = [(cut.part(lo, min(lo + 300, 1001)), lo, min(lo + 300, 1001)) for lo in range(0, 1001, 300)]
+        a, b = p0.copy(), p0.copy()
+        for t in range(3):
+            g = rng.standard_normal(1001).astype(np.float32)
+            whole.step(a, g)
+            for part, lo, hi in reversed(parts):
+                part.update_part(b[lo:hi], g[lo:hi], cut.lr, cut.t + 1)
+            cut.t += 1
+        assert np.array_equal(a, b), name
