@@ -19,6 +19,20 @@ os.environ["DISTNN_CACHE_DIR"] = _CACHE
 atexit.register(shutil.rmtree, _CACHE, True)
 
 
+# The quick loop (README: python3 -m pytest -q -m "not cluster") leaves out what starts Ray clusters,
+# emulated machines or training subprocesses, and what kills processes on purpose.
+CLUSTER_MODULES = {"test_elastic", "test_faults", "test_testbed", "test_search", "test_checkpoint", "test_sinks"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        callspec = getattr(item, "callspec", None)
+        on_ray = callspec is not None and "ray" in callspec.params.values()
+        if module in CLUSTER_MODULES or "ray_backend" in item.fixturenames or on_ray:
+            item.add_marker(pytest.mark.cluster)
+
+
 @pytest.fixture(params=["numpy", "numba"])
 def kernel_path(request):
     """Run the test on the numpy reference and on the compiled kernels (distnn.kernels)."""
