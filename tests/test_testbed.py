@@ -109,3 +109,31 @@ def test_a_machine_lost_mid_run_leaves_the_survivor_to_finish(mnist, tmp_path):
     assert change["workers_before"] == 2 and change["workers"] == 1
     assert "lost, not replaced within --start-timeout" in change["reason"] and "10.88.0.11" in change["reason"]
     assert summary["workers"] == 1 and summary["steps"] > 10
+
+
+@needs_root
+def test_a_link_down_for_seconds_delays_the_run_and_changes_nothing(mnist, tmp_path):
+    """Machine 1's link down for 4 s mid-run, then up: the steps wait (TCP resends what was lost), no
+    process is taken for dead, and the parameters equal the local backend's bit for bit."""
+    out = tmp_path / "run"
+    args = ("--epochs", "2", "--batch-size", "8", "--log-every", "1")
+    with testbed.Machines(2, rate="1gbit") as m:
+        run = m.popen(0, train_args(mnist, out, "--address", m.address, *args),
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        metrics, deadline = out / "metrics.jsonl", time.monotonic() + 180
+        while time.monotonic() < deadline and run.poll() is None:
+            if metrics.exists() and sum(1 for _ in metrics.open()) >= 10:
+                break
+            time.sleep(0.2)
+        assert run.poll() is None, run.communicate()[1][-3000:]
+        m.link(1, up=False)
+        time.sleep(4)
+        m.link(1, up=True)
+        stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert not summary.get("recoveries") and summary["workers"] == 2
+    local = subprocess.run(train_args(mnist, tmp_path / "local", "--backend", "local", *args), capture_output=True,
+                           text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert same(final_state(out), final_state(tmp_path / "local"))

@@ -1,0 +1,152 @@
+"""Training across two emulated machines (``distnn.testbed``: network namespaces, links shaped with tc,
+a Ray node each, one CPU and one worker per machine) at several link rates, each distnn mode beside
+PyTorch DDP (gloo, one rank per machine, 1 thread; ``scripts/ddp_twin.py``) on the same machines in one
+run: training time, test accuracy, the step's breakdown, and the bytes each direction of machine 1's
+link carried per step, read from its interface counters, beside what distnn's own accounting says.
+Needs root; PyTorch is optional (its column is left out without it).
+
+    sudo python scripts/benchmark_links.py --source ../shared/data/mnist [--rates 10gbit 1gbit 100mbit]
+        [--models lenet5 cifar_convnet] [--modes sync servers2 topk local8] [--epochs 1]
+        [--out benchmarks/links.json]
+
+lenet5 trains on the real MNIST; cifar_convnet on generated CIFAR-shaped data (no real CIFAR offline:
+its accuracy means nothing, its times do).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from distnn import testbed
+from distnn._hardware import describe as describe_host
+from distnn._io import atomic_write_text
+from distnn.data.prepare import prepare
+from distnn.data.writer import _write
+
+MODES = {"sync": [], "servers2": ["--servers", "2"], "topk": ["--compress", "topk:0.01"],
+         "local8": ["--sync-every", "8"]}
+SCRIPTS = Path(__file__).resolve().parent
+
+
+def fake_cifar(root: Path, n=5120) -> Path:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    fine = rng.integers(0, 100, n)
+    folder = root / "cifar100"
+    folder.mkdir(parents=True)
+    labels = {"fine_labels": fine.astype(np.uint8), "coarse_labels": (fine // 5).astype(np.uint8)}
+    _write(folder, "cifar100", {"train": (images, labels), "test": (images[:256], {k: v[:256] for k, v in labels.items()})},
+           {"fine_labels": [str(i) for i in range(100)], "coarse_labels": [str(i) for i in range(20)]}, {}, 8, None, False)
+    return folder
+
+
+def wait_for(path: Path, proc, predicate, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        if path.exists() and predicate(path.read_text()):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def distnn_run(m, data, out, flags, epochs, log_every=10) -> dict:
+    """A distnn run from machine 0; machine 1's interface counters sampled at the first logged step and
+    at the epoch's end (so start-up and the final test are not counted)."""
+    cmd = [sys.executable, "-m", "distnn.cli", "train", "--address", m.address, "--workers", "2", "--dataset", str(data),
+           "--epochs", str(epochs), "--out", str(out), "--overwrite", "remove", "--quiet", "--log-every",
+           str(log_every), "--checkpoint-every", "100000", *flags]
+    proc = m.popen(0, cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    first = wait_for(metrics, proc, lambda t: '"step"' in t, 600)
+    c0 = m.counters()[1]
+    wait_for(metrics, proc, lambda t: '"test_accuracy"' in t, 1200)
+    c1 = m.counters()[1]
+    _, err = proc.communicate(timeout=600)
+    if proc.returncode != 0 or not first:
+        raise RuntimeError(f"distnn {' '.join(flags)} failed: {err[-2000:]}")
+    s = json.loads((out / "summary.json").read_text())
+    steps = s["steps"] - log_every
+    return {"train_seconds": s["train_seconds"], "test_accuracy": s["final"]["test_accuracy"], "steps": s["steps"],
+            "per_step_ms": s["per_step_ms"], "bytes_per_step": s["bytes_per_step"],
+            "wire_up_per_step": round((c1["tx_bytes"] - c0["tx_bytes"]) / steps),
+            "wire_down_per_step": round((c1["rx_bytes"] - c0["rx_bytes"]) / steps)}
+
+
+def ddp_run(m, data, model, epochs, out: Path) -> dict:
+    common = ["--world", "2", "--master", f"{m.ips[0]}:29500", "--data", str(data), "--model", model,
+              "--epochs", str(epochs)]
+    env = {"GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1"}
+    other = m.popen(1, [sys.executable, SCRIPTS / "ddp_twin.py", "--rank", "1", *common], env=env,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    c0 = m.counters()[1]
+    done = m.run(0, [sys.executable, SCRIPTS / "ddp_twin.py", "--rank", "0", *common, "--out", out], env=env,
+                 timeout=1800)
+    c1 = m.counters()[1]
+    other.communicate(timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"DDP failed: {done.stderr[-2000:]}")
+    r = json.loads(out.read_text())
+    return {"train_seconds": r["train_seconds"], "test_accuracy": r["test_accuracy"], "steps": r["steps"],
+            "wire_up_per_step": round((c1["tx_bytes"] - c0["tx_bytes"]) / r["steps"]),
+            "wire_down_per_step": round((c1["rx_bytes"] - c0["rx_bytes"]) / r["steps"])}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--source", required=True, help="the raw MNIST files (IDX, .gz)")
+    ap.add_argument("--rates", nargs="+", default=["10gbit", "1gbit", "100mbit"])
+    ap.add_argument("--models", nargs="+", default=["lenet5"], choices=["lenet5", "cifar_convnet"])
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--no-ddp", action="store_true")
+    ap.add_argument("--out", default="benchmarks/links.json")
+    args = ap.parse_args(argv)
+    why = testbed.unavailable()
+    if why:
+        sys.exit(f"benchmark_links: {why}")
+    ddp = not args.no_ddp and importlib.util.find_spec("torch") is not None
+    host = describe_host()
+    print(f"host: {host}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="distnn-links-") as tmp:
+        tmp = Path(tmp)
+        data = {"lenet5": prepare("mnist", tmp, source=args.source, progress=False, log=lambda *a: None)}
+        if "cifar_convnet" in args.models:
+            data["cifar_convnet"] = fake_cifar(tmp)
+        for rate in args.rates:
+            with testbed.Machines(2, rate=rate) as m:
+                for model in args.models:
+                    extra = ["--model", model] + (["--labels", "coarse", "--batch-size", "64"]
+                                                  if model == "cifar_convnet" else [])
+                    for mode in args.modes:
+                        r = distnn_run(m, data[model], tmp / f"{model}-{mode}", MODES[mode] + extra, args.epochs)
+                        rows.append({"rate": rate, "model": model, "who": f"distnn {mode}", **r})
+                        print(json.dumps(rows[-1]), flush=True)
+                    if ddp:
+                        r = ddp_run(m, data[model], model, args.epochs, tmp / f"ddp-{model}.json")
+                        rows.append({"rate": rate, "model": model, "who": "PyTorch DDP", **r})
+                        print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{'rate':8} {'model':14} {'who':16} {'train s':>8} {'acc':>7} {'step ms':>8} {'up B/step':>10} "
+          f"{'down B/step':>11} {'acct up':>9} {'acct down':>10}")
+    for r in rows:
+        acct = r.get("bytes_per_step", {})
+        ms = r.get("per_step_ms", {}).get("total", r["train_seconds"] / r["steps"] * 1e3)
+        print(f"{r['rate']:8} {r['model']:14} {r['who']:16} {r['train_seconds']:8.2f} {r['test_accuracy']:7.4f} "
+              f"{ms:8.2f} {r['wire_up_per_step']:10d} {r['wire_down_per_step']:11d} "
+              f"{acct.get('gradients_to_servers', 0) // 2:9d} {acct.get('parameters_to_workers', 0) // 2:10d}")
+    result = {"host": host, "date": time.strftime("%Y-%m-%d"), "rows": rows,
+              "command": "python scripts/benchmark_links.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    atomic_write_text(Path(args.out), json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
