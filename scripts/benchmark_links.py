@@ -6,10 +6,12 @@ link carried per step, read from its interface counters, beside what distnn's ow
 Needs root; PyTorch is optional (its column is left out without it).
 
     sudo python scripts/benchmark_links.py --source ../shared/data/mnist [--rates 10gbit 1gbit 100mbit]
-        [--models lenet5 cifar_convnet] [--modes sync servers2 topk local8] [--epochs 1]
+        [--models lenet5 cifar_convnet] [--modes sync raycalls servers2 topk local8] [--epochs 1]
         [--out benchmarks/links.json]
 
-lenet5 trains on the real MNIST; cifar_convnet on generated CIFAR-shaped data (no real CIFAR offline:
+Modes: sync (the default path: links between machines), raycalls (every step's data by Ray calls, the
+A/B of the links), servers2 (a shard on each machine), topk (--compress topk:0.01, both ways), local8
+(--sync-every 8). lenet5 trains on the real MNIST; cifar_convnet on generated CIFAR-shaped data (no real CIFAR offline:
 its accuracy means nothing, its times do).
 """
 from __future__ import annotations
@@ -31,8 +33,8 @@ from distnn._io import atomic_write_text
 from distnn.data.prepare import prepare
 from distnn.data.writer import _write
 
-MODES = {"sync": [], "servers2": ["--servers", "2"], "topk": ["--compress", "topk:0.01"],
-         "local8": ["--sync-every", "8"]}
+MODES = {"sync": [], "raycalls": ["--data-plane", "ray"], "servers2": ["--servers", "2"],
+         "topk": ["--compress", "topk:0.01"], "local8": ["--sync-every", "8"]}
 SCRIPTS = Path(__file__).resolve().parent
 
 
