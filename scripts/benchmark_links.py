@@ -129,11 +129,12 @@ def main(argv=None):
                     extra = ["--model", model] + (["--labels", "coarse", "--batch-size", "64"]
                                                   if model == "cifar_convnet" else [])
                     for mode in args.modes:
-                        r = distnn_run(m, data[model], tmp / f"{model}-{mode}", MODES[mode] + extra, args.epochs)
+                        r = distnn_run(m, data[model], tmp / f"{rate}-{model}-{mode}", MODES[mode] + extra,
+                                       args.epochs)
                         rows.append({"rate": rate, "model": model, "who": f"distnn {mode}", **r})
                         print(json.dumps(rows[-1]), flush=True)
                     if ddp:
-                        r = ddp_run(m, data[model], model, args.epochs, tmp / f"ddp-{model}.json")
+                        r = ddp_run(m, data[model], model, args.epochs, tmp / f"ddp-{rate}-{model}.json")
                         rows.append({"rate": rate, "model": model, "who": "PyTorch DDP", **r})
                         print(json.dumps(rows[-1]), flush=True)
     print(f"\n{'rate':8} {'model':14} {'who':16} {'train s':>8} {'acc':>7} {'step ms':>8} {'up B/step':>10} "

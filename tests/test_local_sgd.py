@@ -34,11 +34,16 @@ def run(cfg, handle=None, on_step=None):
 def test_local_and_ray_bit_identical(data_dir, tmp_path, ray_backend):
     s_local, p_local = run(config(data_dir, tmp_path / "local", servers=2))
     s_ray, p_ray = run(config(data_dir, tmp_path / "ray", servers=2, backend="ray"), ray_backend)
-    _, p_every = run(config(data_dir, tmp_path / "every", sync_every=1))
+    s_every, p_every = run(config(data_dir, tmp_path / "every", sync_every=1))
     assert np.array_equal(p_local, p_ray) and not np.allclose(p_local, p_every)
     assert s_local["steps"] == s_ray["steps"] == 2 * 8               # 8 steps per epoch (256 / 32)
     # Ray's worker-driven steps split their wait: the last worker's push, and the others' wait for it
     assert s_ray["per_step_ms"]["push_round_trip"] > 0 and s_ray["per_step_ms"]["barrier"] >= 0
+    # rounds of 3 steps, cut at epoch ends: moves go up and parameters come back once a round
+    every, flat, rounds = s_every["bytes_per_step"], p_local.nbytes, s_local["bytes_per_step"]
+    assert every["gradients_to_servers"] == every["parameters_to_workers"] == 2 * flat
+    assert rounds["gradients_to_servers"] == rounds["parameters_to_workers"]
+    assert 2 * flat / 3 <= rounds["gradients_to_servers"] <= 2 * flat / 2
     # the same worker loop in one process: its round trip is the update itself, no transfer, no wait
     assert s_local["per_step_ms"]["push_round_trip"] < s_local["per_step_ms"]["compute"]
 

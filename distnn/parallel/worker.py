@@ -169,7 +169,9 @@ class GradientWorker:
             *grads, metrics = self.compute(*self.params, step=step, bounds=bounds)
             return grads, metrics
         grad, metrics = self.compute(self.local.params, step=step)
-        return self.local.step(grad, step, bounds), metrics
+        moves = self.local.step(grad, step, bounds)
+        metrics["sent_bytes"] = 0 if moves is None else sum(m.nbytes for m in moves)   # a round's end only
+        return moves, metrics
 
     def run_steps(self, transport, first_step: int, steps: int, bounds=None, out: list | None = None):
         """Synchronous steps from the parameter parts this worker holds (``receive``), a generator that

@@ -36,6 +36,7 @@ class RunReport:
         self.sent_bytes = 0                 # gradient bytes the workers sent (compressed)
         self.compute_seconds = 0.0
         self.paused_seconds = 0.0
+        self.replies = 0                    # sync steps whose workers sent something (local SGD: round ends)
         self.pushes = [0, 0.0, 0.0]         # worker-driven sync steps: count, shortest push, longest - shortest
 
     def start(self, step: int) -> None:
@@ -71,6 +72,7 @@ class RunReport:
         self.sent_bytes += sum(m.get("sent_bytes", 0) for m in metrics_list)
         self.compute_seconds += compute
         pushes = [m["push_s"] for m in metrics_list if "push_s" in m]
+        self.replies += bool(pushes)
         if len(pushes) == len(metrics_list) > 1:
             self.pushes[0] += 1
             self.pushes[1] += min(pushes)

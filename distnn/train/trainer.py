@@ -186,9 +186,12 @@ class Trainer:
             fields["membership"] = self.membership
         samples = self.step * self.plan.data.batch_size * (self.length.world if c.mode == "sync" else 1)
         per_update = self.length.world if c.mode == "sync" else 1   # parameter vectors sent per update
+        steps_run = max(self.report.steps_run, 1)
         params_bytes = per_update * self.model.flat_params.nbytes
+        if c.mode == "sync" and c.sync_every > 1:   # local SGD: parameters come back at a round's end only
+            params_bytes = round(params_bytes * self.report.replies / steps_run)
         if stats[0]["reply_bytes"] is not None:   # compressed replies: what the shards sent, to every worker
-            params_bytes = round(per_update * sum(s["reply_bytes"] for s in stats) / max(self.report.steps_run, 1))
+            params_bytes = round(per_update * sum(s["reply_bytes"] for s in stats) / steps_run)
         summary = report.summary(fields, server, samples, self.checkpoints.recoveries,
                                  params_bytes=params_bytes, cpu=self.cpu)
         for sink in self.sinks:
