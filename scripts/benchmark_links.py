@@ -50,41 +50,47 @@ def fake_cifar(root: Path, n=5120) -> Path:
     return folder
 
 
-def wait_for(path: Path, proc, predicate, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end and proc.poll() is None:
-        if path.exists() and predicate(path.read_text()):
-            return True
-        time.sleep(0.05)
-    return False
+def line_complete(lines: list) -> bool:
+    """Whether the last line read is whole JSON (the run may be writing it)."""
+    try:
+        return not lines or json.loads(lines[-1]) is not None
+    except json.JSONDecodeError:
+        return False
 
 
 def distnn_run(m, data, out, flags, epochs, log_every=10) -> dict:
-    """A distnn run from machine 0; machine 1's interface counters sampled at the first logged step and
-    at the epoch's end (so start-up and the final test are not counted)."""
+    """A distnn run from machine 0. Machine 1's interface counters are read each time a step line is
+    logged; the bytes per step are taken between the first and the last logged step (start-up, the
+    epoch's test and its checkpoint are not counted)."""
     cmd = [sys.executable, "-m", "distnn.cli", "train", "--address", m.address, "--workers", "2", "--dataset", str(data),
            "--epochs", str(epochs), "--out", str(out), "--overwrite", "remove", "--quiet", "--log-every",
            str(log_every), "--checkpoint-every", "100000", *flags]
     proc = m.popen(0, cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = out / "metrics.jsonl"
-    first = wait_for(metrics, proc, lambda t: '"step"' in t, 600)
-    c0 = m.counters()[1]
-    wait_for(metrics, proc, lambda t: '"test_accuracy"' in t, 1200)
-    c1 = m.counters()[1]
+    metrics, seen, samples, tested = out / "metrics.jsonl", 0, [], False   # samples: (step, machine 1's counters)
+    deadline = time.monotonic() + 1800
+    while proc.poll() is None and time.monotonic() < deadline:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        for line in lines[seen:] if line_complete(lines) else []:
+            record = json.loads(line)
+            tested = tested or record.get("type") == "epoch"
+            if record.get("type") == "step" and not tested:
+                samples.append((record["step"], m.counters()[1]))
+        seen = len(lines) if line_complete(lines) else seen
+        time.sleep(0.02)
     _, err = proc.communicate(timeout=600)
-    if proc.returncode != 0 or not first:
+    if proc.returncode != 0 or len(samples) < 2:
         raise RuntimeError(f"distnn {' '.join(flags)} failed: {err[-2000:]}")
     s = json.loads((out / "summary.json").read_text())
-    steps = s["steps"] - log_every
+    (s0, c0), (s1, c1) = samples[0], samples[-1]
     return {"train_seconds": s["train_seconds"], "test_accuracy": s["final"]["test_accuracy"], "steps": s["steps"],
             "per_step_ms": s["per_step_ms"], "bytes_per_step": s["bytes_per_step"],
-            "wire_up_per_step": round((c1["tx_bytes"] - c0["tx_bytes"]) / steps),
-            "wire_down_per_step": round((c1["rx_bytes"] - c0["rx_bytes"]) / steps)}
+            "wire_up_per_step": round((c1["tx_bytes"] - c0["tx_bytes"]) / (s1 - s0)),
+            "wire_down_per_step": round((c1["rx_bytes"] - c0["rx_bytes"]) / (s1 - s0))}
 
 
 def ddp_run(m, data, model, epochs, out: Path) -> dict:
     common = ["--world", "2", "--master", f"{m.ips[0]}:29500", "--data", str(data), "--model", model,
-              "--epochs", str(epochs)]
+              "--epochs", str(epochs)] + (["--labels", "coarse"] if model == "cifar_convnet" else [])
     env = {"GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1"}
     other = m.popen(1, [sys.executable, SCRIPTS / "ddp_twin.py", "--rank", "1", *common], env=env,
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

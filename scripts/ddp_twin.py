@@ -32,6 +32,7 @@ def main(argv=None):
     ap.add_argument("--master", required=True, help="HOST:PORT of rank 0")
     ap.add_argument("--data", required=True)
     ap.add_argument("--model", default="lenet5")
+    ap.add_argument("--labels", help="the label field (CIFAR-100: fine or coarse; default: the first)")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=64, help="per rank")
     ap.add_argument("--lr", type=float, default=0.006)
@@ -49,9 +50,10 @@ def main(argv=None):
     dist.init_process_group("gloo", init_method=f"tcp://{args.master}", rank=args.rank, world_size=args.world,
                             timeout=timedelta(seconds=args.timeout))
     ds = open_dataset(args.data)
-    spec = {"model": args.model, "num_classes": ds.num_classes(), "input_shape": list(ds.input_shape)}
-    train = Loader(ds, "train", args.rank, args.world, args.batch_size, seed=args.seed, drop_last=True)
-    test = Loader(ds, "test", batch_size=1000, shuffle=False)
+    spec = {"model": args.model, "num_classes": ds.num_classes(args.labels), "input_shape": list(ds.input_shape)}
+    train = Loader(ds, "train", args.rank, args.world, args.batch_size, seed=args.seed, labels=args.labels,
+                   drop_last=True)
+    test = Loader(ds, "test", batch_size=1000, labels=args.labels, shuffle=False)
     net = nn.parallel.DistributedDataParallel(torch_twin(spec))
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     total = len(train) * args.epochs
@@ -77,9 +79,10 @@ def main(argv=None):
     dist.barrier()
     seconds = time.perf_counter() - start
     if args.rank == 0:
-        net.eval()
+        model = net.module   # the network itself: DDP's forward would sync buffers with ranks that are done
+        model.eval()
         with torch.no_grad():
-            correct = sum(int((net(torch.from_numpy(x)).argmax(1).numpy() == y).sum()) for x, y in test.epoch(0))
+            correct = sum(int((model(torch.from_numpy(x)).argmax(1).numpy() == y).sum()) for x, y in test.epoch(0))
         result = {"train_seconds": round(seconds, 3), "steps": steps, "world": args.world,
                   "test_accuracy": correct / ds.count("test"), "torch": torch.__version__, "numpy": np.__version__}
         print(json.dumps(result), flush=True)
