@@ -232,6 +232,26 @@ class Machines:
         env = {**self.env(i), **kwargs.pop("env", {})}
         return subprocess.Popen(self.command(i, argv), env=env, **kwargs)
 
+    def counters_by_step(self, proc, metrics: Path, machine: int = 1, timeout: float = 1800.0) -> list:
+        """Follow a training run ``proc`` (started with ``popen``) to its end: each time its
+        ``metrics.jsonl`` logs a step of the first epoch, machine ``machine``'s interface counters.
+        Returns [(step, counters)]: the bytes between two entries are those steps' traffic alone (no
+        start-up, no test, no checkpoint)."""
+        seen, samples, tested = 0, [], False
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            if lines and not _whole_json(lines[-1]):   # being written: read it next time
+                lines = lines[:-1]
+            for line in lines[seen:]:
+                record = json.loads(line)
+                tested = tested or record.get("type") == "epoch"
+                if record.get("type") == "step" and not tested:
+                    samples.append((record["step"], self.counters()[machine]))
+            seen = len(lines)
+            time.sleep(0.02)
+        return samples
+
     def lose(self, i: int) -> None:
         """Machine ``i`` is gone: every process of its namespace killed at once (its Ray node included)."""
         _kill_namespace(self.namespaces[i], grace=0.0)
@@ -250,6 +270,14 @@ class Machines:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _whole_json(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:
+        return False
 
 
 def _quote(path: str) -> str:

@@ -50,14 +50,6 @@ def fake_cifar(root: Path, n=5120) -> Path:
     return folder
 
 
-def line_complete(lines: list) -> bool:
-    """Whether the last line read is whole JSON (the run may be writing it)."""
-    try:
-        return not lines or json.loads(lines[-1]) is not None
-    except json.JSONDecodeError:
-        return False
-
-
 def distnn_run(m, data, out, flags, epochs, log_every=10) -> dict:
     """A distnn run from machine 0. Machine 1's interface counters are read each time a step line is
     logged; the bytes per step are taken between the first and the last logged step (start-up, the
@@ -65,21 +57,13 @@ def distnn_run(m, data, out, flags, epochs, log_every=10) -> dict:
     cmd = [sys.executable, "-m", "distnn.cli", "train", "--address", m.address, "--workers", "2", "--dataset", str(data),
            "--epochs", str(epochs), "--out", str(out), "--overwrite", "remove", "--quiet", "--log-every",
            str(log_every), "--checkpoint-every", "100000", *flags]
-    proc = m.popen(0, cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics, seen, samples, tested = out / "metrics.jsonl", 0, [], False   # samples: (step, machine 1's counters)
-    deadline = time.monotonic() + 1800
-    while proc.poll() is None and time.monotonic() < deadline:
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        for line in lines[seen:] if line_complete(lines) else []:
-            record = json.loads(line)
-            tested = tested or record.get("type") == "epoch"
-            if record.get("type") == "step" and not tested:
-                samples.append((record["step"], m.counters()[1]))
-        seen = len(lines) if line_complete(lines) else seen
-        time.sleep(0.02)
-    _, err = proc.communicate(timeout=600)
+    log = out.with_name(out.name + ".log")   # a file, not a pipe: nobody reads a pipe while the run goes on
+    with open(log, "w") as sink:
+        proc = m.popen(0, cmd, stdout=sink, stderr=subprocess.STDOUT)
+        samples = m.counters_by_step(proc, out / "metrics.jsonl")
+        proc.wait(timeout=600)
     if proc.returncode != 0 or len(samples) < 2:
-        raise RuntimeError(f"distnn {' '.join(flags)} failed: {err[-2000:]}")
+        raise RuntimeError(f"distnn {' '.join(flags)} failed: {log.read_text()[-2000:]}")
     s = json.loads((out / "summary.json").read_text())
     (s0, c0), (s1, c1) = samples[0], samples[-1]
     return {"train_seconds": s["train_seconds"], "test_accuracy": s["final"]["test_accuracy"], "steps": s["steps"],

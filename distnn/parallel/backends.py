@@ -113,9 +113,12 @@ class RayBackend:
 
     def _next_node(self):
         """Server shards go round the alive nodes in turn (K shards on K nodes where there are that
-        many), so that no one node's link carries all the traffic; chosen among the nodes alive now."""
+        many), so that no one node's link carries all the traffic; chosen among the nodes alive now,
+        starting with the driver's (whose calls for checkpoints and tests then stay on its node)."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-        nodes = sorted(n["NodeID"] for n in self.ray.nodes() if n["Alive"])
+        here = self.ray.get_runtime_context().get_node_id()
+        nodes = sorted((n["NodeID"] != here, n["NodeID"]) for n in self.ray.nodes() if n["Alive"])
+        nodes = [node for _, node in nodes]
         self._placed += 1
         return NodeAffinitySchedulingStrategy(nodes[self._placed % len(nodes)], soft=False)
 
