@@ -14,6 +14,10 @@ import numpy as np
 from .compress import Sparse, dense
 
 
+class StepAbandoned(RuntimeError):
+    """A synchronous step that will not complete: another worker failed (``ParameterServer.abort``)."""
+
+
 def chunk_bounds(size: int, chunk: int | None) -> list[tuple[int, int]]:
     """Contiguous chunks of ``chunk`` elements covering range(size) (None or 0: one chunk)."""
     if not chunk or chunk >= size:
