@@ -105,3 +105,31 @@ def test_chunks_of_an_optimizer_update_equal_the_whole_update():
                 part.update_part(b[lo:hi], g[lo:hi], cut.lr, cut.t + 1)
             cut.t += 1
         assert np.array_equal(a, b), name
+
+
+def test_top_k_gradients_go_whole_and_the_sparse_mean_comes_back():
+    """--compress topk: each worker's Sparse gradient goes up whole; every worker gets the step's
+    sparse mean (an Update), and applying it with a copy of the shard gives the shard's parameters."""
+    from distnn.parallel.compress import Compressor, Update
+    p0 = np.random.default_rng(0).standard_normal(SIZE).astype(np.float32)
+    s = ParameterServer(p0, OPT, SCHED, world=2, reply_updates=True)
+    server = LinkServer(s, "127.0.0.1", 1000)
+    s.cut(1000)   # as a shard with links does: replies that are updates keep the step whole
+    clients = [LinkClient(server.offer(), r) for r in range(2)]
+    followers = [ParameterServer(p0, OPT, SCHED, world=1) for _ in range(2)]
+    compressors = [Compressor("topk:0.05", SIZE) for _ in range(2)]
+    try:
+        for step in range(3):
+            for r, c in enumerate(clients):
+                [payload] = compressors[r](np.random.default_rng((r, step)).standard_normal(SIZE).astype(np.float32))
+                c.send(payload, step)
+            for r, c in enumerate(clients):
+                update = c.receive(step)
+                assert isinstance(update, Update) and update.step == step
+                followers[r].contribute(0, update.mean, update.step)
+                assert np.array_equal(followers[r].params, s.params)
+    finally:
+        for c in clients:
+            c.close()
+        server.close()
+    assert s.version == 3 and len(s.chunks) == 1

@@ -27,10 +27,13 @@ import threading
 
 import numpy as np
 
+from .compress import Sparse, Update
 from .server import StepAbandoned
 from .shm import PeerLost
 
-_HEAD = struct.Struct("<2q")     # step, chunk index (-1: the step was abandoned)
+_HEAD = struct.Struct("<2q")     # step, chunk index (-1: the step was abandoned; _SPARSE: see below)
+_SPARSE = -2   # a whole top-k gradient (up) or the step's sparse mean (down): count k, k int32, k float32
+_COUNT = struct.Struct("<q")
 _HELLO = struct.Struct("<16s2q")  # secret, first rank, number of ranks
 _SIZES = struct.Struct("<2q")    # the shard's size and chunk length, in floats
 
@@ -61,6 +64,20 @@ def _send(sock, head: bytes, values: np.ndarray) -> None:
         sent = len(head)
     if sent - len(head) < data.nbytes:
         sock.sendall(data[sent - len(head):])
+
+
+def _send_sparse(sock, step: int, payload: Sparse) -> None:
+    sock.sendall(_HEAD.pack(step, _SPARSE) + _COUNT.pack(payload.index.size))
+    sock.sendall(memoryview(np.ascontiguousarray(payload.index, np.int32)).cast("B"))
+    sock.sendall(memoryview(np.ascontiguousarray(payload.values, np.float32)).cast("B"))
+
+
+def _recv_sparse(sock, size: int) -> Sparse:
+    (k,) = _COUNT.unpack(_recv(sock, _COUNT.size))
+    index, values = np.empty(k, np.int32), np.empty(k, np.float32)
+    _recv_into(sock, memoryview(index).cast("B"))
+    _recv_into(sock, memoryview(values).cast("B"))
+    return Sparse(index, values, size)
 
 
 def _nodelay(sock) -> None:
@@ -118,24 +135,33 @@ class LinkServer:
         current = None
         while True:
             step, i = _HEAD.unpack(_recv(conn, _HEAD.size))
-            lo, hi = chunks[i]
-            _recv_into(conn, memoryview(buf[lo:hi]).cast("B"))
+            if i == _SPARSE:
+                grad = _recv_sparse(conn, self.server.params.size)
+            else:
+                lo, hi = chunks[i]
+                _recv_into(conn, memoryview(buf[lo:hi]).cast("B"))
             if generation != self.server.generation:
                 return   # a worker of before a recovery: what it still sends belongs to no step
             if step != current:
                 current = step
-                steps.put(step)
+                steps.put((step, i == _SPARSE))
             try:
-                self.server.give_chunk(rank, i, buf[lo:hi], step)
+                if i == _SPARSE:
+                    self.server.give(rank, grad, step)
+                else:
+                    self.server.give_chunk(rank, i, buf[lo:hi], step)
             except StepAbandoned:
                 pass   # the writer answers -1
 
     def _write(self, conn, steps) -> None:
         params, chunks = self.server.params, self.server.chunks
         try:
-            while (step := steps.get()) is not None:
-                sent = set()
+            while (item := steps.get()) is not None:
+                step, sparse, sent = *item, set()
                 try:
+                    if sparse:   # the reply is the step's sparse mean (compress.Update), whole
+                        _send_sparse(conn, step, self.server.take(step).mean)
+                        continue
                     while len(sent) < len(chunks):
                         ready = self.server.applied_chunks(step, sent, lambda: self.closed or steps.qsize())
                         if not ready:
@@ -174,7 +200,7 @@ class LinkClient:
         self.params = np.empty(size, np.float32)
         self._out = queue.Queue()
         self._got = threading.Condition()
-        self._received, self._step, self._error, self._queued = 0, None, None, set()
+        self._received, self._step, self._error, self._queued, self._update = 0, None, None, set(), None
         threading.Thread(target=self._send_loop, name="link-send", daemon=True).start()
         threading.Thread(target=self._receive_loop, name="link-receive", daemon=True).start()
 
@@ -187,9 +213,14 @@ class LinkClient:
                 self._queued.add(i)
                 self._out.put((step, i, grad[self.chunks[i][0]:self.chunks[i][1]]))
 
-    def send(self, grad: np.ndarray, step: int) -> None:
-        """Queue every chunk of ``grad`` (the shard's slice) of ``step`` not queued yet, last first."""
-        self.send_from(grad, 0, step)
+    def send(self, grad, step: int) -> None:
+        """Queue every chunk of ``grad`` (the shard's slice) of ``step`` not queued yet, last first; a
+        top-k gradient (``Sparse``) goes whole, and the reply is then the step's sparse mean."""
+        if isinstance(grad, Sparse):
+            self._begin(step)
+            self._out.put((step, _SPARSE, grad))
+        else:
+            self.send_from(grad, 0, step)
 
     def _begin(self, step: int) -> None:
         with self._got:
@@ -202,13 +233,17 @@ class LinkClient:
             self._got.wait_for(lambda: self._received == len(self.chunks) or self._error is not None)
             if self._error is not None:
                 raise self._error
-            return self.params
+            update, self._update = self._update, None
+            return self.params if update is None else update
 
     def _send_loop(self) -> None:
         try:
             while (item := self._out.get()) is not None:
                 step, i, part = item
-                _send(self.sock, _HEAD.pack(step, i), part)
+                if i == _SPARSE:
+                    _send_sparse(self.sock, step, part)
+                else:
+                    _send(self.sock, _HEAD.pack(step, i), part)
         except OSError as e:
             self._fail(PeerLost(f"the server shard at {self.where} is gone ({e})"))
 
@@ -216,6 +251,12 @@ class LinkClient:
         try:
             while True:
                 step, i = _HEAD.unpack(_recv(self.sock, _HEAD.size))
+                if i == _SPARSE:
+                    update = Update(_recv_sparse(self.sock, self.params.size), step)
+                    with self._got:
+                        self._update, self._received = update, len(self.chunks)
+                        self._got.notify_all()
+                    continue
                 if i < 0:
                     self._fail(StepAbandoned(f"step {step} abandoned (link to {self.where})"), keep=True)
                     continue

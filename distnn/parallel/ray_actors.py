@@ -159,12 +159,13 @@ class WorkerActor(ProcessInfo, GradientWorker):
                          for s, p, c in zip(servers, planes, links)], bounds)
 
     def _links(self, servers: list) -> list:
-        """A link client to each shard given (None: none wanted, or the shard serves no link), kept
-        from one run of steps to the next while the shard's offer is the same."""
-        offers = ray.get([s.link.remote() for s in servers if s is not None])
-        offers = iter(offers)
+        """A link client to each shard given that serves links from another node (None: none wanted,
+        a shard on this node, or one without links), kept from one run of steps to the next while the
+        shard's offer is the same."""
+        here = ray.get_runtime_context().get_node_id()
+        offers = iter(ray.get([s.link.remote() for s in servers if s is not None]))
         wanted = [None if s is None else next(offers) for s in servers]
-        keys = [None if o is None else o[1] for o in wanted]
+        keys = [None if o is None or o[0] == here else o[1] for o in wanted]
         kept = self._link_clients
         for key in keys:
             if key is not None and key not in kept:

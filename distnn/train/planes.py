@@ -9,8 +9,9 @@ node with one worker has no such hop (its worker's links go straight to the shar
 nothing from one step to the next: after any failure, or when workers are placed anew, they are placed
 again for where the workers now run.
 
-(Compression stays per worker, over Ray: its error feedback is per worker and in the checkpoints,
-which a per-node sum would tie to where the workers ran.)
+Compressed steps stay per worker (their error feedback is per worker and in the checkpoints, which a
+per-node sum would tie to where the workers ran): no plane and no reducer; top-k payloads go between
+machines over the links too (whole, sparse both ways), fp16 and everything on one node over Ray calls.
 """
 from __future__ import annotations
 
@@ -42,14 +43,16 @@ class DataPlane:
         """The shards' planes, then the reducers; a host that cannot give shared memory is said in one
         line, and Ray carries its steps."""
         f, c = self.fleet, self.fleet.plan.config
-        if f.backend.name != "ray" or c.compress != "none" or c.data_plane != "shm":
+        if f.backend.name != "ray" or c.data_plane != "shm":
             return
+        if c.mode == "sync" and (c.compress == "none" or c.compress.startswith("topk")):
+            f.call_servers("open_link", link_chunk(f.bounds[0][1] - f.bounds[0][0]))   # top-k: whole, sparse
+        if c.compress != "none":
+            return   # compressed payloads are per worker: no shared plane, no node's sum
         why = [w for w in f.call_servers("open_plane") if w]
         self.kind = "ray" if why else "shm"
         if why:
             f.log(f"shared memory unavailable ({why[0]}); the steps' data goes through Ray")
-        if c.mode == "sync":
-            f.call_servers("open_link", link_chunk(f.bounds[0][1] - f.bounds[0][0]))
         self.place()
 
     def place(self) -> None:
