@@ -141,18 +141,19 @@ def test_a_link_down_for_seconds_delays_the_run_and_changes_nothing(mnist, tmp_p
 
 @needs_root
 def test_the_wire_carries_what_a_run_accounts_for_each_way(mnist, tmp_path):
-    """Sync and --compress topk:0.05 runs on two machines (an MLP of 0.2 MB, 32 steps): machine 1's
-    interface counters, between the first and the last logged step, per step and direction, against
-    the run's bytes_per_step (per worker: one worker per machine). Sync: within 10%. Top-k: within 10% plus the framing of a Ray call
-    (a few kB a step, whatever the payload), and both directions far below sync's. The shard runs on
-    machine 0, beside the driver: machine 1 sends its worker's gradient and receives the reply."""
+    """Sync and --compress topk:0.05 runs on two machines (an MLP of 0.8 MB, 32 steps, the driver's
+    calls every 4): machine 1's interface counters, between the first and the last logged step, per
+    step and direction, against the run's bytes_per_step (per worker: one worker per machine). Both
+    within 10% (top-k: plus 4 kB a step for the driver's calls and what Ray itself exchanges
+    meanwhile), and top-k's far below sync's. The shard runs on machine 0, beside the driver: machine
+    1 sends its worker's gradient and receives the reply."""
     per_step = {}
     with testbed.Machines(2, rate="1gbit") as m:
         for name, flags in (("sync", []), ("topk", ["--compress", "topk:0.05"])):
             out, log = tmp_path / name, tmp_path / f"{name}.log"
             with open(log, "w") as sink:   # a file, not a pipe: nothing reads it while the run goes on
-                run = m.popen(0, train_args(mnist, out, "--address", m.address, "--log-every", "1", "--batch-size",
-                                            "8", "--model-options", "{hidden = [64]}", *flags),
+                run = m.popen(0, train_args(mnist, out, "--address", m.address, "--log-every", "4", "--batch-size",
+                                            "8", "--model-options", "{hidden = [256]}", *flags),
                               stdout=sink, stderr=subprocess.STDOUT)
                 samples = m.counters_by_step(run, out / "metrics.jsonl")
                 assert run.wait(timeout=60) == 0, log.read_text()[-3000:]
@@ -165,5 +166,5 @@ def test_the_wire_carries_what_a_run_accounts_for_each_way(mnist, tmp_path):
     sync, topk = per_step["sync"], per_step["topk"]
     for way in ("up", "down"):   # the counters are read as step lines come: a step or so of lag either end
         assert 0.9 * sync[f"account_{way}"] <= sync[way] <= 1.1 * sync[f"account_{way}"], sync
-        assert 0.9 * topk[f"account_{way}"] <= topk[way] <= 1.1 * topk[f"account_{way}"] + 8192, topk
+        assert 0.9 * topk[f"account_{way}"] <= topk[way] <= 1.1 * topk[f"account_{way}"] + 4096, topk
         assert topk[way] < sync[way] / 4, (topk, sync)
