@@ -25,29 +25,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from distnn import testbed
 from distnn._hardware import describe as describe_host
 from distnn._io import atomic_write_text
 from distnn.data.prepare import prepare
-from distnn.data.writer import _write
+
+from benchmark_scaling import fake_cifar   # the generated CIFAR-shaped set of the scaling benchmark
 
 MODES = {"sync": [], "raycalls": ["--data-plane", "ray"], "servers2": ["--servers", "2"],
          "topk": ["--compress", "topk:0.01"], "local8": ["--sync-every", "8"]}
 SCRIPTS = Path(__file__).resolve().parent
-
-
-def fake_cifar(root: Path, n=5120) -> Path:
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
-    fine = rng.integers(0, 100, n)
-    folder = root / "cifar100"
-    folder.mkdir(parents=True)
-    labels = {"fine_labels": fine.astype(np.uint8), "coarse_labels": (fine // 5).astype(np.uint8)}
-    _write(folder, "cifar100", {"train": (images, labels), "test": (images[:256], {k: v[:256] for k, v in labels.items()})},
-           {"fine_labels": [str(i) for i in range(100)], "coarse_labels": [str(i) for i in range(20)]}, {}, 8, None, False)
-    return folder
 
 
 def distnn_run(m, data, out, flags, epochs, log_every=10) -> dict:
@@ -112,7 +99,8 @@ def main(argv=None):
         tmp = Path(tmp)
         data = {"lenet5": prepare("mnist", tmp, source=args.source, progress=False, log=lambda *a: None)}
         if "cifar_convnet" in args.models:
-            data["cifar_convnet"] = fake_cifar(tmp)
+            fake_cifar(tmp, n=5120)
+            data["cifar_convnet"] = tmp / "cifar100"
         for rate in args.rates:
             with testbed.Machines(2, rate=rate) as m:
                 for model in args.models:

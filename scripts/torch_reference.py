@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 from distnn._io import atomic_write_text
 from distnn.data import Loader, open_dataset
 from distnn.interchange import torch_twin
+from distnn.optim import make_schedule
 
 
 def main(argv=None):
@@ -45,12 +45,8 @@ def main(argv=None):
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     total = len(train) * args.epochs
 
-    def factor(step):
-        if step < args.warmup:
-            return (step + 1) / args.warmup
-        t = min(step - args.warmup, total - args.warmup) / max(total - args.warmup, 1)
-        return 0.5 * (1 + math.cos(math.pi * t))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    # distnn's own schedule function: the recipe is the same code, not a copy of its formula
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, make_schedule("cosine", total, args.warmup))
     loss_fn = nn.CrossEntropyLoss()
     start, epochs, reached = time.perf_counter(), [], None
     for epoch in range(args.epochs):

@@ -31,6 +31,16 @@ def train_args(data, out, *extra):
             "--batch-size", "16", "--workers", "2", "--seed", "4", "--out", str(out), "--quiet", *map(str, extra)]
 
 
+def running_past_ten_steps(run, metrics, timeout=180.0) -> None:
+    """Wait until the run ``run`` has logged ten lines in ``metrics`` and is still running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and run.poll() is None:
+        if metrics.exists() and sum(1 for _ in metrics.open()) >= 10:
+            break
+        time.sleep(0.2)
+    assert run.poll() is None, run.communicate()[1][-3000:]
+
+
 def test_rates_and_burst_sizes_are_read_as_tc_writes_them():
     assert testbed.parse_rate("100mbit") == 1e8 and testbed.parse_rate("10gbit") == 1e10
     assert testbed.burst_for("10gbit") == "2mb" and testbed.burst_for("100mbit") == "32kb"
@@ -95,12 +105,7 @@ def test_a_machine_lost_mid_run_leaves_the_survivor_to_finish(mnist, tmp_path):
                                     "--batch-size", "8", "--start-timeout", "15", "--step-timeout", "120",
                                     "--log-every", "1"),
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        metrics, deadline = out / "metrics.jsonl", time.monotonic() + 180
-        while time.monotonic() < deadline and run.poll() is None:
-            if metrics.exists() and sum(1 for _ in metrics.open()) >= 10:
-                break
-            time.sleep(0.2)
-        assert run.poll() is None, run.communicate()[1][-3000:]
+        running_past_ten_steps(run, out / "metrics.jsonl")
         m.lose(1)
         stdout, stderr = run.communicate(timeout=300)
     assert run.returncode == 0, stderr[-3000:]
@@ -120,12 +125,7 @@ def test_a_link_down_for_seconds_delays_the_run_and_changes_nothing(mnist, tmp_p
     with testbed.Machines(2, rate="1gbit") as m:
         run = m.popen(0, train_args(mnist, out, "--address", m.address, *args),
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        metrics, deadline = out / "metrics.jsonl", time.monotonic() + 180
-        while time.monotonic() < deadline and run.poll() is None:
-            if metrics.exists() and sum(1 for _ in metrics.open()) >= 10:
-                break
-            time.sleep(0.2)
-        assert run.poll() is None, run.communicate()[1][-3000:]
+        running_past_ten_steps(run, out / "metrics.jsonl")
         m.link(1, up=False)
         time.sleep(4)
         m.link(1, up=True)
