@@ -13,7 +13,8 @@ from pathlib import Path
 from .data.sources import SOURCES
 from .models import ZOO
 from .models.builders import is_reference
-from .optim import OPTIMIZERS, SCHEDULES
+from .optim import OPTIMIZERS
+from .schedules import SCHEDULES
 from .parallel.compress import parse as parse_compress
 
 if sys.version_info >= (3, 11):

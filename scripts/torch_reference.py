@@ -19,7 +19,7 @@ import numpy as np
 from distnn._io import atomic_write_text
 from distnn.data import Loader, open_dataset
 from distnn.interchange import torch_twin
-from distnn.optim import make_schedule
+from distnn.schedules import make_schedule
 
 
 def main(argv=None):

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..optim import Optimizer, make_optimizer, make_schedule
+from ..optim import Optimizer, make_optimizer
+from ..schedules import make_schedule
 
 
 @dataclass(frozen=True)
