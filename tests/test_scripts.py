@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,6 +35,7 @@ def test_benchmark_core_writes_its_table(tmp_path):
     assert rows[0]["distnn_samples_per_s"] > 0 and rows[0]["ratio"] is None
 
 
+@pytest.mark.cluster   # starts a Ray cluster: not in the quick loop
 def test_simulate_scaling_measures_fits_and_plots(tmp_path):
     """The simulation on tiny settings: every point measured, the knees found, the cost model fitted
     and checked against a real run's figures, the workers per shard for each link, the plot drawn."""
@@ -56,6 +59,7 @@ def test_simulate_scaling_measures_fits_and_plots(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG" and "where a shard saturates" in proc.stdout
 
 
+@pytest.mark.cluster   # starts a Ray cluster: not in the quick loop
 def test_simulate_scaling_on_emulated_nodes_counts_one_message_per_node(tmp_path):
     """--nodes: 4 simulated workers on 1 and on 2 emulated nodes, each point over Ray calls and the
     data plane: the shard gets a message per worker over Ray calls, and over the data plane one per
@@ -78,6 +82,7 @@ def test_simulate_scaling_on_emulated_nodes_counts_one_message_per_node(tmp_path
     assert check["measured_ms"] == 0.9 and "data plane cost model" in proc.stdout
 
 
+@pytest.mark.cluster   # starts a Ray cluster: not in the quick loop
 def test_node_message_ab_sends_both_ways(tmp_path):
     out = tmp_path / "ab.json"
     proc = run_script(ROOT / "scripts" / "ab_node_messages.py", "--sizes", "30000", "--repeats", "1", "--out", out)
@@ -86,6 +91,7 @@ def test_node_message_ab_sends_both_ways(tmp_path):
     assert sorted(r["chunked"] for r in rows) == [False, True] and all(r["round_trip_ms"] > 0 for r in rows)
 
 
+@pytest.mark.cluster   # starts a Ray cluster: not in the quick loop
 def test_compiled_graph_ab_runs_both_ways(tmp_path):
     from datagen import prepared_mnist
     data = prepared_mnist(tmp_path / "data", n_train=256, n_test=32, seed=1, shards=2)

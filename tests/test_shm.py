@@ -286,6 +286,7 @@ def run_on_two_nodes(config, cpus, kill=None):
     return json.loads(line[7:])
 
 
+@pytest.mark.cluster   # starts a Ray cluster: not in the quick loop
 @pytest.mark.parametrize("workers,sync_every", [(2, 1), (4, 1), (2, 4)])
 def test_across_two_nodes_a_shard_gets_one_message_per_node_and_step(data_dir, tmp_path, workers, sync_every):
     """Two nodes, the workers spread over both: the node without the shard gets a reducer when it has
@@ -307,6 +308,7 @@ def test_across_two_nodes_a_shard_gets_one_message_per_node_and_step(data_dir, t
     assert set(os.listdir("/dev/shm")) <= before
 
 
+@pytest.mark.cluster   # starts a Ray cluster: not in the quick loop
 @pytest.mark.parametrize("victim", ["reducer", "worker"])
 def test_a_killed_reducer_or_worker_on_its_node_is_recovered(data_dir, tmp_path, victim):
     """SIGKILL at step 5 of the reducer (two workers per node), or of the worker on the node without

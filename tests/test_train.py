@@ -105,6 +105,7 @@ def test_async_on_ray_respects_bound(data_dir, tmp_path, ray_backend, pipeline):
     assert any("staleness" in r for r in lines if r["type"] == "step")
 
 
+@pytest.mark.cluster   # starts a Ray cluster: not in the quick loop
 def test_two_node_cluster_trains(data_dir, tmp_path):
     script = textwrap.dedent(f"""
         import sys

@@ -139,6 +139,7 @@ def run_script(code, timeout=300):
     return json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
 
 
+@pytest.mark.cluster   # starts a Ray cluster: not in the quick loop
 def test_builder_code_travels_to_ray_workers(data_dir, tmp_path, builder):
     result = run_script(RAY_SCRIPT.format(root=str(ROOT), model=f"{builder}:build", data=str(data_dir),
                                           out=str(tmp_path / "run"), address=None))
@@ -147,6 +148,7 @@ def test_builder_code_travels_to_ray_workers(data_dir, tmp_path, builder):
                                                for s in result["sources"])    # the shipped copy
 
 
+@pytest.mark.cluster   # starts a Ray cluster: not in the quick loop
 def test_builder_on_a_two_node_cluster(data_dir, tmp_path, builder):
     """One CPU per node and one per worker: the two workers run on different nodes."""
     code = textwrap.dedent(f"""
@@ -167,6 +169,7 @@ def test_builder_on_a_two_node_cluster(data_dir, tmp_path, builder):
     assert result["steps"] == 8 and all(s != str(builder) for s in result["sources"])
 
 
+@pytest.mark.cluster   # starts a Ray cluster: not in the quick loop
 def test_cli_trains_builder_on_two_ray_workers(data_dir, tmp_path, builder):
     proc = subprocess.run([sys.executable, "-m", "distnn.cli", "train", "--model", f"{builder}:build",
                            "--model-options", "{width = 8}", "--data", str(data_dir), "--workers", "2",
@@ -307,6 +310,7 @@ def test_predict_command_writes_probabilities(tmp_path, capsys):
     assert [r.split(",")[0] for r in out[1:]] == ["0.png", "1.png", "2.png"]
 
 
+@pytest.mark.cluster   # starts a Ray cluster: not in the quick loop
 def test_fit_trains_builder_on_two_ray_workers(tmp_path, builder):
     x, y = arrays(seed=2)
     np.savez(tmp_path / "mine.npz", x=x, y=y)
