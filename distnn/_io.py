@@ -67,3 +67,12 @@ def atomic_path(path, needed: int | None = None):
 def atomic_write_text(path, text: str) -> None:
     with atomic_path(path, len(text.encode())) as tmp:
         tmp.write_text(text)
+
+
+def cache_dir() -> Path:
+    """This machine's cache of distnn (calibrations, fetched shards): ``DISTNN_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/distnn`` or ``~/.cache/distnn``."""
+    own = os.environ.get("DISTNN_CACHE_DIR")
+    if own:
+        return Path(own)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "distnn"

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from .._io import cache_dir
+
 ALGORITHMS = ("im2col", "winograd", "shifted")
 STEPS = ("forward", "input_grad", "weight_grad")
 REPEATS = 3                # timed runs of each algorithm after one warm-up; the best counts
@@ -155,13 +157,6 @@ class recording:
 
 
 # -- the host cache ---------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    own = os.environ.get("DISTNN_CACHE_DIR")
-    if own:
-        return Path(own)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "distnn"
-
-
 def cache_file() -> Path:
     return cache_dir() / f"conv-{socket.gethostname()}.json"
 
