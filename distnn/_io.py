@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def atomic_path(path, needed: int | None = None):
     """Yields a temporary path beside ``path``; after the block it is renamed to ``path``. On any
     error the temporary file is removed, and an OSError becomes a WriteFailed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")   # one per writer
     try:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
