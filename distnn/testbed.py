@@ -105,11 +105,12 @@ def remove_stale() -> list[str]:
 
 class Machines:
     """``n`` emulated machines, each with ``cpus`` CPUs for Ray and a link of ``rate`` (both ways).
-    ``hide``: {machine index: folders its Ray node must not see}. Use as a context manager, or call
-    ``close``."""
+    ``hide``: {machine index: folders its Ray node must not see}; ``nodes``: how many machines start
+    their Ray node now (the rest ``join`` later; default all). Each machine has a cache folder of its
+    own (``cache``: its ``DISTNN_CACHE_DIR``). Use as a context manager, or call ``close``."""
 
     def __init__(self, n: int = 2, rate: str = "1gbit", cpus: int = 1, hide: dict | None = None,
-                 burst: str | None = None, start_timeout: float = 90.0):
+                 burst: str | None = None, start_timeout: float = 90.0, nodes: int | None = None):
         if n < 1 or n > 200:
             raise ValueError(f"machines: {n}; give 1 to 200")
         why = unavailable()
@@ -129,7 +130,9 @@ class Machines:
         self._made = []
         try:
             self._network()
-            self._ray(start_timeout)
+            for i in range(n if nodes is None else nodes):
+                self._start_node(i, start_timeout)
+            self.wait_nodes(n if nodes is None else nodes, start_timeout)
         except BaseException:
             self.close()
             raise
@@ -181,8 +184,12 @@ class Machines:
         """The environment of a process on machine ``i``: the cluster's address and token, no proxy."""
         env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and k != "RAY_ADDRESS"}
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_ADDRESS=self.address,
-                   RAY_USAGE_STATS_ENABLED="0", DISTNN_MACHINE=str(i))
+                   RAY_USAGE_STATS_ENABLED="0", DISTNN_MACHINE=str(i), DISTNN_CACHE_DIR=str(self.cache(i)))
         return env
+
+    def cache(self, i: int) -> Path:
+        """Machine ``i``'s cache folder (its processes' ``DISTNN_CACHE_DIR``)."""
+        return self.root / f"cache-m{i}"
 
     def command(self, i: int, argv: list) -> list:
         """``argv`` as run on machine ``i``: in its network namespace, with its hidden folders hidden."""
@@ -194,22 +201,24 @@ class Machines:
                        "hide"]
         return prefix + [str(a) for a in argv]
 
-    def _ray(self, timeout: float) -> None:
+    def _start_node(self, i: int, timeout: float) -> None:
         ray = [sys.executable, "-m", "ray.scripts.scripts", "start", "--num-cpus", str(self.cpus),
                "--disable-usage-stats"]
-        for i, ip in enumerate(self.ips):
-            temp = self.root / f"m{i}"
-            temp.mkdir()
-            # every node its own --temp-dir: a node writes its ray_current_cluster pointer there, and one
-            # in /tmp/ray would send a later plain ray.init() on this host to this cluster
-            role = (["--head", "--port", str(PORT), "--include-dashboard=false"] if i == 0
-                    else ["--address", self.address]) + ["--temp-dir", str(temp)]
-            done = subprocess.run(self.command(i, ray + role + ["--node-ip-address", ip]), env=self.env(i),
-                                  capture_output=True, text=True, timeout=timeout, cwd=self.root)
-            if done.returncode != 0:
-                tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
-                raise RuntimeError(f"the Ray node of emulated machine {i} ({ip}) did not start:\n{tail}")
-        self.wait_nodes(self.n, timeout)
+        temp = self.root / f"m{i}"
+        temp.mkdir()
+        # every node its own --temp-dir: a node writes its ray_current_cluster pointer there, and one
+        # in /tmp/ray would send a later plain ray.init() on this host to this cluster
+        role = (["--head", "--port", str(PORT), "--include-dashboard=false"] if i == 0
+                else ["--address", self.address]) + ["--temp-dir", str(temp)]
+        done = subprocess.run(self.command(i, ray + role + ["--node-ip-address", self.ips[i]]), env=self.env(i),
+                              capture_output=True, text=True, timeout=timeout, cwd=self.root)
+        if done.returncode != 0:
+            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+            raise RuntimeError(f"the Ray node of emulated machine {i} ({self.ips[i]}) did not start:\n{tail}")
+
+    def join(self, i: int, timeout: float = 90.0) -> None:
+        """Start machine ``i``'s Ray node now (one left out by ``nodes``): the machine joins the cluster."""
+        self._start_node(i, timeout)
 
     def wait_nodes(self, count: int, timeout: float = 60.0) -> None:
         """Wait until the cluster has ``count`` alive nodes (asked from machine 0)."""
