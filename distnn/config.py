@@ -47,6 +47,9 @@ class TrainConfig:
                                       "default: the first)")
     data: str = option("datasets", "folder holding prepared datasets")
     source: str | None = option(None, "raw files to prepare a missing dataset from (default: download)")
+    fetch_data: bool = option(True, "a machine that lacks the shards its workers read (or holds copies that differ "
+                                    "from the manifest) gets them from the driver's machine into its cache "
+                                    "(DISTNN_CACHE_DIR); --no-fetch-data: a missing shard stops the run")
     workers: int | str = option(0, "gradient workers: N, or MIN:MAX to follow the cluster (start once MIN can be "
                                    "placed, use up to MAX, go on with the survivors when a node is lost, grow back "
                                    "when one joins; Ray only); 0: one per CPU of the cluster")

@@ -113,3 +113,19 @@ def test_kernel_ab_times_both_paths(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 4 and all(min(r["numpy"]) > 0 and min(r["numba"]) > 0 for r in rows)
+
+
+@pytest.mark.cluster   # starts emulated machines and local Ray clusters: not in the quick loop
+def test_fetch_benchmark_measures_the_rate_and_the_start(tmp_path):
+    from distnn import testbed
+    out = tmp_path / "fetch.json"
+    proc = run_script(ROOT / "scripts" / "benchmark_fetch.py", "--mb", "1", "--repeat", "1", "--baseline", ROOT,
+                      "--pairs", "1", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert [r["who"] for r in result["start"]] == ["this tree", "baseline"]
+    assert all(r["wall_s"] > 0 for r in result["start"]) and result["host"]["cpu"]
+    if testbed.unavailable() is None:   # root: the emulated machines ran (in CI they do)
+        [row] = result["fetch"]
+        assert row["bytes"] > 1e6 and 0 < row["of_link"] < 1.2
+    assert "median wall s" in proc.stdout

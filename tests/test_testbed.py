@@ -3,6 +3,7 @@ shaped links and a Ray node each. They need root; CI runs as root, so there thes
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -168,3 +169,69 @@ def test_the_wire_carries_what_a_run_accounts_for_each_way(mnist, tmp_path):
         assert 0.9 * sync[f"account_{way}"] <= sync[way] <= 1.1 * sync[f"account_{way}"], sync
         assert 0.9 * topk[f"account_{way}"] <= topk[way] <= 1.1 * topk[f"account_{way}"] + 4096, topk
         assert topk[way] < sync[way] / 4, (topk, sync)
+
+
+def cached_shards(m, i: int) -> dict:
+    """{file name: bytes} of the shards in machine ``i``'s cache."""
+    return {p.name: p.read_bytes() for p in sorted((m.cache(i) / "datasets").glob("mnist-*/*.h5"))}
+
+
+@needs_root
+def test_a_machine_without_the_dataset_gets_its_shards_and_trains_the_same(mnist, tmp_path):
+    """Machine 1's view of the file system lacks the dataset folder: its worker's four shards (not the
+    other four) come from machine 0 into its cache, and the run equals the local backend's bit for bit.
+    A cached shard corrupted between runs is fetched again; with --no-fetch-data (and no cache) the run
+    stops with one line naming the machine and the files."""
+    theirs = ["test-00001-of-00004.h5", "test-00003-of-00004.h5", "train-00001-of-00004.h5",
+              "train-00003-of-00004.h5"]
+    out = tmp_path / "machines"
+    with testbed.Machines(2, rate="1gbit", hide={1: [mnist.parent]}) as m:
+        args = [a for a in train_args(mnist, out, "--address", m.address) if a != "--quiet"]
+        done = m.run(0, args, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "fetching shards from this machine" in done.stdout and "10.88.0.11 lacks" in done.stdout
+        cached = cached_shards(m, 1)
+        assert list(cached) == theirs and all(cached[f] == (mnist / f).read_bytes() for f in theirs)
+        assert not (m.cache(0) / "datasets").exists()
+        [fetched] = json.loads((out / "summary.json").read_text())["data_fetched"]
+        assert fetched["machines"] == ["10.88.0.11"] and fetched["bytes"] == sum(map(len, cached.values()))
+
+        shard = next((m.cache(1) / "datasets").glob(f"mnist-*/{theirs[2]}"))
+        shard.write_bytes(shard.read_bytes()[:-100] + b"\0" * 100)
+        done = m.run(0, train_args(mnist, tmp_path / "again", "--address", m.address), timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert shard.read_bytes() == (mnist / theirs[2]).read_bytes()
+        [fetched] = json.loads((tmp_path / "again" / "summary.json").read_text())["data_fetched"]
+        assert fetched["bytes"] == shard.stat().st_size
+
+        shutil.rmtree(m.cache(1))
+        done = m.run(0, train_args(mnist, tmp_path / "off", "--address", m.address, "--no-fetch-data"), timeout=300)
+        assert done.returncode != 0 and "Traceback" not in done.stderr
+        [line] = [ln for ln in done.stderr.splitlines() if "lacks" in ln]
+        assert f"{mnist}: 10.88.0.11 lacks {', '.join(theirs)}" in line and "--no-fetch-data is set" in line
+    local = subprocess.run(train_args(mnist, tmp_path / "local", "--backend", "local"), capture_output=True,
+                           text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert same(final_state(out), final_state(tmp_path / "local"))
+
+
+@needs_root
+def test_a_machine_that_joins_an_elastic_run_gets_its_shards(mnist, tmp_path):
+    """--workers 1:2 started on machine 0 alone; machine 1 (without the dataset folder) joins after ten
+    steps: at the next checkpoint the run grows to two workers, and the new one's shards are fetched."""
+    out = tmp_path / "run"
+    with testbed.Machines(2, rate="1gbit", hide={1: [mnist.parent]}, nodes=1) as m:
+        run = m.popen(0, train_args(mnist, out, "--address", m.address, "--workers", "1:2", "--epochs", "3",
+                                    "--batch-size", "8", "--checkpoint-every", "16", "--log-every", "1"),
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        running_past_ten_steps(run, out / "metrics.jsonl")
+        m.join(1)
+        stdout, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr[-3000:]
+        cached = cached_shards(m, 1)
+    summary = json.loads((out / "summary.json").read_text())
+    [change] = summary["membership"]
+    assert change["workers_before"] == 1 and change["workers"] == 2 and summary["workers"] == 2
+    [fetched] = summary["data_fetched"]
+    assert fetched["machines"] == ["10.88.0.11"] and len(cached) == 4
+    assert all(data == (mnist / name).read_bytes() for name, data in cached.items())

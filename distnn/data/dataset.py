@@ -26,19 +26,26 @@ class ShardedDataset:
     """A prepared dataset folder (``datasets/mnist``). Picklable: it holds paths and the manifest, never
     an open h5py handle; every read opens and closes its own."""
 
-    def __init__(self, path, verify: bool = True):
+    def __init__(self, path, verify: bool = True, manifest: str | None = None):
+        """``manifest``: the manifest's text as read elsewhere (the driver's machine), for a worker
+        whose machine may not hold the folder; None reads ``path/manifest.json``."""
         self.path = Path(path)
         self.verify = verify
+        self.found = {}   # shard file -> its copy on this machine, checked against the manifest
         manifest_path = self.path / MANIFEST
-        if not manifest_path.is_file():
+        if manifest is not None:
+            self.manifest_text = manifest
+        elif not manifest_path.is_file():
             from .sources import SOURCES
             how = (f"`python scripts/prepare_data.py {self.path.name} --out {self.path.parent}`"
                    if self.path.name in SOURCES else
                    f"`distnn prepare idx|npz|folder|hdf5 --source YOUR_DATA --name {self.path.name} "
                    f"--out {self.path.parent}`")
             raise DataError(f"{manifest_path}: no prepared dataset here; run {how}")
+        else:
+            self.manifest_text = manifest_path.read_text()
         try:
-            self.manifest = json.loads(manifest_path.read_text())
+            self.manifest = json.loads(self.manifest_text)
         except ValueError as e:
             raise DataError(f"{manifest_path}: not valid JSON ({e}); prepare the dataset again with --force") from None
         if self.manifest.get("format_version") != FORMAT_VERSION:
@@ -116,6 +123,10 @@ class ShardedDataset:
             offset += s["count"]
         return pieces
 
+    def entries(self) -> dict:
+        """Every shard file of every split -> its manifest entry (``count``, ``sha256``)."""
+        return {s["file"]: s for split in self.manifest["splits"].values() for s in split["shards"]}
+
     def read(self, split: str, pieces: list[Piece], labels: str | None = None):
         """(x, labels int64 (N,)) of the given pieces, checked against the manifest: x uint8 images
         (N, C, H, W) or float32 features (N, D)."""
@@ -125,11 +136,11 @@ class ShardedDataset:
         dtype = np.uint8 if self.kind == "images" else np.float32
         xs, ys = [], []
         for piece in pieces:
-            path = self.path / piece.file
+            path = self.found.get(piece.file, self.path / piece.file)
             entry = entries[piece.file]
             if not path.is_file():
                 raise DataError(f"{path}: shard missing; prepare the dataset again with --force")
-            if self.verify and file_digest(path) != entry["sha256"]:
+            if self.verify and piece.file not in self.found and file_digest(path) != entry["sha256"]:
                 raise DataError(f"{path}: checksum differs from the manifest (corrupt or modified shard); "
                                 "prepare the dataset again with --force")
             try:
@@ -152,5 +163,5 @@ class ShardedDataset:
         return np.concatenate(xs), np.concatenate(ys)
 
 
-def open_dataset(path, verify: bool = True) -> ShardedDataset:
-    return ShardedDataset(path, verify)
+def open_dataset(path, verify: bool = True, manifest: str | None = None) -> ShardedDataset:
+    return ShardedDataset(path, verify, manifest)

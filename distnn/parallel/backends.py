@@ -122,6 +122,18 @@ class RayBackend:
         self._placed += 1
         return NodeAffinitySchedulingStrategy(nodes[self._placed % len(nodes)], soft=False)
 
+    def here(self) -> str:
+        """The node the driver runs on."""
+        return self.ray.get_runtime_context().get_node_id()
+
+    def node_of(self, handle):
+        """A future of the node ``handle``'s process runs on."""
+        return handle.node.remote()
+
+    def host(self) -> str:
+        """The address other nodes reach the driver's node at."""
+        return self.nodes()[self.here()][0]
+
     def call(self, handle, method, *args, num_returns=1, **kwargs):
         return getattr(handle, method).options(num_returns=num_returns).remote(*args, **kwargs)
 

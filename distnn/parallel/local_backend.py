@@ -18,8 +18,18 @@ class LocalBackend:
     name = "local"
     eager = True   # a call runs when it is made: queuing work ahead gains nothing
 
-    def create(self, cls, *args, cpus=1, **kwargs):
+    def create(self, cls, *args, cpus=1, node=None, **kwargs):
         return cls(*args, **kwargs)
+
+    def here(self) -> str:
+        """The node the driver runs on."""
+        return "local"
+
+    def node_of(self, handle) -> LocalFuture:
+        return LocalFuture("local")
+
+    def host(self) -> str:
+        return "127.0.0.1"
 
     def call(self, handle, method, *args, num_returns=1, **kwargs):
         try:  # a failed argument fails the call, as in Ray

@@ -17,7 +17,8 @@ class DataSpec:
     ``path``: a prepared dataset folder; ``batch_size``: per worker; ``labels``: the label field
     (None: the dataset's default; CIFAR-100: 'fine' or 'coarse'); ``seed``: seeds data order,
     augmentation and dropout with (seed, rank, epoch, batch); ``augment``: None (the dataset's default),
-    'none', 'crop' or 'crop+flip'; ``augment_pad``: zero padding before the random crop.
+    'none', 'crop' or 'crop+flip'; ``augment_pad``: zero padding before the random crop; ``manifest``: the
+    manifest's text as the driver read it (a worker's machine may lack the folder: ``data.fetch``).
     """
     path: str
     batch_size: int
@@ -27,6 +28,7 @@ class DataSpec:
     augment_pad: int = 4
     label_smoothing: float = 0.0
     eval_batch_size: int = 500
+    manifest: str | None = None
 
 
 @dataclass(frozen=True)

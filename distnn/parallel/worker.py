@@ -13,7 +13,8 @@ from threadpoolctl import ThreadpoolController
 from .. import ops
 from ..ops import conv_choice
 from ..autograd import train_mode
-from ..data import Loader, open_dataset
+from ..data import DataError, Loader, open_dataset
+from ..data.fetch import LocalShards, Stream
 from ..models import build_model, builders, evaluate
 from ..nn import Dropout
 from .compress import Compressor
@@ -44,13 +45,14 @@ class GradientWorker(StepLoops):
         self._blas = ThreadpoolController()
         self.spec = spec
         self.model = build_model(spec)
-        self.dataset = open_dataset(data.path)
+        self.dataset = open_dataset(data.path, manifest=data.manifest)
         self.seed = data.seed
         self.label_smoothing = data.label_smoothing
         self.loader = Loader(self.dataset, "train", rank, world_size, data.batch_size, seed=self.seed,
                              labels=data.labels, augment=data.augment, pad=data.augment_pad, drop_last=True)
         self.test_loader = Loader(self.dataset, "test", rank, world_size, data.eval_batch_size,
                                   labels=data.labels, shuffle=False, augment=False)
+        self.on_disk = LocalShards(self.dataset, [p.file for ld in (self.loader, self.test_loader) for p in ld.pieces])
         self._dropouts = [m for _, m in self.model.named_modules() if isinstance(m, Dropout)]
         self.compressor = None if compress == "none" else Compressor(compress, self.model.flat_params.size)
         self._suffix = FinalSuffix(self.model)
@@ -60,8 +62,22 @@ class GradientWorker(StepLoops):
         """This worker's rank: an answer means its process was placed and the worker built."""
         return self.rank
 
+    def missing(self) -> list[str]:
+        """The shard files this worker reads that its machine holds nowhere with the manifest's
+        checksum (neither at the run's path nor in the cache: ``data.fetch``)."""
+        return self.on_disk.locate()
+
+    def fetch(self, offer: tuple, timeout: float) -> int:
+        """The missing shards from the ``data.fetch.ShardSource`` that made ``offer`` into this machine's
+        cache, each wait up to ``timeout`` s; returns the bytes received."""
+        return self.on_disk.fetch(Stream(offer, timeout), timeout)
+
     def ready(self) -> int:
         """Touch the data (read this worker's part) and return the number of batches per epoch."""
+        missing = self.on_disk.locate()
+        if missing:
+            raise DataError(f"{self.dataset.path}: shard {', '.join(missing)} missing on worker {self.rank}'s "
+                            "machine or its checksum differs from the manifest; prepare the dataset again")
         _ = self.loader.data
         return len(self.loader)
 

@@ -12,6 +12,7 @@ import numpy as np
 from ..parallel import GradientWorker, ParameterServer
 from ..parallel.backends import NotReady
 from .errors import PlacementTimeout, TrainingError
+from .fetching import bring_shards
 from .fleet_state import FleetState
 from .planes import DataPlane
 
@@ -51,6 +52,7 @@ class Fleet(FleetState):
         # compressed sync steps: the shards reply with the step's (sparse) mean, applied by each worker
         self.reply_updates = self.compress != "none" and plan.config.mode == "sync"
         self.workers, self.servers, self.bounds = [], [], []
+        self.fetched = []   # the shard transfers to workers' machines (``fetching.bring_shards``)
         self.pending = []   # futures of sync steps handed out and not yet collected
         self.plane = DataPlane(self)   # the path of a sync step's data on each node
         self.dead_before = set(backend.dead_nodes())   # nodes dead before this fleet started
@@ -58,7 +60,7 @@ class Fleet(FleetState):
             for rank in range(self.world):
                 self.workers.append(self._new_worker(rank))
             self.started(self.workers, "ping", "workers")
-            batches = self.call_workers("ready")   # reading the data: as long as its size takes
+            batches = self.read_data(self.workers)
             if min(batches) != plan.length.steps_per_epoch:   # the plan and the workers read one manifest
                 raise RuntimeError(f"workers read {batches} batches per epoch; the plan counted "
                                    f"{plan.length.steps_per_epoch}")
@@ -82,6 +84,14 @@ class Fleet(FleetState):
             self.get([self.backend.call(h, "follow_updates", self.plan.optimizer, self.plan.schedule)
                       for h in handles])
         return values
+
+    def read_data(self, handles) -> list[int]:
+        """New workers read their data, the shards their machines lack fetched first (``fetching``):
+        as long as its size takes. Returns their batches per epoch."""
+        fetched = bring_shards(self, handles)
+        if fetched:
+            self.fetched.append(fetched)
+        return self.get([self.backend.call(h, "ready") for h in handles])
 
     def _new_worker(self, rank):
         return self.backend.create(GradientWorker, self.spec, self.data, rank, self.world, self.threads,
@@ -166,7 +176,7 @@ class Fleet(FleetState):
             self.backend.kill(w)
             self.workers[r] = self._new_worker(r)
         self.started(self.workers, "ping", "workers")
-        self.call_workers("ready")
+        self.read_data(self.workers)
         self.plane.place()
 
     def replace_worker(self, rank: int, buffers: np.ndarray | None = None) -> None:
@@ -174,7 +184,7 @@ class Fleet(FleetState):
         self.backend.kill(self.workers[rank])
         self.workers[rank] = self._new_worker(rank)
         self.started([self.workers[rank]], "ping", "workers")
-        self.get(self.backend.call(self.workers[rank], "ready"))
+        self.read_data([self.workers[rank]])
         if buffers is not None and buffers.size:
             self.get(self.backend.call(self.workers[rank], "set_buffers", buffers))
 

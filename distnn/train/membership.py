@@ -87,11 +87,13 @@ def resize(t, change: MembershipChange) -> None:
     inside the running job - every process anew, for the plan of the new world."""
     with t.report.paused():
         backend, owns, convolutions = t.fleet.backend, t.fleet.owns_backend, t.fleet.convolutions
+        fetched = t.fleet.fetched
         t.fleet.owns_backend = False
         t.fleet.close()
         t.plan = setup.resized(t.plan, change.world)
         t.length = t.plan.length
         t.fleet = Fleet(backend, t.plan, owns, convolutions, t.log)
+        t.fleet.fetched[:0] = fetched
         t.fleet.start_servers(t.model.flat_params, t.model.decay_mask())
         before = len(t.membership)
         restore(t, change.ckpt, change.reason)

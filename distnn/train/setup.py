@@ -171,8 +171,10 @@ def model_spec(c: TrainConfig, dataset: ShardedDataset) -> dict:
 
 
 def data_spec(c: TrainConfig, path: Path, world: int) -> DataSpec:
+    """What the workers read: the manifest travels with it, for machines that lack the folder."""
     return DataSpec(path=str(path), batch_size=c.worker_batch(world), labels=c.labels, seed=c.seed, augment=c.augment,
-                    augment_pad=4 if c.augment_pad is None else c.augment_pad, label_smoothing=c.label_smoothing)
+                    augment_pad=4 if c.augment_pad is None else c.augment_pad, label_smoothing=c.label_smoothing,
+                    manifest=(Path(path) / MANIFEST).read_text())
 
 
 def optimizer_spec(c: TrainConfig, world: int) -> OptimizerSpec:

@@ -184,6 +184,8 @@ class Trainer:
             fields["max_worker_lead"] = self.max_lead
         if self.membership:
             fields["membership"] = self.membership
+        if self.fleet.fetched:
+            fields["data_fetched"] = self.fleet.fetched
         samples = self.step * self.plan.data.batch_size * (self.length.world if c.mode == "sync" else 1)
         per_update = self.length.world if c.mode == "sync" else 1   # parameter vectors sent per update
         steps_run = max(self.report.steps_run, 1)
