@@ -221,15 +221,18 @@ def test_a_machine_that_joins_an_elastic_run_gets_its_shards(mnist, tmp_path):
     steps: at the next checkpoint the run grows to two workers, and the new one's shards are fetched."""
     out = tmp_path / "run"
     with testbed.Machines(2, rate="1gbit", hide={1: [mnist.parent]}, nodes=1) as m:
-        run = m.popen(0, train_args(mnist, out, "--address", m.address, "--workers", "1:2", "--epochs", "3",
+        # eight epochs of 64 steps: long enough for the node to start and a checkpoint to come on a busy host
+        run = m.popen(0, train_args(mnist, out, "--address", m.address, "--workers", "1:2", "--epochs", "8",
                                     "--batch-size", "8", "--checkpoint-every", "16", "--log-every", "1"),
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         running_past_ten_steps(run, out / "metrics.jsonl")
         m.join(1)
+        joined = sum(1 for _ in (out / "metrics.jsonl").open())
         stdout, stderr = run.communicate(timeout=300)
         assert run.returncode == 0, stderr[-3000:]
         cached = cached_shards(m, 1)
     summary = json.loads((out / "summary.json").read_text())
+    assert "membership" in summary, f"no growth: joined after {joined} metrics lines of {summary['steps']} steps"
     [change] = summary["membership"]
     assert change["workers_before"] == 1 and change["workers"] == 2 and summary["workers"] == 2
     [fetched] = summary["data_fetched"]
