@@ -3,8 +3,6 @@ another --workers, a node lost for good, a node that joins) by one rule (``train
 a run whose membership never changes untouched by it. The cluster cases run on a ``ray.cluster_utils.
 Cluster`` of one-CPU nodes in a subprocess of their own."""
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
+from clusters import on_cluster
 from datagen import prepared_rule
 from distnn.config import ConfigError, TrainConfig, workers_range
 from distnn.data import open_dataset
@@ -19,8 +18,6 @@ from distnn.train import Trainer, TrainingError, TrainingInterrupted, setup
 from distnn.train.checkpoints import resume_point
 from distnn.train.membership import async_position, position
 from distnn.train.schedule import RunLength
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -135,38 +132,28 @@ def test_a_range_whose_membership_never_changes_is_bit_identical(learnable, tmp_
 
 
 CLUSTER_RUN = """
-import faulthandler, json, sys, time
-faulthandler.dump_traceback_later(240, exit=True)   # a wait without a deadline shows where it waits
-sys.path.insert(0, {root!r})
-from ray.cluster_utils import Cluster
-from distnn.config import TrainConfig
-from distnn.parallel import RayBackend
-from distnn.train import Trainer, TrainingError
-cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": {head_cpus}}})
-nodes = [cluster.add_node(num_cpus=1) for _ in range({extra_nodes})]
-backend = RayBackend(address=cluster.address)
-cfg = TrainConfig(**{{**dict(model="mlp", data={data!r}, dataset="rule", workers={workers!r}, batch_size=16,
-                               epochs=2, backend="ray", out={out!r}, start_timeout=5, checkpoint_every=8,
-                               log_every=4, warmup=10), **{options}}}).validate()
+cfg = TrainConfig(**{**dict(model="mlp", data=data, dataset="rule", workers=workers, batch_size=16, epochs=2,
+                            backend="ray", out=out, start_timeout=5, checkpoint_every=8, log_every=4, warmup=10),
+                     **options}).validate()
 fired = []   # each event once: a step redone after a recovery comes again
 def on_step(trainer, step):
     if step != 6 or fired:
         return
     fired.append(step)
-    if {event!r} == "remove" and nodes:   # a node that runs a worker
+    if event == "remove" and nodes:   # a node that runs a worker
         fleet = trainer.fleet
         hosts = set(fleet.get([fleet.backend.call(w, "node") for w in fleet.workers]))
         victim = next((n for n in nodes if n.node_id in hosts), nodes[-1])
         nodes.remove(victim)
         cluster.remove_node(victim)
         print("EVENT", time.monotonic(), flush=True)
-    if {event!r} == "drain":   # a preemption notice, as a cloud's autoscaler gives it
+    if event == "drain":   # a preemption notice, as a cloud's autoscaler gives it
         from ray._raylet import GcsClient
         from ray.core.generated import autoscaler_pb2
         reason = autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")
         accepted, _ = GcsClient(address=cluster.address).drain_node(nodes[0].node_id, reason, "a test", 0)
         print("EVENT", time.monotonic(), accepted, flush=True)
-    if {event!r} == "add" and not nodes:
+    if event == "add" and not nodes:
         nodes.append(cluster.add_node(num_cpus=1))
         print("EVENT", time.monotonic(), flush=True)
 started = time.monotonic()
@@ -181,20 +168,16 @@ try:
 except TrainingError as e:
     print("ERROR", e)
 print("END", time.monotonic())
-backend.ray.shutdown()
-cluster.shutdown()
 """
 
 
 def run_on_cluster(tmp_path, data, workers, event=None, head_cpus=1, extra_nodes=1, **options):
-    script = CLUSTER_RUN.format(root=str(ROOT), head_cpus=head_cpus, extra_nodes=extra_nodes, data=str(data),
-                                workers=workers, out=str(tmp_path / "run"), options=repr(options), event=event)
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
-    out = {line.split()[0]: line.partition(" ")[2] for line in lines if line.split()}
-    return out, [line[4:] for line in lines if line.startswith("LOG ")]
+    """A run of ``workers`` on a head of ``head_cpus`` CPUs and ``extra_nodes`` one-CPU nodes, with
+    ``event`` at step 6 (remove a worker's node, drain one, add one): ({first word: the rest of its
+    last line}, the run's log lines)."""
+    out = on_cluster(CLUSTER_RUN, head_cpus=head_cpus, nodes=[1] * extra_nodes, data=str(data), workers=workers,
+                     out=str(tmp_path / "run"), options=options, event=event)
+    return out.last, [line[4:] for line in out.stdout.splitlines() if line.startswith("LOG ")]
 
 
 @pytest.mark.parametrize("mode", ["sync", "async", "local_sgd"])

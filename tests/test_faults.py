@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from clusters import on_cluster
 from datagen import prepared_mnist, prepared_rule
 from runs import final_state, same, train
 from distnn.checkpoint import latest_checkpoint, load_checkpoint
@@ -318,54 +318,32 @@ def test_train_joins_the_cluster_ray_start_left_running(data_dir, tmp_path):
 def test_a_worker_no_node_can_hold_stops_the_start_in_one_line(data_dir, tmp_path):
     """Two nodes of one CPU each and a worker asking for two threads: Ray would leave it pending for
     ever; the run stops at --start-timeout, naming the worker, what it needs and what the nodes have."""
-    script = textwrap.dedent(f"""
-        import sys, time
-        sys.path.insert(0, {str(ROOT)!r})
-        from ray.cluster_utils import Cluster
-        from distnn.config import TrainConfig
-        from distnn.parallel import RayBackend
-        from distnn.train import Trainer, TrainingError
-        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
-        cluster.add_node(num_cpus=1)
-        backend = RayBackend(address=cluster.address)
-        cfg = TrainConfig(model="mlp", data={str(data_dir)!r}, workers=1, threads=2, batch_size=32, epochs=1,
-                          backend="ray", out={str(tmp_path / 'run')!r}, start_timeout=5).validate()
+    out = on_cluster("""
+        cfg = TrainConfig(model="mlp", data=data, workers=1, threads=2, batch_size=32, epochs=1, backend="ray",
+                          out=out, start_timeout=5).validate()
         started = time.monotonic()
         try:
             Trainer(cfg, backend=backend, log=lambda *a: None, progress=False)
         except TrainingError as e:
             print("ERROR", e)
         print("SECONDS", round(time.monotonic() - started))
-        backend.ray.shutdown()
-        cluster.shutdown()
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    error = next(line for line in proc.stdout.splitlines() if line.startswith("ERROR"))
+    """, data=str(data_dir), out=str(tmp_path / "run"), timeout=300)
+    error = out.first["ERROR"]
     assert "workers [0] not started within 5 s: each needs 2 CPU(s) on one node" in error
     assert error.count("1 CPUs") == 2 and "--start-timeout" in error
-    assert int(proc.stdout.split("SECONDS")[1]) < 60
+    assert int(out.first["SECONDS"]) < 60
 
 
 def test_a_lost_node_stops_the_run_in_bounded_time(data_dir, tmp_path):
     """A node removed mid-run (its worker and its CPU gone) from a run of a fixed --workers 2: the
     replacement cannot be placed, and the run stops at --start-timeout with one line instead of waiting
     for ever. (With --workers 1:2 it goes on with the survivors: test_elastic.py.)"""
-    script = textwrap.dedent(f"""
-        import sys, time
-        sys.path.insert(0, {str(ROOT)!r})
-        from ray.cluster_utils import Cluster
-        from distnn.config import TrainConfig
-        from distnn.parallel import RayBackend
-        from distnn.train import Trainer, TrainingError
-        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
-        node = cluster.add_node(num_cpus=1)
-        backend = RayBackend(address=cluster.address)
-        cfg = TrainConfig(model="mlp", data={str(data_dir)!r}, workers=2, batch_size=16, epochs=2, backend="ray",
-                          out={str(tmp_path / 'run')!r}, start_timeout=10).validate()
+    out = on_cluster("""
+        cfg = TrainConfig(model="mlp", data=data, workers=2, batch_size=16, epochs=2, backend="ray", out=out,
+                          start_timeout=10).validate()
         def on_step(trainer, step):
             if step == 5:
-                cluster.remove_node(node)
+                cluster.remove_node(nodes[0])
                 print("REMOVED", time.monotonic(), flush=True)
         trainer = Trainer(cfg, backend=backend, log=lambda *a: None, progress=False, on_step=on_step)
         try:
@@ -374,11 +352,6 @@ def test_a_lost_node_stops_the_run_in_bounded_time(data_dir, tmp_path):
             print("ERROR", e)
         print("STOPPED", time.monotonic())
         trainer.close()
-        backend.ray.shutdown()
-        cluster.shutdown()
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = {line.split()[0]: line for line in proc.stdout.splitlines() if line.split()}
-    assert "not started within 10 s" in out["ERROR"] and "--start-timeout" in out["ERROR"]
-    assert float(out["STOPPED"].split()[1]) - float(out["REMOVED"].split()[1]) < 120
+    """, data=str(data_dir), out=str(tmp_path / "run"), timeout=300)
+    assert "not started within 10 s" in out.first["ERROR"] and "--start-timeout" in out.first["ERROR"]
+    assert float(out.first["STOPPED"]) - float(out.first["REMOVED"]) < 120

@@ -5,11 +5,11 @@ left behind in /dev/shm."""
 import json
 import os
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from clusters import on_cluster
 from datagen import prepared_mnist
 from runs import final_state, same, train
 from distnn.config import TrainConfig
@@ -237,53 +237,34 @@ def test_killed_workers_and_servers_recover_on_the_plane_and_leave_nothing(data_
 
 
 CLUSTER_RUN = """
-import faulthandler, json, os, signal, sys
-faulthandler.dump_traceback_later(240, exit=True)   # a wait without a deadline shows where it waits
-sys.path.insert(0, {root!r})
-from ray.cluster_utils import Cluster
-from distnn.config import TrainConfig
-from distnn.parallel import RayBackend
-from distnn.train import Trainer
-cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": {cpus}}})
-cluster.add_node(num_cpus={cpus})
-backend = RayBackend(address=cluster.address)
-cfg = TrainConfig(**{config!r}).validate()
+cfg = TrainConfig(**config).validate()
 killed = []
-def kill(trainer, step):
-    if step != 5 or killed or not {kill!r}:
+def on_step(trainer, step):
+    if step != 5 or killed or not kill:
         return
     fleet = trainer.fleet
     shard_node = fleet.get(fleet.backend.call(fleet.servers[0], "node"))
-    victim = fleet.plane.reducers[0] if {kill!r} == "reducer" else next(
+    victim = fleet.plane.reducers[0] if kill == "reducer" else next(
         w for w in fleet.workers if fleet.get(fleet.backend.call(w, "node")) != shard_node)
     killed.append(fleet.get(fleet.backend.call(victim, "pid")))
     os.kill(killed[0], signal.SIGKILL)
-trainer = Trainer(cfg, backend=backend, log=lambda line: None, progress=False, on_step=kill)
+trainer = Trainer(cfg, backend=backend, log=lambda line: None, progress=False, on_step=on_step)
 try:
     summary = trainer.run()
     fleet = trainer.fleet
-    print("RESULT", json.dumps({{"summary": summary, "reducers": len(fleet.plane.offers),
-                                "messages": fleet.plane.messages()}}))
+    print("RESULT", json.dumps({"summary": summary, "reducers": len(fleet.plane.offers),
+                                "messages": fleet.plane.messages()}))
 finally:
     trainer.close()
-backend.ray.shutdown()
-cluster.shutdown()
 """
 
 
 def run_on_two_nodes(config, cpus, kill=None):
     """Train ``config`` on a ``ray.cluster_utils.Cluster`` of two nodes of ``cpus`` CPUs each (in a
     subprocess); killing the reducer or a worker on its node at step 5 if asked."""
-    import subprocess
-    import sys
-    import textwrap
     values = {k: v for k, v in vars(config).items() if k in TrainConfig.__dataclass_fields__}
-    script = CLUSTER_RUN.format(root=str(Path(__file__).resolve().parents[1]), cpus=cpus, config=values, kill=kill)
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line[7:])
+    out = on_cluster(CLUSTER_RUN, head_cpus=cpus, nodes=[cpus], config=values, kill=kill)
+    return json.loads(out.first["RESULT"])
 
 
 @pytest.mark.cluster   # starts a Ray cluster: not in the quick loop

@@ -2,14 +2,11 @@
 sharding changes nothing, a two-node cluster trains, the CLI runs end to end, bad input is named."""
 import dataclasses
 import json
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from clusters import on_cluster
 from datagen import prepared_mnist
 from distnn import ops
 from distnn.cli import main as cli
@@ -19,8 +16,6 @@ from distnn.models import build_model
 from distnn.parallel import GradientWorker
 from distnn.parallel.specs import DataSpec, OptimizerSpec, ScheduleSpec
 from distnn.train import Trainer, TrainingError, shard_bounds, train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -107,36 +102,22 @@ def test_async_on_ray_respects_bound(data_dir, tmp_path, ray_backend, pipeline):
 
 @pytest.mark.cluster   # starts a Ray cluster: not in the quick loop
 def test_two_node_cluster_trains(data_dir, tmp_path):
-    script = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(ROOT)!r})
-        from ray.cluster_utils import Cluster
-        from distnn.config import TrainConfig
-        from distnn.parallel import RayBackend
-        from distnn.train import Trainer
-        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
-        cluster.add_node(num_cpus=1)
-        backend = RayBackend(address=cluster.address)
-        nodes = [n for n in backend.ray.nodes() if n["Alive"]]
-        assert len(nodes) == 2, nodes
-        cfg = TrainConfig(model="mlp", data={str(data_dir)!r}, workers=2, batch_size=32, epochs=1, backend="ray",
-                          out={str(tmp_path / 'run')!r}, servers=2).validate()
-        nodes = []
+    out = on_cluster("""
+        assert len([n for n in backend.ray.nodes() if n["Alive"]]) == 2
+        cfg = TrainConfig(model="mlp", data=data, workers=2, batch_size=32, epochs=1, backend="ray", out=out,
+                          servers=2).validate()
+        placed = []
         def where(trainer, step):
             if step == 1:
-                nodes.extend(backend.ray.get([s.node.remote() for s in trainer.fleet.servers]))
+                placed.extend(backend.ray.get([s.node.remote() for s in trainer.fleet.servers]))
         trainer = Trainer(cfg, backend=backend, log=lambda *a: None, progress=False, on_step=where)
         summary = trainer.run()
         trainer.close()
         print("STEPS", summary["steps"], "ACC", summary["final"]["test_accuracy"])
-        print("SERVER NODES", len(set(nodes)))
-        backend.ray.shutdown()
-        cluster.shutdown()
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "STEPS 8" in proc.stdout
-    assert "SERVER NODES 2" in proc.stdout     # the two shards spread over the two nodes
+        print("SERVER NODES", len(set(placed)))
+    """, data=str(data_dir), out=str(tmp_path / "run"))
+    assert out.first["STEPS"].startswith("8 ")
+    assert out.first["SERVER"] == "NODES 2"     # the two shards spread over the two nodes
 
 
 def test_training_learns(data_dir, tmp_path):

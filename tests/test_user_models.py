@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import distnn
+from clusters import on_cluster
 from datagen import prepared_mnist
 from runs import final_state
 from distnn.cli import main as cli
@@ -113,9 +113,7 @@ def test_builder_model_exports_under_its_own_names(data_dir, tmp_path, builder):
 
 
 RAY_SCRIPT = """
-import json, sys
-sys.path.insert(0, {root!r})
-import distnn
+import json
 from distnn.config import TrainConfig
 from distnn.train import Trainer
 sources = []
@@ -123,12 +121,12 @@ def record(trainer, step):
     if step == 1:
         fleet = trainer.fleet
         sources.extend(fleet.get([fleet.backend.call(w, "model_source") for w in fleet.workers]))
-config = TrainConfig(model={model!r}, data={data!r}, workers=2, batch_size=32, epochs=1, backend="ray",
-                     out={out!r}, address={address}).validate()
+config = TrainConfig(model=model, data=data, workers=2, batch_size=32, epochs=1, backend="ray", out=out,
+                     address=address).validate()
 trainer = Trainer(config, log=lambda *a: None, progress=False, on_step=record)
 summary = trainer.run()
 trainer.close()
-print("RESULT", json.dumps({{"steps": summary["steps"], "sources": sources}}))
+print("RESULT", json.dumps({"steps": summary["steps"], "sources": sources}))
 """
 
 
@@ -141,8 +139,8 @@ def run_script(code, timeout=300):
 
 @pytest.mark.cluster   # starts a Ray cluster: not in the quick loop
 def test_builder_code_travels_to_ray_workers(data_dir, tmp_path, builder):
-    result = run_script(RAY_SCRIPT.format(root=str(ROOT), model=f"{builder}:build", data=str(data_dir),
-                                          out=str(tmp_path / "run"), address=None))
+    values = (f"{builder}:build", str(data_dir), str(tmp_path / "run"), None)
+    result = run_script(f"model, data, out, address = {values!r}\n" + RAY_SCRIPT)
     assert result["steps"] == 8
     assert len(result["sources"]) == 2 and all(s and s != str(builder) and s.endswith("user_nets.py")
                                                for s in result["sources"])    # the shipped copy
@@ -151,21 +149,9 @@ def test_builder_code_travels_to_ray_workers(data_dir, tmp_path, builder):
 @pytest.mark.cluster   # starts a Ray cluster: not in the quick loop
 def test_builder_on_a_two_node_cluster(data_dir, tmp_path, builder):
     """One CPU per node and one per worker: the two workers run on different nodes."""
-    code = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(ROOT)!r})
-        from ray.cluster_utils import Cluster
-        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
-        cluster.add_node(num_cpus=1)
-        try:
-            exec({RAY_SCRIPT.format(root=str(ROOT), model=f"{builder}:build", data=str(data_dir),
-                                    out=str(tmp_path / "run"), address="cluster.address")!r})
-        finally:
-            import ray
-            ray.shutdown()
-            cluster.shutdown()
-    """)
-    result = run_script(code, timeout=400)
+    out = on_cluster("address = cluster.address\n" + RAY_SCRIPT, connect=False, model=f"{builder}:build",
+                     data=str(data_dir), out=str(tmp_path / "run"))
+    result = json.loads(out.first["RESULT"])
     assert result["steps"] == 8 and all(s != str(builder) for s in result["sources"])
 
 
