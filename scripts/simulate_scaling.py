@@ -286,6 +286,37 @@ def report_nodes(rows, result):
                   f"ms per step, the model's {predicted:.2f} ms")
 
 
+def report_shards(rows, result, models, compute, real) -> None:
+    """Into ``result`` and onto the console: where a shard saturates, the cost model fitted to the
+    simulated steps (checked against the ``real`` runs' JSON) and the workers one shard feeds per link."""
+    cost = fit_cost_model(rows) if any(r["mode"] == "sync" for r in rows) else None
+    result["knees"] = [{"model": m, "mode": mo, "servers": k, "saturates_at": n}
+                       for (m, mo, k), n in knees(rows).items()]
+    print("\nwhere a shard saturates (efficiency < 0.8):")
+    for k in result["knees"]:
+        print(f"  {k['model']:<16}{k['mode']:<6}K={k['servers']}: "
+              f"{'beyond the largest N' if k['saturates_at'] is None else 'N = ' + str(k['saturates_at'])}")
+    if cost:
+        result["cost_model"] = cost
+        print(f"\ncost model: step = compute + {cost['a_ms']:.2f} ms + N x ({cost['per_worker_ms']:.2f} ms + "
+              f"{cost['per_byte_ms'] * 1e6:.2f} ms/MB x P/K) + 2 N P/K / link; median error "
+              f"{cost['median_step_error']:.1%} of a simulated step")
+        result["real_check"] = check_real(cost, real)
+        for c in result["real_check"]:
+            print(f"  real {c['model']} {c['workers']} worker(s): measured {c['measured_ms']} ms, predicted "
+                  f"{c['predicted_ms']} ms ({c['error']:.1%})")
+        result["workers_per_shard"] = []
+        print("\nworkers one shard feeds at efficiency >= 0.8 (sync):")
+        for model in models:
+            size = build_model(spec_for(model)).flat_params.nbytes
+            per_link = {f"{b}GbE": workers_per_shard(cost, compute[model], size, b) for b in LINKS_GBIT}
+            k16 = {f"{b}GbE": shards_for(cost, compute[model], size, b) for b in LINKS_GBIT}
+            result["workers_per_shard"].append({"model": model, "param_bytes": size, "compute_ms": compute[model],
+                                                **per_link, "shards_for_16_workers": k16})
+            print(f"  {model:<16}" + "  ".join(f"{k}: {v}" for k, v in per_link.items())
+                  + "   shards for 16 workers: " + "  ".join(f"{k}: {'-' if v is None else v}" for k, v in k16.items()))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["lenet5", "cifar_convnet", "resnet20"], choices=MODELS)
@@ -310,44 +341,17 @@ def main(argv=None):
     else:
         rows, compute = simulate_all(args)
         measured_by = command
-    if any("nodes" in r for r in rows):
-        result = {"rows": rows, "cpu": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
-                  "command": measured_by, "refit_by": command if args.source else None, "real": args.real}
+    result = {"rows": rows, "cpu": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
+              "command": measured_by, "refit_by": command if args.source else None}
+    nodes = any("nodes" in r for r in rows)
+    if nodes:   # the emulated nodes' experiment
+        result["real"] = args.real
         report_nodes(rows, result)
-        atomic_write_text(Path(args.out), json.dumps(result, indent=1))
-        print(f"wrote {args.out}")
-        return
-    cost = fit_cost_model(rows) if any(r["mode"] == "sync" for r in rows) else None
-    result = {"rows": rows, "knees": [{"model": m, "mode": mo, "servers": k, "saturates_at": n}
-                                      for (m, mo, k), n in knees(rows).items()],
-              "cpu": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
-              "command": "python scripts/simulate_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    print("\nwhere a shard saturates (efficiency < 0.8):")
-    for k in result["knees"]:
-        print(f"  {k['model']:<16}{k['mode']:<6}K={k['servers']}: "
-              f"{'beyond the largest N' if k['saturates_at'] is None else 'N = ' + str(k['saturates_at'])}")
-    if cost:
-        result["cost_model"] = cost
-        print(f"\ncost model: step = compute + {cost['a_ms']:.2f} ms + N x ({cost['per_worker_ms']:.2f} ms + "
-              f"{cost['per_byte_ms'] * 1e6:.2f} ms/MB x P/K) + 2 N P/K / link; median error "
-              f"{cost['median_step_error']:.1%} of a simulated step")
-        result["real_check"] = check_real(cost, args.real)
-        for c in result["real_check"]:
-            print(f"  real {c['model']} {c['workers']} worker(s): measured {c['measured_ms']} ms, predicted "
-                  f"{c['predicted_ms']} ms ({c['error']:.1%})")
-        result["workers_per_shard"] = []
-        print("\nworkers one shard feeds at efficiency >= 0.8 (sync):")
-        for model in args.models:
-            size = build_model(spec_for(model)).flat_params.nbytes
-            per_link = {f"{b}GbE": workers_per_shard(cost, compute[model], size, b) for b in LINKS_GBIT}
-            k16 = {f"{b}GbE": shards_for(cost, compute[model], size, b) for b in LINKS_GBIT}
-            result["workers_per_shard"].append({"model": model, "param_bytes": size, "compute_ms": compute[model],
-                                                **per_link, "shards_for_16_workers": k16})
-            print(f"  {model:<16}" + "  ".join(f"{k}: {v}" for k, v in per_link.items())
-                  + "   shards for 16 workers: " + "  ".join(f"{k}: {'-' if v is None else v}" for k, v in k16.items()))
+    else:   # the shards' experiment
+        report_shards(rows, result, args.models, compute, args.real)
     atomic_write_text(Path(args.out), json.dumps(result, indent=1))
     print(f"wrote {args.out}")
-    if args.plot:
+    if args.plot and not nodes:
         plot(rows, Path(args.plot))
         print(f"wrote {args.plot}")
 
