@@ -106,7 +106,7 @@ class AsyncLoop:
                 self.inflight.clear()
                 if not lost[1]:   # the shards are up: the updates applied since the driver last looked
                     self.record()
-                here = self.t.checkpoints.here(self.fleet, "async", lost)
+                here = self.t.checkpoints.here(self.fleet, self.t.plan.mode, lost)
             self.t.shrink(e, here)
 
     def _recover(self, error, lost) -> None:

@@ -16,6 +16,7 @@ from ..checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, 
 from ..config import ConfigError, TrainConfig
 from .errors import TrainingError
 from .membership import lost_nodes
+from .modes import check_made_by
 
 RESUME_OVERRIDES = ("backend", "address", "workers", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard",
                     "mlflow", "start_timeout", "step_timeout")
@@ -74,7 +75,7 @@ class Checkpoints:
         self.last, self.last_step = path, step
         return load_checkpoint(path)
 
-    def here(self, fleet, mode: str, lost=None) -> dict:
+    def here(self, fleet, mode, lost=None) -> dict:
         """The state a membership change goes on from, taken while the survivors are still up
         (``lost``: ``fleet.lost()`` if known): where every shard survived, the shards' present state
         (sync and local SGD: their step; async: each worker's applied gradients, the updates stopped
@@ -83,14 +84,9 @@ class Checkpoints:
         lost_workers, lost_servers = lost or fleet.lost()
         buffers = None if lost_servers else fleet.mean_buffers(without=lost_workers)
         if buffers is not None:
-            if mode == "sync":
-                versions = fleet.call_servers("recover")
-                if len(set(versions)) == 1:
-                    return self.save_state(fleet, versions[0], fleet.call_servers("state"), buffers)
-            else:
-                counts = fleet.call_servers("counts")
-                if all(c == counts[0] for c in counts):
-                    return self.save_state(fleet, sum(counts[0]), fleet.call_servers("state"), buffers, counts[0])
+            state = mode.present_state(self, fleet, buffers)   # ``modes``: the run's mode
+            if state is not None:
+                return state
         return load_checkpoint(self.last)
 
     def check_budget(self, fleet, error) -> None:
@@ -99,15 +95,13 @@ class Checkpoints:
             raise TrainingError(f"giving up after {len(self.recoveries)} recoveries; last failure: "
                                 f"{fleet.backend.describe(error)}")
 
-    def restore(self, fleet, ckpt: dict, mode: str) -> tuple[int, list[int] | None]:
+    def restore(self, fleet, ckpt: dict, mode) -> tuple[int, list[int] | None]:
         """Load a checkpoint (``checkpoint.load_checkpoint``; of another world size: ``membership.
         rescale`` it first) into the fleet; returns (step, done)."""
         if len(ckpt["servers"]) != len(fleet.servers):
             raise TrainingError(f"{ckpt['path']}: made with {len(ckpt['servers'])} servers; resume with "
                                 f"--servers {len(ckpt['servers'])}")
-        made_by = "sync" if ckpt.get("done") is None else "async"
-        if made_by != mode:
-            raise TrainingError(f"{ckpt['path']}: made by a {made_by} run; resume it with mode = '{made_by}'")
+        check_made_by(ckpt, mode)
         fleet.load(ckpt)
         self.last, self.last_step = Path(ckpt["path"]), ckpt["step"]
         return ckpt["step"], ckpt.get("done")
@@ -154,3 +148,4 @@ class Checkpoints:
             event["lost_nodes"] = nodes
         self.recoveries.append(event)
         return event
+

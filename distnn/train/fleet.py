@@ -50,7 +50,7 @@ class Fleet(FleetState):
         self.spec, self.data, self.world, self.local = plan.spec, plan.data, plan.world, plan.local
         self.threads, self.compress = plan.config.threads, plan.config.compress
         # compressed sync steps: the shards reply with the step's (sparse) mean, applied by each worker
-        self.reply_updates = self.compress != "none" and plan.config.mode == "sync"
+        self.reply_updates = plan.mode.shards_reply_updates(self.compress)
         self.workers, self.servers, self.bounds = [], [], []
         self.fetched = []   # the shard transfers to workers' machines (``fetching.bring_shards``)
         self.pending = []   # futures of sync steps handed out and not yet collected

@@ -29,6 +29,7 @@ from ..config import workers_range
 from . import setup
 from .errors import MembershipChange, PlacementTimeout, TrainingError
 from .fleet import Fleet
+from .modes import check_made_by
 from .schedule import RunLength
 
 RESUMED = "resumed with another number of workers (the data re-partitioned; not bit-identical to an unbroken run)"
@@ -50,15 +51,10 @@ def async_position(step: int, old: RunLength, new: RunLength) -> list[int]:
     return [each] * new.world
 
 
-def rescale(ckpt: dict, old: RunLength, new: RunLength, sync_every: int = 1) -> dict:
-    """``ckpt`` (``checkpoint.load_checkpoint``) as a run of ``new.world`` workers would have written
-    it at the same place (see the module's rules)."""
-    done = None
-    if ckpt.get("done") is None:
-        step = position(ckpt["step"], old, new, sync_every)
-    else:
-        done = async_position(ckpt["step"], old, new)
-        step = sum(done)
+def rescale(ckpt: dict, old: RunLength, new: RunLength, mode) -> dict:
+    """``ckpt`` (``checkpoint.load_checkpoint``) as a run of ``new.world`` workers in ``mode`` (``modes``,
+    the one that wrote it) would have written it at the same place (see the module's rules)."""
+    step, done = mode.position(ckpt["step"], old, new)
     buffers = np.asarray(ckpt["worker_buffers"])
     mean = buffers.mean(axis=0).astype(buffers.dtype) if len(buffers) else buffers
     return {**ckpt, "step": step, "done": done, "worker_buffers": np.stack([mean] * new.world),
@@ -73,11 +69,12 @@ def restore(t, ckpt: dict, reason: str = RESUMED) -> dict:
     change recorded in ``t.membership``. Returns the checkpoint as loaded."""
     made_by = len(ckpt["worker_buffers"])
     loaded = ckpt
+    check_made_by(ckpt, t.plan.mode)
     if made_by != t.plan.world:
-        loaded = rescale(ckpt, setup.resized(t.plan, made_by).length, t.length, t.config.sync_every)
+        loaded = rescale(ckpt, setup.resized(t.plan, made_by).length, t.length, t.plan.mode)
         t.membership.append({"type": "membership", "after_step": ckpt["step"], "step": loaded["step"],
                              "workers_before": made_by, "workers": t.plan.world, "reason": reason})
-    t.step, done = t.checkpoints.restore(t.fleet, loaded, t.config.mode)
+    t.step, done = t.checkpoints.restore(t.fleet, loaded, t.plan.mode)
     t.done = done or [0] * t.plan.world
     return loaded
 

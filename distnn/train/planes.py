@@ -45,7 +45,7 @@ class DataPlane:
         f, c = self.fleet, self.fleet.plan.config
         if f.backend.name != "ray" or c.data_plane != "shm":
             return
-        if c.mode == "sync" and (c.compress == "none" or c.compress.startswith("topk")):
+        if f.plan.mode.uses_links(c.compress):
             f.call_servers("open_link", link_chunk(f.bounds[0][1] - f.bounds[0][0]))   # top-k: whole, sparse
         if c.compress != "none":
             return   # compressed payloads are per worker: no shared plane, no node's sum
@@ -59,7 +59,7 @@ class DataPlane:
         """A reducer on each node with workers whose shards are not all on it (old ones closed)."""
         self.close()
         f = self.fleet
-        if self.kind != "shm" or not f.servers or f.plan.config.mode != "sync":
+        if self.kind != "shm" or not f.servers or not f.plan.mode.reducers:
             return   # async: a worker's updates go to a shard on its node through its plane, else over Ray
         try:
             shard_nodes = {offer[0] for offer in f.call_servers("plane")}

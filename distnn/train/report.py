@@ -14,7 +14,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from .._io import atomic_write_text
@@ -139,9 +138,6 @@ class RunReport:
         if recoveries:
             summary["recoveries"] = recoveries
             summary["steps_redone"] = sum(max(0, r["after_step"] - r["restart_step"]) for r in recoveries)
-        if fields.get("mode") == "async":
-            summary["max_staleness"] = int(max(self.staleness, default=0))
-            summary["mean_staleness"] = float(np.mean(self.staleness)) if self.staleness else 0.0
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
         return summary
 

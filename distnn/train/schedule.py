@@ -14,11 +14,13 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from .modes import named
+
 
 @dataclass(frozen=True)
 class RunLength:
-    """``steps_per_epoch``: batches per worker per epoch (the smallest worker part decides). A sync
-    update uses one batch of every worker; an async update one batch of one worker."""
+    """``steps_per_epoch``: batches per worker per epoch (the smallest worker part decides); ``mode``:
+    its name (``modes``: how many updates an epoch makes)."""
     steps_per_epoch: int
     epochs: int
     world: int
@@ -27,7 +29,7 @@ class RunLength:
 
     @property
     def updates_per_epoch(self) -> int:
-        return self.steps_per_epoch * (self.world if self.mode == "async" else 1)
+        return named(self.mode).updates_per_epoch(self.steps_per_epoch, self.world)
 
     @property
     def total_updates(self) -> int:

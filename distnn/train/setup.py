@@ -25,6 +25,7 @@ from ..ops import conv_choice
 from ..parallel import make_backend
 from ..parallel.specs import DataSpec, LocalSpec, OptimizerSpec, ScheduleSpec
 from .errors import TrainingError
+from .modes import mode_of
 from .schedule import RunLength
 
 
@@ -45,6 +46,11 @@ class RunPlan:
     schedule: ScheduleSpec
     local: LocalSpec | None
     length: RunLength
+
+    @property
+    def mode(self):
+        """How the run updates: ``modes.Sync``, ``LocalSGD`` or ``Async``."""
+        return mode_of(self.config)
 
 
 def plan(c: TrainConfig, cpus: int, resuming: bool = False, log=print, progress=True) -> RunPlan:
@@ -179,7 +185,7 @@ def data_spec(c: TrainConfig, path: Path, world: int) -> DataSpec:
 
 def optimizer_spec(c: TrainConfig, world: int) -> OptimizerSpec:
     """The servers' optimizer; with ``scale_lr`` (sync) the base rate times the number of workers."""
-    lr = c.lr * (world if c.scale_lr and c.mode == "sync" else 1)
+    lr = mode_of(c).scaled_lr(c.lr, world, c.scale_lr)
     return OptimizerSpec(name=c.optimizer, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay)
 
 

@@ -12,14 +12,12 @@ from ..config import TrainConfig
 from ..ops import conv_choice
 from ..parallel import NonFiniteError
 from . import membership, setup
-from .asynchronous import run_async
 from .checkpoints import Checkpoints
 from .errors import MembershipChange, PlacementTimeout, RunWriteFailed, TrainingError, TrainingInterrupted
 from .fleet import Fleet
 from .report import RunReport
 from .sinks import make_sinks
 from .usage import UsageMeter
-from .sync import run_sync
 
 
 class Trainer:
@@ -112,7 +110,7 @@ class Trainer:
         try:
             while True:
                 try:
-                    return (run_sync if self.config.mode == "sync" else run_async)(self)
+                    return self.plan.mode.loop(self)
                 except MembershipChange as change:
                     membership.resize(self, change)
         except Exception as e:
@@ -142,7 +140,7 @@ class Trainer:
 
     def checkpoint(self):
         """The checkpoint of the current step (saved now unless it already is); its path."""
-        self.checkpoints.save(self.fleet, self.step, self.done if self.config.mode == "async" else None)
+        self.checkpoints.save(self.fleet, self.step, self.plan.mode.done(self))
         return self.checkpoints.last
 
     def end_epoch(self, epoch: int) -> None:
@@ -155,7 +153,7 @@ class Trainer:
         """A process died (Ray): replace it and go back to the step to redo (see Checkpoints.recover).
         An elastic run whose lost workers cannot be placed again goes on with fewer (``shrink``)."""
         with self.report.paused():
-            here = self.checkpoints.here(self.fleet, self.config.mode) if self.config.elastic else None
+            here = self.checkpoints.here(self.fleet, self.plan.mode) if self.config.elastic else None
             try:
                 event = self.checkpoints.recover(self.fleet, error, self.step)
             except PlacementTimeout as e:
@@ -168,7 +166,7 @@ class Trainer:
         membership.shrink(self, error, here)
 
     def _finish(self) -> dict:
-        c, report = self.config, self.report
+        c, report, mode = self.config, self.report, self.plan.mode
         if not report.epochs or report.epochs[-1]["step"] != self.step:  # stopped by max_steps mid-epoch
             self.end_epoch(self.step // self.length.updates_per_epoch)
         self.model.set_flat_params(self.fleet.parameters())
@@ -180,18 +178,15 @@ class Trainer:
         fields = {"model": c.model_name, "dataset": c.dataset, "backend": c.backend, "mode": c.mode,
                   "workers": self.length.world, "servers": c.servers, "epochs": c.epochs, "steps": self.step,
                   "compress": c.compress, "data_plane": self.fleet.data_plane}
-        if c.mode == "async":
-            fields["max_worker_lead"] = self.max_lead
+        fields.update(mode.summary(self))
         if self.membership:
             fields["membership"] = self.membership
         if self.fleet.fetched:
             fields["data_fetched"] = self.fleet.fetched
-        samples = self.step * self.plan.data.batch_size * (self.length.world if c.mode == "sync" else 1)
-        per_update = self.length.world if c.mode == "sync" else 1   # parameter vectors sent per update
+        per_update = mode.workers_per_update(self.length.world)   # their batches, and the replies they get
+        samples = self.step * self.plan.data.batch_size * per_update
         steps_run = max(self.report.steps_run, 1)
-        params_bytes = per_update * self.model.flat_params.nbytes
-        if c.mode == "sync" and c.sync_every > 1:   # local SGD: parameters come back at a round's end only
-            params_bytes = round(params_bytes * self.report.replies / steps_run)
+        params_bytes = mode.sent_back(per_update * self.model.flat_params.nbytes, self.report.replies, steps_run)
         if stats[0]["reply_bytes"] is not None:   # compressed replies: what the shards sent, to every worker
             params_bytes = round(per_update * sum(s["reply_bytes"] for s in stats) / steps_run)
         summary = report.summary(fields, server, samples, self.checkpoints.recoveries,
