@@ -79,28 +79,30 @@ def restore(t, ckpt: dict, reason: str = RESUMED) -> dict:
     return loaded
 
 
-def resize(t, change: MembershipChange) -> None:
-    """Go on with ``change.world`` workers from ``change.ckpt``: --resume with another worker count,
-    inside the running job - every process anew, for the plan of the new world."""
-    with t.report.paused():
-        backend, owns, convolutions = t.fleet.backend, t.fleet.owns_backend, t.fleet.convolutions
-        fetched = t.fleet.fetched
-        t.fleet.owns_backend = False
-        t.fleet.close()
-        t.plan = setup.resized(t.plan, change.world)
-        t.length = t.plan.length
-        t.fleet = Fleet(backend, t.plan, owns, convolutions, t.log)
-        t.fleet.fetched[:0] = fetched
-        t.fleet.start_servers(t.model.flat_params, t.model.decay_mask())
-        before = len(t.membership)
-        restore(t, change.ckpt, change.reason)
-        if len(t.membership) == before:   # the same number of workers, on other nodes
-            t.membership.append({"type": "membership", "after_step": change.ckpt["step"], "step": t.step,
-                                 "workers_before": change.world, "workers": change.world, "reason": change.reason})
-        event = t.membership[-1]
-        if change.lost_nodes:
-            event["lost_nodes"] = change.lost_nodes
-        t.report.membership(event, t.plan.world, t.length.total_updates, t._lr())
+def regroup(fleet: Fleet, plan, world: int, model, log=print):
+    """Every process anew for ``world`` workers: ``fleet`` closed (its backend kept), and the plan of
+    the new world with its fleet, the shards started from ``model``'s parameters. Returns (plan, fleet)."""
+    backend, owns, convolutions, fetched = fleet.backend, fleet.owns_backend, fleet.convolutions, fleet.fetched
+    fleet.owns_backend = False
+    fleet.close()
+    plan = setup.resized(plan, world)
+    new = Fleet(backend, plan, owns, convolutions, log)
+    new.fetched[:0] = fetched   # the shard transfers of the whole run
+    new.start_servers(model.flat_params, model.decay_mask())
+    return plan, new
+
+
+def resume_after(t, change: MembershipChange) -> None:
+    """In ``t``, regrouped for ``change.world`` workers: go on from ``change.ckpt`` and record the change."""
+    before = len(t.membership)
+    restore(t, change.ckpt, change.reason)
+    if len(t.membership) == before:   # the same number of workers, on other nodes
+        t.membership.append({"type": "membership", "after_step": change.ckpt["step"], "step": t.step,
+                             "workers_before": change.world, "workers": change.world, "reason": change.reason})
+    event = t.membership[-1]
+    if change.lost_nodes:
+        event["lost_nodes"] = change.lost_nodes
+    t.report.membership(event, t.plan.world, t.length.total_updates, t._lr())
 
 
 def grow_if_room(t) -> None:

@@ -38,7 +38,7 @@ class Trainer:
         owned = None if backend is not None else setup.start_backend(config, log)  # shut down here until the fleet owns it
         try:
             self.plan = p = setup.plan(config, (backend or owned).cpus(), resume is not None, log, progress)
-            self.config, self.out, self.spec, self.length = p.config, p.out, p.spec, p.length
+            self.config, self.out, self.spec = p.config, p.out, p.spec
             self.model, self.sinks = setup.build(p.spec), make_sinks(p.config, p.out)
             self.fleet = Fleet(backend or owned, p, convolutions=setup.kernel_choices(p, resume is not None), log=log)
             self.fleet.owns_backend, owned = owned is not None, None
@@ -78,6 +78,18 @@ class Trainer:
                  f"{self.length.total_updates}")
         return loaded
 
+    @property
+    def length(self):
+        """How many updates the run makes (``schedule.RunLength``), in its present plan."""
+        return self.plan.length
+
+    def resize(self, change: MembershipChange) -> None:
+        """Go on with ``change.world`` workers from ``change.ckpt`` (``membership``): --resume with
+        another worker count, inside the running job - every process anew, for the new world's plan."""
+        with self.report.paused():
+            self.plan, self.fleet = membership.regroup(self.fleet, self.plan, change.world, self.model, self.log)
+            membership.resume_after(self, change)
+
     def grow_if_room(self) -> None:
         """At a checkpoint boundary: an elastic run takes the room a joining node brings."""
         membership.grow_if_room(self)
@@ -112,7 +124,7 @@ class Trainer:
                 try:
                     return self.plan.mode.loop(self)
                 except MembershipChange as change:
-                    membership.resize(self, change)
+                    self.resize(change)
         except Exception as e:
             cause = self.fleet.backend.cause(e)
             if isinstance(cause, NonFiniteError):
