@@ -10,10 +10,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .data.sources import SOURCES
 from .models import ZOO
 from .models.builders import is_reference
-from .optim import OPTIMIZERS
+from .optim import OPTIMIZERS, hyperparameters, make_optimizer
 from .schedules import SCHEDULES
 from .parallel.compress import parse as parse_compress
 
@@ -89,6 +91,9 @@ class TrainConfig:
     lr: float = option(0.006, "base learning rate")
     momentum: float | None = option(None, "momentum / nesterov only (default: 0.9)")
     weight_decay: float = option(0.0, "L2 (decoupled for adamw), masked off biases and norm parameters")
+    optimizer_options: dict = option(dataclasses.MISSING, "the optimizer's other hyperparameters, a TOML inline "
+                                     "table, e.g. '{betas = [0.9, 0.99], eps = 1e-7}' (adam); each optimizer's "
+                                     "are its class's arguments in distnn/optim.py", default_factory=dict)
     lr_schedule: str = option("cosine", "learning-rate schedule after warmup", tuple(SCHEDULES))
     warmup: int = option(100, "linear warmup steps")
     scale_lr: bool = option(False, "sync: multiply lr by the number of workers")
@@ -176,6 +181,17 @@ class TrainConfig:
                               f"{self.sync_every} (a checkpoint is taken where the workers' parameters agree)")
         if self.momentum is not None and not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        own = set(hyperparameters(self.optimizer)) - {"lr", "weight_decay", "momentum", "nesterov"}   # options
+        for key in self.optimizer_options:
+            if key not in own:
+                raise ConfigError(f"optimizer_options: {self.optimizer} has no hyperparameter {key!r}"
+                                  + (f"; its own are {', '.join(sorted(own))}" if own else "; it has none beyond "
+                                     "lr, weight_decay and momentum, which have options of their own"))
+        try:   # the values, as the optimizer itself checks them
+            probe = make_optimizer(self.optimizer, 1, lr=self.lr, **self.optimizer_options)
+            probe.step(np.ones(1, np.float32), np.ones(1, np.float32))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"optimizer_options = {self.optimizer_options!r}: {e}") from None
 
     def worker_batch(self, world: int) -> int:
         """Examples per worker per step with ``world`` workers: ``batch_size``, or the share of

@@ -15,6 +15,7 @@ parameters directly). ``decay_mask`` (1 for weights, 0 for biases and normalisat
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import numpy as np
@@ -129,12 +130,18 @@ class SGD(Optimizer):
         params -= step
 
 
-def Momentum(size, lr=0.01, momentum=0.9, **kw):
-    return SGD(size, lr, momentum=momentum, **kw)
+class Momentum(SGD):
+    """SGD with momentum (0.9 unless given)."""
+
+    def __init__(self, size, lr=0.01, momentum=0.9, weight_decay=0.0, decay_mask=None, dtype=np.float32):
+        super().__init__(size, lr, momentum, False, weight_decay, decay_mask, dtype)
 
 
-def Nesterov(size, lr=0.01, momentum=0.9, **kw):
-    return SGD(size, lr, momentum=momentum, nesterov=True, **kw)
+class Nesterov(SGD):
+    """SGD with Nesterov momentum (0.9 unless given)."""
+
+    def __init__(self, size, lr=0.01, momentum=0.9, weight_decay=0.0, decay_mask=None, dtype=np.float32):
+        super().__init__(size, lr, momentum, True, weight_decay, decay_mask, dtype)
 
 
 class AdaGrad(Optimizer):
@@ -243,6 +250,14 @@ class AdamW(Adam):
 
 OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "nesterov": Nesterov, "adagrad": AdaGrad,
               "rmsprop": RMSProp, "adadelta": AdaDelta, "adam": Adam, "adamw": AdamW}
+
+
+def hyperparameters(name: str) -> dict:
+    """{hyperparameter: default} of an optimizer, as its class declares them (its ``__init__``): the one
+    place a hyperparameter is named; the config's ``optimizer_options`` are checked against it."""
+    cls = OPTIMIZERS[name.lower()]
+    return {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
+            if p.name not in ("self", "size", "decay_mask", "dtype")}
 
 
 def make_optimizer(name: str, size: int, **options) -> Optimizer:

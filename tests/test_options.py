@@ -78,6 +78,26 @@ def test_momentum_reaches_the_server(tmp_path):
         trainer.close()
 
 
+def test_an_optimizers_own_hyperparameters_reach_the_server(tmp_path):
+    """optimizer_options are checked against the optimizer's own arguments (declared once, in optim.py)
+    and arrive in the shard's optimizer; a TOML table and the flag agree."""
+    data = prepared_mnist(tmp_path, n_train=64, n_test=16, seed=1, shards=1)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'model = "mlp"\ndata = "{data}"\nbackend = "local"\nworkers = 1\nepochs = 1\nbatch_size = 16\n'
+                   f'out = "{tmp_path / "run"}"\noptimizer_options = {{betas = [0.8, 0.99], eps = 1e-6}}\n')
+    trainer = Trainer(load_config(cfg), log=lambda *a: None, progress=False)
+    try:
+        opt = trainer.fleet.servers[0].optimizer
+        assert (opt.b1, opt.b2, opt.eps) == (0.8, 0.99, 1e-6)
+    finally:
+        trainer.close()
+    with pytest.raises(ConfigError, match="optimizer_options: rmsprop has no hyperparameter 'betas'; its own are "
+                                          "eps, rho"):
+        TrainConfig(optimizer="rmsprop", optimizer_options={"betas": [0.9, 0.9]}).validate()
+    with pytest.raises(ConfigError, match="optimizer_options = {'betas': \\[0.9\\]}: not enough values"):
+        TrainConfig(optimizer_options={"betas": [0.9]}).validate()
+
+
 def test_import_changes_nothing_in_the_host_process():
     """No allocator call, no Ray, no BLAS thread change at import; the CLI tunes the allocator."""
     code = """

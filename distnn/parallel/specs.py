@@ -34,14 +34,16 @@ class DataSpec:
 @dataclass(frozen=True)
 class OptimizerSpec:
     """An optimizer by name with its base learning rate; ``momentum`` only for momentum / nesterov
-    (None: the optimizer's default), ``weight_decay`` masked off biases and norm parameters."""
+    (None: the optimizer's default), ``weight_decay`` masked off biases and norm parameters;
+    ``options``: its other hyperparameters as (name, value) pairs (``optim.hyperparameters``)."""
     name: str
     lr: float
     momentum: float | None = None
     weight_decay: float = 0.0
+    options: tuple = ()
 
     def make(self, size: int, decay_mask: np.ndarray | None = None) -> Optimizer:
-        options = {"lr": self.lr}
+        options = {"lr": self.lr, **dict(self.options)}
         if self.momentum is not None:
             options["momentum"] = self.momentum
         if self.weight_decay:

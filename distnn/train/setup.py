@@ -186,7 +186,8 @@ def data_spec(c: TrainConfig, path: Path, world: int) -> DataSpec:
 def optimizer_spec(c: TrainConfig, world: int) -> OptimizerSpec:
     """The servers' optimizer; with ``scale_lr`` (sync) the base rate times the number of workers."""
     lr = mode_of(c).scaled_lr(c.lr, world, c.scale_lr)
-    return OptimizerSpec(name=c.optimizer, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay)
+    options = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(c.optimizer_options.items()))
+    return OptimizerSpec(name=c.optimizer, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay, options=options)
 
 
 def schedule_spec(c: TrainConfig, total_updates: int) -> ScheduleSpec:
