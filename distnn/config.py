@@ -234,6 +234,20 @@ def parse_workers(text: str):
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
+# The options in groups, for a reader and for --help (the TOML keys and the flags stay flat): every
+# field in exactly one (tests/test_options.py holds that).
+GROUPS = {
+    "model": ("model", "layers", "model_options"),
+    "data": ("dataset", "labels", "data", "source", "fetch_data", "augment", "augment_pad", "label_smoothing"),
+    "training": ("epochs", "batch_size", "global_batch", "max_steps", "seed"),
+    "optimizer": ("optimizer", "lr", "momentum", "weight_decay", "optimizer_options", "lr_schedule", "warmup",
+                  "scale_lr"),
+    "cluster": ("workers", "threads", "backend", "address", "mode", "staleness", "pipeline", "sync_every", "servers",
+                "data_plane", "compress"),
+    "faults": ("start_timeout", "step_timeout", "checkpoint_every", "keep_checkpoints"),
+    "logging": ("out", "overwrite", "log_every", "tensorboard", "mlflow"),
+}
+
 
 def field_kind(name: str) -> tuple[str, bool]:
     """('int' | 'float' | 'bool' | 'str' | 'dict' | 'list', whether None is allowed) of a config field."""

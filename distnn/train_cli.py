@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import FIELDS, ConfigError, TrainConfig, field_kind, parse_workers, tomllib
+from .config import FIELDS, GROUPS, ConfigError, TrainConfig, field_kind, parse_workers, tomllib
 from .run_cli import UsageError, add_run_commands
 
 
@@ -124,28 +124,34 @@ def _toml_value(text: str):
 
 
 def add_config_flags(p, skip=()) -> None:
-    """One flag per TrainConfig field (but ``skip``), its help, choices and default taken from the field."""
+    """One flag per TrainConfig field (but ``skip``), its help, choices and default taken from the field,
+    shown in the field's group (``config.GROUPS``)."""
     defaults = TrainConfig()
-    for name, f in FIELDS.items():
-        if name in skip:
-            continue
-        kind, _ = field_kind(name)
-        default = getattr(defaults, name)
-        shown = "" if "(default" in f.metadata["help"] else f" (default: {'none' if default in (None, {}) else default})"
-        kw = {"dest": name, "default": None, "help": f.metadata["help"] + shown}
-        if kind == "bool":
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = {"int": int, "float": float, "str": str, "dict": parse_table, "list": parse_array}[kind]
-            if name == "workers":
-                kw.update(type=parse_workers, metavar="N|MIN:MAX")
-            if f.metadata["choices"]:
-                kw["choices"] = [c for c in f.metadata["choices"] if c is not None]
-            if kind in ("dict", "list"):
-                kw["metavar"] = "TABLE" if kind == "dict" else "ARRAY"
-            if f.metadata["const"] is not None:
-                kw.update(nargs="?", const=f.metadata["const"], metavar="URI")
-        p.add_argument("--" + name.replace("_", "-"), **kw)
+    for group, names in GROUPS.items():
+        section = p.add_argument_group(f"{group} options")
+        for name in names:
+            if name not in skip:
+                _add_flag(section, name, FIELDS[name], getattr(defaults, name))
+
+
+def _add_flag(p, name, f, default) -> None:
+    kind, _ = field_kind(name)
+    shown = "" if "(default" in f.metadata["help"] else f" (default: {'none' if default in (None, {}) else default})"
+    kw = {"dest": name, "default": None, "help": f.metadata["help"] + shown}
+    if kind == "bool":
+        kw["action"] = argparse.BooleanOptionalAction
+    else:
+        kw["type"] = {"int": int, "float": float, "str": str, "dict": parse_table, "list": parse_array}[kind]
+        if name == "workers":
+            kw.update(type=parse_workers, metavar="N|MIN:MAX")
+        if f.metadata["choices"]:
+            kw["choices"] = [c for c in f.metadata["choices"] if c is not None]
+        if kind in ("dict", "list"):
+            kw["metavar"] = "TABLE" if kind == "dict" else "ARRAY"
+        if f.metadata["const"] is not None:
+            kw.update(nargs="?", const=f.metadata["const"], metavar="URI")
+    p.add_argument("--" + name.replace("_", "-"), **kw)
+
 
 def add_training_commands(sub):
     p = sub.add_parser("train", help="train a model data-parallel (Ray by default)",

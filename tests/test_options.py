@@ -98,6 +98,18 @@ def test_an_optimizers_own_hyperparameters_reach_the_server(tmp_path):
         TrainConfig(optimizer_options={"betas": [0.9]}).validate()
 
 
+def test_every_option_is_in_one_group_and_help_shows_the_groups(capsys):
+    from distnn.config import GROUPS
+    grouped = [name for names in GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(FIELDS) and len(grouped) == len(set(grouped))
+    with pytest.raises(SystemExit):
+        cli(["train", "--help"])
+    out = capsys.readouterr().out
+    assert all(f"{group} options:" in out for group in GROUPS)
+    section = out.index("optimizer options:")
+    assert section < out.index("--optimizer-options TABLE", section) < out.index("cluster options:")
+
+
 def test_import_changes_nothing_in_the_host_process():
     """No allocator call, no Ray, no BLAS thread change at import; the CLI tunes the allocator."""
     code = """
