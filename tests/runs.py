@@ -1,5 +1,5 @@
-"""What several test modules do with a finished run: train a config quietly, read its model file,
-compare two runs bit for bit."""
+"""What several test modules do: keep a command or a run quiet (``silent``, ``QUIET``), train a config
+quietly, read its model file, compare two runs bit for bit."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,10 +10,17 @@ import numpy as np
 from distnn.train import Trainer
 
 
+def silent(*args, **kwargs) -> None:
+    """A ``log`` that says nothing."""
+
+
+QUIET = {"progress": False, "log": silent}   # keyword arguments of prepare, plan and Trainer: no output
+
+
 def train(config, backend=None, hook=None) -> dict:
     """Run ``config`` to its end without console output (``hook``: ``Trainer``'s ``on_step``); its
     summary."""
-    trainer = Trainer(config, backend=backend, log=lambda *a: None, progress=False, on_step=hook)
+    trainer = Trainer(config, backend=backend, on_step=hook, **QUIET)
     try:
         return trainer.run()
     finally:

@@ -13,15 +13,12 @@ import numpy as np
 import pytest
 
 from datagen import idx_bytes, make_cifar100, make_mnist, write_cifar_tar
+from runs import QUIET
 from distnn.cli import main as cli
 from distnn.data import DataError, Loader, augment, open_dataset, prepare
 from distnn.data.writer import channel_stats
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def quiet(*a, **k):
-    pass
 
 
 @pytest.fixture
@@ -37,7 +34,7 @@ def cifar_src(tmp_path):
 
 
 def prep(name, src, sources, out, **kw):
-    return prepare(name, out=out, source=src, sources=sources, progress=False, log=quiet, **kw)
+    return prepare(name, out=out, source=src, sources=sources, **QUIET, **kw)
 
 
 def test_mnist_round_trip(tmp_path, mnist_src):
@@ -242,7 +239,7 @@ def test_download_from_second_mirror_with_resume(tmp_path, http_server):
     cache.mkdir(parents=True)
     whole = (www / "good" / "train-images-idx3-ubyte.gz").read_bytes()
     (cache / "train-images-idx3-ubyte.gz.part").write_bytes(whole[:1000])
-    path = prepare("mnist", out=tmp_path / "ds", sources={"mnist": source}, shards=2, progress=False, log=quiet)
+    path = prepare("mnist", out=tmp_path / "ds", sources={"mnist": source}, shards=2, **QUIET)
     x, _ = open_dataset(path).read("train", open_dataset(path).part("train", 0, 1))
     np.testing.assert_array_equal(x[:, 0], arrays["train-images-idx3-ubyte"])
     assert (cache / "train-images-idx3-ubyte.gz").read_bytes() == whole
@@ -254,7 +251,7 @@ def test_download_checksum_mismatch(tmp_path, http_server):
     source.mirrors = [url]
     source.files[0].sha256, source.files[0].md5 = "0" * 64, "0" * 32
     with pytest.raises(DataError, match="checksum mismatch"):
-        prepare("mnist", out=tmp_path / "ds", sources={"mnist": source}, shards=2, progress=False, log=quiet)
+        prepare("mnist", out=tmp_path / "ds", sources={"mnist": source}, shards=2, **QUIET)
     assert not (tmp_path / "ds" / "mnist").exists()
 
 
@@ -263,7 +260,7 @@ def test_download_no_mirror_reachable(tmp_path, http_server):
     arrays, source = make_mnist(tmp_path / "elsewhere")
     source.mirrors = [url]
     with pytest.raises(DataError, match="could not download train-images-idx3-ubyte.gz from any mirror"):
-        prepare("mnist", out=tmp_path / "ds", sources={"mnist": source}, shards=2, progress=False, log=quiet)
+        prepare("mnist", out=tmp_path / "ds", sources={"mnist": source}, shards=2, **QUIET)
 
 
 # -- bad input ------------------------------------------------------------------------------------

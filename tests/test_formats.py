@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from datagen import idx_bytes
+from runs import QUIET
 from distnn.cli import main as cli
 from distnn.data import DataError, Loader, RawFile, Source, open_dataset, prepare, prepare_from
 
@@ -16,10 +17,6 @@ from distnn.data import DataError, Loader, RawFile, Source, open_dataset, prepar
 def read_all(folder, split):
     ds = open_dataset(folder)
     return ds.read(split, ds.part(split, 0, 1))
-
-
-def quiet(**kw):
-    return dict(progress=False, log=lambda *a: None, **kw)
 
 
 @pytest.fixture
@@ -35,7 +32,7 @@ def test_idx_set_any_shape_round_trips(tmp_path, rng):
     for name, a in (("train-images-idx3-ubyte.gz", x), ("train-labels-idx1-ubyte.gz", y),
                     ("test-images-idx3-ubyte.gz", xt), ("test-labels-idx1-ubyte.gz", yt)):
         (src / name).write_bytes(gzip.compress(idx_bytes(a)))
-    out = prepare_from("idx", src, "letters", out=tmp_path / "ds", shards=3, **quiet())
+    out = prepare_from("idx", src, "letters", out=tmp_path / "ds", shards=3, **QUIET)
     gx, gy = read_all(out, "train")
     assert np.array_equal(gx, x[:, None]) and np.array_equal(gy, y)
     tx, ty = read_all(out, "test")
@@ -50,7 +47,7 @@ def test_npz_images_round_trip_in_every_layout(tmp_path, rng, layout):
     given = {"nhw": images[:, 0], "nhwc": images.transpose(0, 2, 3, 1), "nchw": images}[layout]
     labels = rng.integers(0, 5, 40)
     np.savez(tmp_path / "d.npz", x=given[:30], y=labels[:30], x_test=given[30:], y_test=labels[30:])
-    out = prepare_from("npz", tmp_path / "d.npz", out=tmp_path / "ds", shards=2, **quiet())
+    out = prepare_from("npz", tmp_path / "d.npz", out=tmp_path / "ds", shards=2, **QUIET)
     expect = images[:, :1] if layout == "nhw" else images
     gx, gy = read_all(out, "train")
     tx, ty = read_all(out, "test")
@@ -64,7 +61,7 @@ def test_npz_features_normalised_per_feature_and_test_file(tmp_path, rng):
     np.savez(tmp_path / "train.npz", x=x[:50], y=y[:50])
     np.savez(tmp_path / "test.npz", x=x[50:], y=y[50:])
     out = prepare_from("npz", tmp_path / "train.npz", "tab", test=tmp_path / "test.npz", out=tmp_path / "ds",
-                       shards=2, **quiet())
+                       shards=2, **QUIET)
     ds = open_dataset(out)
     assert ds.kind == "features" and ds.input_shape == (5,) and ds.class_names() == ["cat", "dog", "eel"]
     gx, gy = read_all(out, "train")
@@ -79,11 +76,11 @@ def test_npz_features_normalised_per_feature_and_test_file(tmp_path, rng):
 def test_held_out_test_fraction_is_seeded_and_disjoint(tmp_path, rng):
     x = np.arange(100, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
     np.savez(tmp_path / "a.npz", x=x, y=np.arange(100) % 2)
-    out = prepare_from("npz", tmp_path / "a.npz", out=tmp_path / "ds", test_fraction=0.2, seed=3, shards=1, **quiet())
+    out = prepare_from("npz", tmp_path / "a.npz", out=tmp_path / "ds", test_fraction=0.2, seed=3, shards=1, **QUIET)
     train, test = read_all(out, "train")[0][:, 0], read_all(out, "test")[0][:, 0]
     assert len(test) == 20 and len(train) == 80 and sorted(np.concatenate([train, test])) == list(range(100))
     again = prepare_from("npz", tmp_path / "a.npz", "b", out=tmp_path / "ds", test_fraction=0.2, seed=3, shards=1,
-                         **quiet())
+                         **QUIET)
     assert np.array_equal(read_all(again, "test")[0][:, 0], test)
 
 
@@ -103,7 +100,7 @@ def make_folder(root, classes, size=(6, 5), mode="RGB", rng=None, per_class=4, f
 def test_image_folder_png_pixel_exact_and_jpeg_as_decoded(tmp_path):
     arrays = make_folder(tmp_path / "pics" / "train", ["bird", "cat"])
     make_folder(tmp_path / "pics" / "test", ["bird", "cat"], per_class=2, rng=np.random.default_rng(1))
-    out = prepare_from("folder", tmp_path / "pics", out=tmp_path / "ds", shards=1, **quiet())
+    out = prepare_from("folder", tmp_path / "pics", out=tmp_path / "ds", shards=1, **QUIET)
     ds = open_dataset(out)
     assert ds.class_names() == ["bird", "cat"] and ds.input_shape == (3, 6, 5)
     gx, gy = read_all(out, "train")
@@ -111,7 +108,7 @@ def test_image_folder_png_pixel_exact_and_jpeg_as_decoded(tmp_path):
     assert np.array_equal(gx, expect) and gy.tolist() == [0] * 4 + [1] * 4
     assert read_all(out, "test")[0].shape == (4, 3, 6, 5)
     make_folder(tmp_path / "jpg", ["a", "b"], mode="L", fmt="jpg", per_class=5)
-    out = prepare_from("folder", tmp_path / "jpg", out=tmp_path / "ds", test_fraction=0.2, shards=1, **quiet())
+    out = prepare_from("folder", tmp_path / "jpg", out=tmp_path / "ds", test_fraction=0.2, shards=1, **QUIET)
     decoded = {np.asarray(Image.open(p)).tobytes() for p in sorted((tmp_path / "jpg").rglob("*.jpg"))}
     got = np.concatenate([read_all(out, "train")[0], read_all(out, "test")[0]])
     assert got.shape == (10, 1, 6, 5) and {g[0].tobytes() for g in got} == decoded
@@ -121,7 +118,7 @@ def test_image_folder_resized_with_size(tmp_path):
     make_folder(tmp_path / "p", ["a"], size=(6, 5), per_class=3)
     make_folder(tmp_path / "p", ["b"], size=(9, 7), per_class=3)
     out = prepare_from("folder", tmp_path / "p", out=tmp_path / "ds", size=(8, 8), test_fraction=0.3, shards=1,
-                       **quiet())
+                       **QUIET)
     assert open_dataset(out).input_shape == (3, 8, 8)
 
 
@@ -152,11 +149,11 @@ def test_named_idx_sources_verify_their_checksums(tmp_path, rng, name):
         (src / f"{stem}.gz").write_bytes(raw)
         files.append(RawFile(f"{stem}.gz", None, hashlib.md5(raw).hexdigest()))
     with pytest.raises(DataError, match="checksum mismatch"):   # not the published files
-        prepare(name, out=tmp_path / "ds", source=src, **quiet())
+        prepare(name, out=tmp_path / "ds", source=src, **QUIET)
     from distnn.data.sources import SOURCES
     real = SOURCES[name]
     ok = Source(name, files, [], classes=real.classes)
-    out = prepare(name, out=tmp_path / "ds", source=src, sources={name: ok}, shards=1, **quiet())
+    out = prepare(name, out=tmp_path / "ds", source=src, sources={name: ok}, shards=1, **QUIET)
     assert open_dataset(out).class_names() == real.classes
     assert len(real.files) == 4 and all(f.md5 and len(f.md5) == 32 for f in real.files) and real.mirrors
 

@@ -15,7 +15,7 @@ import pytest
 import distnn
 from clusters import on_cluster
 from datagen import prepared_mnist
-from runs import final_state
+from runs import final_state, train
 from distnn.cli import main as cli
 from distnn.config import TrainConfig, load_config
 from distnn.models import build_model
@@ -68,19 +68,11 @@ def cfg(data_dir, out, builder, **kw):
     return TrainConfig(**base).validate()
 
 
-def quiet_run(config, **kw):
-    trainer = Trainer(config, log=lambda *a: None, progress=False, **kw)
-    try:
-        return trainer.run()
-    finally:
-        trainer.close()
-
-
 def test_builder_model_trains_and_resumes_bit_identically(data_dir, tmp_path, builder):
-    whole = quiet_run(cfg(data_dir, tmp_path / "a", builder))
+    whole = train(cfg(data_dir, tmp_path / "a", builder))
     stop = lambda trainer, step: trainer.request_stop() if step == 7 else None  # noqa: E731
     with pytest.raises(distnn.train.TrainingInterrupted):
-        quiet_run(cfg(data_dir, tmp_path / "b", builder), on_step=stop)
+        train(cfg(data_dir, tmp_path / "b", builder), hook=stop)
     assert cli(["train", "--resume", str(tmp_path / "b"), "--quiet"]) == 0
     a, b = final_state(tmp_path / "a"), final_state(tmp_path / "b")
     assert whole["steps"] == 16 and a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
@@ -91,7 +83,7 @@ def test_builder_model_trains_and_resumes_bit_identically(data_dir, tmp_path, bu
 
 
 def test_builder_file_changed_or_missing_is_named(data_dir, tmp_path, builder, capsys):
-    quiet_run(cfg(data_dir, tmp_path / "run", builder, epochs=1))
+    train(cfg(data_dir, tmp_path / "run", builder, epochs=1))
     builder.write_text(NETS.replace("width=16", "width=8"))
     assert cli(["eval", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err
@@ -104,7 +96,7 @@ def test_builder_file_changed_or_missing_is_named(data_dir, tmp_path, builder, c
 
 
 def test_builder_model_exports_under_its_own_names(data_dir, tmp_path, builder):
-    quiet_run(cfg(data_dir, tmp_path / "run", builder, epochs=1))
+    train(cfg(data_dir, tmp_path / "run", builder, epochs=1))
     assert cli(["export", str(tmp_path / "run"), "--format", "npz", "--out", str(tmp_path / "m.npz")]) == 0
     exported = np.load(tmp_path / "m.npz")
     model = distnn.load(tmp_path / "run")
@@ -174,7 +166,7 @@ def test_layers_from_toml_train(data_dir, tmp_path):
     toml.write_text('epochs = 1\nbatch_size = 32\n[[layers]]\ntype = "Flatten"\n'
                     '[[layers]]\ntype = "Linear"\nin_features = 784\nout_features = 10\n')
     config = load_config(toml, {"data": str(data_dir), "backend": "local", "workers": 1, "out": str(tmp_path / "r")})
-    assert quiet_run(config)["model"] == "layers"
+    assert train(config)["model"] == "layers"
     assert [n for n, _ in distnn.load(tmp_path / "r").named_parameters()] == ["1.weight", "1.bias"]
 
 
@@ -226,7 +218,7 @@ def test_zoo_models_sized_from_the_manifest(tmp_path):
         out = tmp_path / f"{model}-{dataset}"
         config = TrainConfig(model=model, dataset=dataset, data=str(tmp_path / "ds"), backend="local", workers=1,
                              batch_size=16, epochs=1, out=str(out)).validate()
-        assert quiet_run(config)["final"]["test_count"] == 8
+        assert train(config)["final"]["test_count"] == 8
         spec = json.loads((out / "config.json").read_text())["spec"]
         assert spec["num_classes"] == classes and spec["input_shape"] == ([3, 32, 32] if dataset == "img" else [13])
 
