@@ -133,3 +133,15 @@ def test_lstm_sequence_backward_kernel_equals_numpy():
         return ops.sum(seq * Variable(weights)) + ops.sum(h * 1.5) + ops.sum(c * c)
 
     same_on_both_paths(fn, [xw, h0, c0, w], np.float32(1.0))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_max_pool_2x2_kernel_equals_the_numpy_path_ties_included(layout):
+    """The compiled 2x2 max pool (tiling windows) picks the same winner as the numpy path, ties too:
+    zeros after a ReLU, and a window whose upper-right and lower-left values tie."""
+    rng = np.random.default_rng(5)
+    x = np.maximum(rng.standard_normal((6, 5, 8, 4)), 0).astype(np.float32)
+    x[0, 0, :2, :2] = [[0.0, 1.0], [1.0, 0.0]]
+    grad = rng.standard_normal((6, 5, 4, 2)).astype(np.float32)
+    y, gx = same_on_both_paths(lambda v: ops.max_pool2d(v, 2), [laid_out(x, layout)], grad, rtol=0, atol=0)
+    assert gx[0, 0, 1, 0] == grad[0, 0, 0, 0] and gx[0, 0, 0, 1] == 0   # the left column's maximum wins

@@ -115,3 +115,40 @@ def lstm_backward_step(dh, dc, g_out, gates, c, tanh_c, da):
             da[r, 2 * hidden + k] = d * i * (1 - g * g)
             da[r, 3 * hidden + k] = h_grad * tc * o * (1 - o)
             dc[r, k] = d * f
+
+
+@njit(cache=True, nogil=True)
+def max_pool_2x2(x, y, arg):
+    """2x2 windows that tile x (B, H, W, K) -> their max y (B, H/2, W/2, K) and the winner's position
+    arg (uint8, 2 i + j). Ties go as in the numpy path (``MaxPool2d._forward_tiled``): within a column
+    to the upper row, between the columns' maxima to the left one."""
+    for b in range(y.shape[0]):
+        for oy in range(y.shape[1]):
+            for ox in range(y.shape[2]):
+                for c in range(y.shape[3]):
+                    best, k = x[b, 2 * oy, 2 * ox, c], 0
+                    lower = x[b, 2 * oy + 1, 2 * ox, c]
+                    if lower > best:
+                        best, k = lower, 2
+                    right, kr = x[b, 2 * oy, 2 * ox + 1, c], 1
+                    lower = x[b, 2 * oy + 1, 2 * ox + 1, c]
+                    if lower > right:
+                        right, kr = lower, 3
+                    if right > best:
+                        best, k = right, kr
+                    y[b, oy, ox, c] = best
+                    arg[b, oy, ox, c] = k
+
+
+@njit(cache=True, nogil=True)
+def max_pool_2x2_backward(g, arg, gx):
+    """The input gradient gx (B, H, W, K) of ``max_pool_2x2``: each window's g to its winner, 0 elsewhere."""
+    for b in range(g.shape[0]):
+        for oy in range(g.shape[1]):
+            for ox in range(g.shape[2]):
+                for c in range(g.shape[3]):
+                    k, v = arg[b, oy, ox, c], g[b, oy, ox, c]
+                    gx[b, 2 * oy, 2 * ox, c] = v if k == 0 else 0.0
+                    gx[b, 2 * oy, 2 * ox + 1, c] = v if k == 1 else 0.0
+                    gx[b, 2 * oy + 1, 2 * ox, c] = v if k == 2 else 0.0
+                    gx[b, 2 * oy + 1, 2 * ox + 1, c] = v if k == 3 else 0.0

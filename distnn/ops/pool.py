@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import kernels
 from ..autograd import Operator
 from .conv import out_size, pair
 from .conv_algorithms import window
@@ -40,7 +41,9 @@ class MaxPool2d(_Pool2d):
     """Max over kh x kw windows moved by the stride (windows may overlap). (N, C, H, W) -> (N, C, Ho, Wo).
 
     Exactly one input per window wins (the first maximum found), so ties, common after a ReLU, send
-    the window's whole gradient to one input, as in PyTorch, never a copy to each.
+    the window's whole gradient to one input, as in PyTorch, never a copy to each. 2x2 windows that
+    tile the image (LeNet-5's, the CIFAR network's) run a compiled kernel (``kernels``) where the
+    numba path is on; ``_forward_tiled`` is its numpy reference.
     """
 
     def forward(self, x):
@@ -49,6 +52,12 @@ class MaxPool2d(_Pool2d):
         self.x_shape = xh.shape
         self.tiled = self.kernel == self.stride and xh.shape[1] == ho * self.kernel[0] \
             and xh.shape[2] == wo * self.kernel[1]
+        self.compiled = self.tiled and self.kernel == (2, 2) and kernels.compiled()
+        if self.compiled:   # the same maths in one pass (kernels/fused.py)
+            shape = (xh.shape[0], ho, wo, xh.shape[3])
+            y, self.arg = np.empty(shape, xh.dtype), np.empty(shape, np.uint8)
+            self.compiled.max_pool_2x2(xh, y, self.arg)
+            return self.back(y)
         if self.tiled:
             return self.back(self._forward_tiled(xh, ho, wo))
         offsets = self._offsets(ho, wo)
@@ -81,6 +90,10 @@ class MaxPool2d(_Pool2d):
 
     def backward(self, gy):
         gyh = _rows_like(gy, self.back, self.x_shape)
+        if self.compiled:
+            gx = np.empty(self.x_shape, gy.dtype)
+            self.compiled.max_pool_2x2_backward(gyh, self.arg, gx)
+            return self.back(gx)
         if self.tiled:
             (kh, kw), (n, _, _, c) = self.kernel, self.x_shape
             ho, wo = gyh.shape[1:3]
