@@ -88,7 +88,10 @@ CASES = {
                     # (H, W, N, C) and (N, H, W, C) memory, as after a Winograd or an im2col conv
                     (lambda x: ops.max_pool2d(_hwnc(x), 2), [distinct(6, 4, 2, 3)]),
                     (lambda x: ops.max_pool2d(_hwnc(x), 3, 2), [distinct(7, 7, 2, 3)]),
-                    (lambda xh: ops.max_pool2d(_nchw(xh), 2), [distinct(2, 6, 4, 3)])],
+                    (lambda xh: ops.max_pool2d(_nchw(xh), 2), [distinct(2, 6, 4, 3)]),
+                    # with the ReLU before it folded in (Sequential: ReLU, MaxPool2d)
+                    (lambda x: ops.max_pool2d(x, 2, relu=True), [distinct(2, 3, 6, 4)]),
+                    (lambda x: ops.max_pool2d(_hwnc(x), 3, 2, relu=True), [distinct(7, 7, 2, 3)])],
     ops.pool.AvgPool2d: [(lambda x: ops.avg_pool2d(x, 3, 2), [rand(2, 3, 7, 7)]),
                     (lambda x: ops.avg_pool2d(x, 2), [rand(2, 3, 4, 4)]),
                     (lambda x: ops.avg_pool2d(_hwnc(x), 3, 2), [rand(7, 7, 2, 3)])],

@@ -102,6 +102,27 @@ def test_sequential_fuses_batch_norm_and_relu_without_changing_the_maths(mode, k
     np.testing.assert_array_equal(fused[0].running_mean, plain.running_mean)
 
 
+@pytest.mark.parametrize("kernel", [2, 3])
+def test_sequential_pools_the_relu_in_one_operator_without_changing_the_maths(kernel, kernel_path):
+    """A ReLU then a MaxPool2d in a Sequential run as one pooling operator that takes max(., 0) of
+    its result (the max of a window commutes with the ReLU): outputs and gradients equal, bit for bit,
+    those of the two layers one after the other."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((4, 3, 6, 6)).astype(np.float32)
+    x[0, 0, :kernel, :kernel] = -1.0   # a window with no positive value
+    fused = nn.Sequential(nn.ReLU(), nn.MaxPool2d(kernel))
+    xf, xp = Variable(x.copy(), requires_grad=True), Variable(x.copy(), requires_grad=True)
+    yf, yp = fused(xf), ops.max_pool2d(ops.relu(xp), kernel)
+    assert type(yf.creator).__name__ == "MaxPool2d" and yf.creator.relu
+    g = rng.standard_normal(yf.shape).astype(np.float32)
+    yf.backward(g)
+    yp.backward(g)
+    np.testing.assert_array_equal(yf.data, yp.data)
+    np.testing.assert_array_equal(xf.grad, xp.grad)
+    assert yf.data[0, 0, 0, 0] == 0 and not xf.grad[0, 0, :kernel, :kernel].any()
+    assert type(nn.Sequential(nn.ReLU(), nn.AvgPool2d(2))(xf).creator).__name__ == "AvgPool2d"   # no fold
+
+
 def test_environment_selects_the_path():
     code = "from distnn import kernels; print(kernels.mode())"
     env = {k: v for k, v in os.environ.items() if k != "DISTNN_KERNELS"}

@@ -118,10 +118,11 @@ def lstm_backward_step(dh, dc, g_out, gates, c, tanh_c, da):
 
 
 @njit(cache=True, nogil=True)
-def max_pool_2x2(x, y, arg):
+def max_pool_2x2(x, relu, y, arg):
     """2x2 windows that tile x (B, H, W, K) -> their max y (B, H/2, W/2, K) and the winner's position
     arg (uint8, 2 i + j). Ties go as in the numpy path (``MaxPool2d._forward_tiled``): within a column
-    to the upper row, between the columns' maxima to the left one."""
+    to the upper row, between the columns' maxima to the left one. ``relu``: max(y, 0), a window whose
+    max is not positive having no winner (arg 4: no gradient)."""
     for b in range(y.shape[0]):
         for oy in range(y.shape[1]):
             for ox in range(y.shape[2]):
@@ -136,13 +137,16 @@ def max_pool_2x2(x, y, arg):
                         right, kr = lower, 3
                     if right > best:
                         best, k = right, kr
+                    if relu and not best > 0:
+                        best, k = 0.0, 4
                     y[b, oy, ox, c] = best
                     arg[b, oy, ox, c] = k
 
 
 @njit(cache=True, nogil=True)
 def max_pool_2x2_backward(g, arg, gx):
-    """The input gradient gx (B, H, W, K) of ``max_pool_2x2``: each window's g to its winner, 0 elsewhere."""
+    """The input gradient gx (B, H, W, K) of ``max_pool_2x2``: each window's g to its winner (if it has
+    one), 0 elsewhere."""
     for b in range(g.shape[0]):
         for oy in range(g.shape[1]):
             for ox in range(g.shape[2]):

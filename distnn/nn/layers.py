@@ -73,8 +73,11 @@ class MaxPool2d(Module):
         super().__init__()
         self.kernel_size, self.stride = kernel_size, stride
 
-    def forward(self, x):
-        return ops.max_pool2d(check_input(self, x, 4, "(N, C, H, W)"), self.kernel_size, self.stride)
+    takes_relu = True
+
+    def forward(self, x, relu=False):
+        """``relu``: pool the ReLU of x (a ReLU layer before this one in a Sequential asks for it)."""
+        return ops.max_pool2d(check_input(self, x, 4, "(N, C, H, W)"), self.kernel_size, self.stride, relu)
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}"
@@ -82,6 +85,8 @@ class MaxPool2d(Module):
 
 class AvgPool2d(MaxPool2d):
     """Mean over kernel_size windows moved by ``stride`` (default: the kernel size): (N, C, H, W) -> (N, C, Ho, Wo)."""
+
+    takes_relu = False   # a mean does not commute with the ReLU
 
     def forward(self, x):
         return ops.avg_pool2d(check_input(self, x, 4, "(N, C, H, W)"), self.kernel_size, self.stride)

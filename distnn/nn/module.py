@@ -26,6 +26,7 @@ class Module:
     statistics) and child modules, all kept in registration order."""
 
     fuses_relu = False   # forward(x, relu=True) applies a ReLU in the same pass (Sequential pairs them)
+    takes_relu = False   # forward(x, relu=True) gives what it gives for the ReLU of x (a max pool)
     is_relu = False      # a plain ReLU layer
 
     def __init__(self):
@@ -234,12 +235,16 @@ class Sequential(Module):
 
     def forward(self, x):
         """Each child in turn. A child that can apply a ReLU in its own pass (``fuses_relu``: batch
-        norm) followed by a ReLU layer does so, and the ReLU layer is passed over: the same maths."""
+        norm) followed by a ReLU layer does so, and the ReLU layer is passed over; so is a ReLU layer
+        followed by a child that gives the same for the ReLU of its input (``takes_relu``: max
+        pooling, whose max commutes with the ReLU). The same maths, a pass over the data fewer."""
         layers = list(self._modules.values())
         i = 0
         while i < len(layers):
             if layers[i].fuses_relu and i + 1 < len(layers) and layers[i + 1].is_relu:
                 x, i = layers[i](x, relu=True), i + 2
+            elif layers[i].is_relu and i + 1 < len(layers) and layers[i + 1].takes_relu:
+                x, i = layers[i + 1](x, relu=True), i + 2
             else:
                 x, i = layers[i](x), i + 1
         return x

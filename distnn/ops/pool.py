@@ -46,7 +46,18 @@ class MaxPool2d(_Pool2d):
     numba path is on; ``_forward_tiled`` is its numpy reference.
     """
 
+    def __init__(self, kernel_size, stride=None, relu: bool = False):
+        super().__init__(kernel_size, stride)
+        self.relu = relu
+
     def forward(self, x):
+        y = self._max(x)
+        if self.relu and not self.compiled:   # (not in place: a 1x1 window's max is a view of x)
+            y = np.maximum(y, 0)
+            self.kept = y > 0
+        return y
+
+    def _max(self, x):
         ho, wo = self._geometry(x)
         xh, self.back = image_view(x)
         self.x_shape = xh.shape
@@ -56,7 +67,7 @@ class MaxPool2d(_Pool2d):
         if self.compiled:   # the same maths in one pass (kernels/fused.py)
             shape = (xh.shape[0], ho, wo, xh.shape[3])
             y, self.arg = np.empty(shape, xh.dtype), np.empty(shape, np.uint8)
-            self.compiled.max_pool_2x2(xh, y, self.arg)
+            self.compiled.max_pool_2x2(xh, self.relu, y, self.arg)
             return self.back(y)
         if self.tiled:
             return self.back(self._forward_tiled(xh, ho, wo))
@@ -89,6 +100,8 @@ class MaxPool2d(_Pool2d):
         return best.reshape(n, ho, wo, c)
 
     def backward(self, gy):
+        if self.relu and not self.compiled:
+            gy = gy * self.kept
         gyh = _rows_like(gy, self.back, self.x_shape)
         if self.compiled:
             gx = np.empty(self.x_shape, gy.dtype)
@@ -136,9 +149,11 @@ class AvgPool2d(_Pool2d):
         return self.back(gx)
 
 
-def max_pool2d(x, kernel_size, stride=None):
-    """x (N, C, H, W) -> (N, C, Ho, Wo): the max of each window (stride defaults to the kernel size)."""
-    return MaxPool2d(kernel_size, stride)(x)
+def max_pool2d(x, kernel_size, stride=None, relu: bool = False):
+    """x (N, C, H, W) -> (N, C, Ho, Wo): the max of each window (stride defaults to the kernel size);
+    ``relu``: max(., 0) of the result, which equals pooling the ReLU of x (the max of a window commutes
+    with a rising function) without a pass over the whole input."""
+    return MaxPool2d(kernel_size, stride, relu)(x)
 
 
 def avg_pool2d(x, kernel_size, stride=None):
