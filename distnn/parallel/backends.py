@@ -16,6 +16,7 @@ import os
 import time
 
 from .local_backend import LocalBackend, describe
+from .ray_nodes import RayNodes
 
 
 class NotReady(TimeoutError):
@@ -34,7 +35,7 @@ PARAMS_INLINE_BYTES = 1 << 20
 _started_here = {}  # what a cluster started by this process was configured with
 
 
-class RayBackend:
+class RayBackend(RayNodes):
     """Actors on a Ray cluster: a local one started here (no address), or an existing one.
     ``runtime_env``: what every actor's process needs beyond distnn, e.g. a user's model code
     (``models.builders.runtime_env``); Ray ships local folders only for a whole job, so it applies
@@ -122,18 +123,6 @@ class RayBackend:
         self._placed += 1
         return NodeAffinitySchedulingStrategy(nodes[self._placed % len(nodes)], soft=False)
 
-    def here(self) -> str:
-        """The node the driver runs on."""
-        return self.ray.get_runtime_context().get_node_id()
-
-    def node_of(self, handle):
-        """A future of the node ``handle``'s process runs on."""
-        return handle.node.remote()
-
-    def host(self) -> str:
-        """The address other nodes reach the driver's node at."""
-        return self.nodes()[self.here()][0]
-
     def call(self, handle, method, *args, num_returns=1, **kwargs):
         return getattr(handle, method).options(num_returns=num_returns).remote(*args, **kwargs)
 
@@ -163,37 +152,6 @@ class RayBackend:
                 raise NotReady([i for i, f in enumerate(futures) if any(f is p for p in pending)])
             self.ray.get(ready)
         return self.ray.get(futures)
-
-    def nodes(self) -> dict[str, tuple[str, int]]:
-        """{node id: (address, CPUs)} of the alive nodes."""
-        return {n["NodeID"]: (n["NodeManagerAddress"], int(n["Resources"].get("CPU", 0)))
-                for n in self.ray.nodes() if n["Alive"]}
-
-    def node_cpus(self) -> list[tuple[str, int]]:
-        """(address, CPUs) of each alive node."""
-        return list(self.nodes().values())
-
-    def free_cpus(self) -> int:
-        """CPUs of the cluster no actor or task holds now."""
-        return int(self.ray.available_resources().get("CPU", 0))
-
-    def draining_nodes(self) -> dict[str, str]:
-        """{node id: address} of the live nodes Ray is draining (a preemption notice, an autoscaler's
-        scale-down): they take no new processes and will go. (Ray's internal state API: where it is
-        missing, no node is seen draining.)"""
-        try:
-            from ray._private.state import state
-            ids = state.get_draining_nodes()
-        except Exception:
-            return {}
-        if not ids:
-            return {}
-        alive = self.nodes()
-        return {i: alive[i][0] for i in ids if i in alive}
-
-    def dead_nodes(self) -> dict[str, str]:
-        """{node id: address} of the nodes Ray counts as dead."""
-        return {n["NodeID"]: n["NodeManagerAddress"] for n in self.ray.nodes() if not n["Alive"]}
 
     def alive(self, handle, timeout=30.0) -> bool:
         """Whether the actor answers (its process is up)."""
