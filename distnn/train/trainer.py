@@ -195,14 +195,10 @@ class Trainer:
             fields["membership"] = self.membership
         if self.fleet.fetched:
             fields["data_fetched"] = self.fleet.fetched
-        per_update = mode.workers_per_update(self.length.world)   # their batches, and the replies they get
-        samples = self.step * self.plan.data.batch_size * per_update
-        steps_run = max(self.report.steps_run, 1)
-        params_bytes = mode.sent_back(per_update * self.model.flat_params.nbytes, self.report.replies, steps_run)
-        if stats[0]["reply_bytes"] is not None:   # compressed replies: what the shards sent, to every worker
-            params_bytes = round(per_update * sum(s["reply_bytes"] for s in stats) / steps_run)
+        samples = self.step * self.plan.data.batch_size * mode.workers_per_update(self.length.world)
         summary = report.summary(fields, server, samples, self.checkpoints.recoveries,
-                                 params_bytes=params_bytes, cpu=self.cpu)
+                                 params_bytes=params_sent(mode, self.length.world, self.model, report, stats),
+                                 cpu=self.cpu)
         for sink in self.sinks:
             sink.finish(self.out, summary)
         self.finished = True
@@ -223,6 +219,14 @@ class Trainer:
         if self.fleet is not None:
             self.fleet.close()
         conv_choice.pin(None)   # the local backend's workers pinned this process
+
+
+def params_sent(mode, world: int, model, report, stats) -> int:
+    """Parameter bytes sent back to the workers per update (``summary.json``'s bytes_per_step)."""
+    per_update, steps_run = mode.workers_per_update(world), max(report.steps_run, 1)   # replies per update
+    if stats[0]["reply_bytes"] is not None:   # compressed replies: what the shards sent, to every worker
+        return round(per_update * sum(s["reply_bytes"] for s in stats) / steps_run)
+    return mode.sent_back(per_update * model.flat_params.nbytes, report.replies, steps_run)
 
 
 def catch_signals(trainer):
