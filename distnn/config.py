@@ -188,8 +188,8 @@ class TrainConfig:
                                   + (f"; its own are {', '.join(sorted(own))}" if own else "; it has none beyond "
                                      "lr, weight_decay and momentum, which have options of their own"))
         try:   # the values, as the optimizer itself checks them
-            probe = make_optimizer(self.optimizer, 1, lr=self.lr, **self.optimizer_options)
-            probe.step(np.ones(1, np.float32), np.ones(1, np.float32))
+            make_optimizer(self.optimizer, 1, lr=self.lr, **self.optimizer_options).step(np.ones(1, np.float32),
+                                                                                        np.ones(1, np.float32))
         except (ValueError, TypeError) as e:
             raise ConfigError(f"optimizer_options = {self.optimizer_options!r}: {e}") from None
 
@@ -227,15 +227,9 @@ def workers_range(value) -> tuple[int, int]:
     return int(low), int(high)
 
 
-def parse_workers(text: str):
-    """The --workers flag: N or MIN:MAX."""
-    return int(text) if text.strip().isdigit() else text.strip()
-
-
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
-# The options in groups, for a reader and for --help (the TOML keys and the flags stay flat): every
-# field in exactly one (tests/test_options.py holds that).
+# The options in groups, for --help (keys and flags stay flat); each in one (tests/test_options.py)
 GROUPS = {
     "model": ("model", "layers", "model_options"),
     "data": ("dataset", "labels", "data", "source", "fetch_data", "augment", "augment_pad", "label_smoothing"),

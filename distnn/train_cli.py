@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import FIELDS, GROUPS, ConfigError, TrainConfig, field_kind, parse_workers, tomllib
+from .config import FIELDS, GROUPS, ConfigError, TrainConfig, field_kind, tomllib
 from .run_cli import UsageError, add_run_commands
 
 
@@ -121,6 +121,11 @@ def _toml_value(text: str):
         return tomllib.loads(f"value = {text}")["value"]
     except (tomllib.TOMLDecodeError, KeyError):
         raise argparse.ArgumentTypeError(f"not a TOML value: {text!r}") from None
+
+
+def parse_workers(text: str):
+    """The --workers flag: N or MIN:MAX."""
+    return int(text) if text.strip().isdigit() else text.strip()
 
 
 def add_config_flags(p, skip=()) -> None:
