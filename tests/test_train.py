@@ -75,7 +75,7 @@ def test_local_async_takes_turns(data_dir, tmp_path):
     trainer, summary, _ = run(config(data_dir, tmp_path / "a", mode="async", staleness=2, workers=3))
     assert summary["steps"] == 3 * trainer.length.steps_per_epoch
     assert trainer.report.staleness[:3] == [0, 1, 2] and set(trainer.report.staleness[3:]) == {2}
-    assert trainer.done == [trainer.length.steps_per_epoch] * 3
+    assert trainer.state.done == [trainer.length.steps_per_epoch] * 3
     assert summary["cpu"]["driver_cpu_s"] > 0 and "workers_cpu_s" not in summary["cpu"]   # all in this process
     # pipelined, within a round each batch is computed two of every worker's updates behind (5), once
     # the round's first two have gone out (rounds of 10 batches per worker here: log_every = 30)

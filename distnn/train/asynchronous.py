@@ -24,7 +24,7 @@ class AsyncLoop:
     def __init__(self, t):
         """``t``: the Trainer (its fleet, length, config, checkpoints, report, step, done, stop flag)."""
         self.t, self.fleet = t, t.fleet
-        self.restart(t.done)
+        self.restart(t.state.done)
 
     def restart(self, done: list[int]) -> None:
         c = self.t.config
@@ -34,7 +34,7 @@ class AsyncLoop:
 
     def launch(self) -> None:
         """Queue rounds while fewer than two are in flight and none ahead ends at a checkpoint."""
-        while len(self.inflight) < 2 and not self.t.stop_requested:
+        while len(self.inflight) < 2 and not self.t.state.stop_requested:
             if self.inflight and self.inflight[-1][0].rest:
                 return
             rnd = self.rounds.next_round()
@@ -54,20 +54,20 @@ class AsyncLoop:
 
     def run(self) -> None:
         t = self.t
-        t.checkpoints.save(self.fleet, t.step, self.rounds.done)
+        t.checkpoints.save(self.fleet, t.state.step, self.rounds.done)
         self.launch()
         while self.inflight:
             try:
                 self.step()
             except Exception as e:
-                if not self.fleet.backend.is_failure(e) or t.stop_requested:
+                if not self.fleet.backend.is_failure(e) or t.state.stop_requested:
                     raise
                 self.recover(e)
             self.launch()
-        t.done = list(self.rounds.done)
-        t.max_lead = max(s["max_lead"] for s in self.fleet.call_servers("stats"))
-        if not t.stop_requested and t.step < t.length.total_updates:
-            raise RuntimeError(f"the asynchronous loop stopped at update {t.step} of {t.length.total_updates} "
+        t.state.done = list(self.rounds.done)
+        t.state.max_lead = max(s["max_lead"] for s in self.fleet.call_servers("stats"))
+        if not t.state.stop_requested and t.state.step < t.length.total_updates:
+            raise RuntimeError(f"the asynchronous loop stopped at update {t.state.step} of {t.length.total_updates} "
                                "with nothing in flight (a bug in distnn)")
 
     def step(self) -> None:
@@ -77,13 +77,13 @@ class AsyncLoop:
         fleet.get(list(futures.values()))
         self.record()
         self.inflight.popleft()
-        if rnd.rest or (t.stop_requested and not self.inflight):
-            t.done = list(rnd.done)
-            t.checkpoints.save(fleet, t.step, rnd.done)
+        if rnd.rest or (t.state.stop_requested and not self.inflight):
+            t.state.done = list(rnd.done)
+            t.checkpoints.save(fleet, t.state.step, rnd.done)
             for epoch in rnd.epochs_ended:
                 t.end_epoch(epoch)
             if not self.inflight:
-                if membership.draining(t) and not t.stop_requested:
+                if membership.draining(t) and not t.state.stop_requested:
                     membership.move_off(t)
                 t.grow_if_room()
 
@@ -114,16 +114,16 @@ class AsyncLoop:
         t.checkpoints.check_budget(fleet, error)
         with t.report.paused():
             lost_workers, lost_servers = lost
-            failed_at = t.step
+            failed_at = t.state.step
             if lost_servers or not lost_workers:
                 for s in fleet.servers:
                     fleet.backend.call(s, "abort", fleet.backend.describe(error))
                 fleet.backend.discard([f for _, fs in self.inflight for f in fs.values()])
-                t.step, done = t.checkpoints.restart(fleet)
+                t.state.step, done = t.checkpoints.restart(fleet)
                 self.restart(done)
             else:
                 self._replace(lost_workers)
-            event = t.checkpoints.record(fleet, error, failed_at, t.step, lost_workers, lost_servers)
+            event = t.checkpoints.record(fleet, error, failed_at, t.state.step, lost_workers, lost_servers)
         t.report.recovery(event)
 
     def _replace(self, lost: list[int]) -> None:

@@ -66,16 +66,16 @@ def rescale(ckpt: dict, old: RunLength, new: RunLength, mode) -> dict:
 
 def restore(t, ckpt: dict, reason: str = RESUMED) -> dict:
     """Load ``ckpt`` into ``t``'s fleet; a checkpoint of another world size is rescaled first and the
-    change recorded in ``t.membership``. Returns the checkpoint as loaded."""
+    change recorded in ``t.state.membership``. Returns the checkpoint as loaded."""
     made_by = len(ckpt["worker_buffers"])
     loaded = ckpt
     check_made_by(ckpt, t.plan.mode)
     if made_by != t.plan.world:
         loaded = rescale(ckpt, setup.resized(t.plan, made_by).length, t.length, t.plan.mode)
-        t.membership.append({"type": "membership", "after_step": ckpt["step"], "step": loaded["step"],
+        t.state.membership.append({"type": "membership", "after_step": ckpt["step"], "step": loaded["step"],
                              "workers_before": made_by, "workers": t.plan.world, "reason": reason})
-    t.step, done = t.checkpoints.restore(t.fleet, loaded, t.plan.mode)
-    t.done = done or [0] * t.plan.world
+    t.state.step, done = t.checkpoints.restore(t.fleet, loaded, t.plan.mode)
+    t.state.done = done or [0] * t.plan.world
     return loaded
 
 
@@ -94,12 +94,12 @@ def regroup(fleet: Fleet, plan, world: int, model, log=print):
 
 def resume_after(t, change: MembershipChange) -> None:
     """In ``t``, regrouped for ``change.world`` workers: go on from ``change.ckpt`` and record the change."""
-    before = len(t.membership)
+    before = len(t.state.membership)
     restore(t, change.ckpt, change.reason)
-    if len(t.membership) == before:   # the same number of workers, on other nodes
-        t.membership.append({"type": "membership", "after_step": change.ckpt["step"], "step": t.step,
+    if len(t.state.membership) == before:   # the same number of workers, on other nodes
+        t.state.membership.append({"type": "membership", "after_step": change.ckpt["step"], "step": t.state.step,
                              "workers_before": change.world, "workers": change.world, "reason": change.reason})
-    event = t.membership[-1]
+    event = t.state.membership[-1]
     if change.lost_nodes:
         event["lost_nodes"] = change.lost_nodes
     t.report.membership(event, t.plan.world, t.length.total_updates, t._lr())
@@ -108,10 +108,10 @@ def resume_after(t, change: MembershipChange) -> None:
 def grow_if_room(t) -> None:
     """At a checkpoint boundary of an elastic run (``--workers MIN:MAX``) below MAX: where the cluster
     has free CPUs for more workers now (a node joined), go on with them from this checkpoint."""
-    if not t.config.elastic or t.stop_requested or t.step >= t.length.total_updates:
+    if not t.config.elastic or t.state.stop_requested or t.state.step >= t.length.total_updates:
         return
     world = min(workers_range(t.config.workers)[1], t.plan.world + room(t.fleet))
-    if world > t.plan.world and t.checkpoints.last_step == t.step:
+    if world > t.plan.world and t.checkpoints.last_step == t.state.step:
         raise MembershipChange(world, load_checkpoint(t.checkpoints.last),
                                f"room for {world - t.plan.world} more worker(s)")
 
@@ -134,16 +134,16 @@ def shrink(t, error: PlacementTimeout, here: dict | None) -> None:
 
 def draining(t) -> bool:
     """Whether Ray is draining a node that runs processes of ``t`` (a preemption notice, a scale-down);
-    remembered in ``t.leaving`` until the run has moved off it (``move_off``)."""
-    if not t.leaving and not t.fleet.backend.eager:
-        t.leaving = draining_nodes(t.fleet)
-    return bool(t.leaving)
+    remembered in ``t.state.leaving`` until the run has moved off it (``move_off``)."""
+    if not t.state.leaving and not t.fleet.backend.eager:
+        t.state.leaving = draining_nodes(t.fleet)
+    return bool(t.state.leaving)
 
 
 def move_off(t) -> None:
     """At the checkpoint just taken: go on without the draining nodes - the same number of workers
     elsewhere, or for an elastic run as many as the other nodes hold (at least MIN)."""
-    nodes, t.leaving = t.leaving, {}
+    nodes, t.state.leaving = t.state.leaving, {}
     low, high = workers_range(t.config.workers)
     world = max(low, min(high, placeable(t.fleet, without=nodes))) if t.config.elastic else t.plan.world
     raise MembershipChange(world, load_checkpoint(t.checkpoints.last),

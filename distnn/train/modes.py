@@ -109,7 +109,7 @@ class Async:
 
     def done(self, t):
         """Each worker's count of applied gradients: where its data stands."""
-        return t.done
+        return t.state.done
 
     def present_state(self, checkpoints, fleet, buffers):
         counts = fleet.call_servers("counts")
@@ -132,7 +132,7 @@ class Async:
         """How far the workers drifted apart: the furthest one ran ahead, and each gradient's staleness
         (updates applied since the parameters it was computed at)."""
         staleness = t.report.staleness
-        return {"max_worker_lead": t.max_lead, "max_staleness": int(max(staleness, default=0)),
+        return {"max_worker_lead": t.state.max_lead, "max_staleness": int(max(staleness, default=0)),
                 "mean_staleness": float(sum(staleness) / len(staleness)) if staleness else 0.0}
 
 

@@ -17,6 +17,7 @@ from .errors import MembershipChange, PlacementTimeout, RunWriteFailed, Training
 from .fleet import Fleet
 from .report import RunReport
 from .sinks import make_sinks
+from .state import RunState
 from .usage import UsageMeter
 
 
@@ -31,10 +32,9 @@ class Trainer:
         ``on_epoch(trainer, record)``: after each epoch's test, with its metrics record and the
         checkpoint of that step saved (a search trial reports there)."""
         self.log, self.on_step, self.on_epoch = log, on_step, on_epoch
-        self.step, self.stop_requested, self.max_lead = 0, False, 0
+        self.state = RunState()   # where the run stands (train/state.py)
         self.fleet = self.report = None
         self.sinks, self.finished = [], False
-        self.leaving = {}   # draining nodes this run's processes are on: leave at the next checkpoint
         owned = None if backend is not None else setup.start_backend(config, log)  # shut down here until the fleet owns it
         try:
             self.plan = p = setup.plan(config, (backend or owned).cpus(), resume is not None, log, progress)
@@ -46,14 +46,13 @@ class Trainer:
             setup.write_run_files(p)
             self.checkpoints = Checkpoints(p.out / "checkpoints", p.config.keep_checkpoints, self.model, p.spec,
                                            p.config.as_dict())
-            self.done = [0] * p.world  # async: gradients applied per worker
-            self.membership: list[dict] = []   # changes of the number of workers (train.membership)
+            self.state.done = [0] * p.world
             if resume is not None:
                 resume = self._restore(resume)
             self.report = self._report(log, progress, None if resume is None
                                        else resume.get("rescaled_from", (resume["step"],))[0])
             if resume is not None and "rescaled_from" in resume:
-                self.report.membership(self.membership[-1], p.world, p.length.total_updates, self._lr())
+                self.report.membership(self.state.membership[-1], p.world, p.length.total_updates, self._lr())
         except BaseException:
             self.close()
             if owned is not None:
@@ -74,9 +73,14 @@ class Trainer:
     def _restore(self, ckpt: dict, reason: str = membership.RESUMED) -> dict:
         """Load ``ckpt`` into the fleet (one of another world size rescaled first); returns it as loaded."""
         loaded = membership.restore(self, ckpt, reason)
-        self.log(f"resuming {self.config.model_name} from {ckpt['path']} at step {self.step} of "
+        self.log(f"resuming {self.config.model_name} from {ckpt['path']} at step {self.state.step} of "
                  f"{self.length.total_updates}")
         return loaded
+
+    @property
+    def step(self) -> int:
+        """Updates applied so far (``state.step``)."""
+        return self.state.step
 
     @property
     def length(self):
@@ -100,14 +104,14 @@ class Trainer:
                  f"{self.plan.data.batch_size}, {c.mode}"
                  f"{'' if c.staleness is None else f' (staleness {c.staleness})'}, {c.servers} server(s), "
                  f"{c.epochs} epochs of {n.steps_per_epoch} steps -> {self.out}")
-        self.report.start(self.step)
+        self.report.start(self.state.step)
         usage = UsageMeter(self.fleet)
         try:
             usage.start()
             self._loop()
             self.cpu = usage.stop()
-            if self.stop_requested:
-                raise TrainingInterrupted(f"stopped at step {self.step}{self._last_checkpoint('; checkpoint ')}"
+            if self.state.stop_requested:
+                raise TrainingInterrupted(f"stopped at step {self.state.step}{self._last_checkpoint('; checkpoint ')}"
                                           + (f"; continue with: distnn train --resume {self.out}"
                                              if self.checkpoints.last else ""))
             return self._finish()
@@ -135,29 +139,29 @@ class Trainer:
 
     def request_stop(self) -> None:
         """Finish the steps in flight, save a checkpoint and stop (what Ctrl-C and SIGTERM do)."""
-        self.stop_requested = True
+        self.state.stop_requested = True
 
     def recorded(self, metrics_list: list[dict], compute: float, staleness: int | None = None) -> None:
         """The loops report each update here."""
-        self.step += 1
-        self.report.step(metrics_list, self.step, compute, staleness)
+        self.state.step += 1
+        self.report.step(metrics_list, self.state.step, compute, staleness)
         if self.on_step is not None:
-            self.on_step(self, self.step)
+            self.on_step(self, self.state.step)
 
     def evaluate(self) -> dict:
         """Test loss and accuracy of the servers' parameters with the workers' mean statistics."""
         buffers = self.fleet.worker_buffers()
-        self.buffers = buffers.mean(axis=0).astype(buffers.dtype)
-        return self.fleet.evaluate(self.fleet.parameters(), self.buffers)
+        self.state.buffers = buffers.mean(axis=0).astype(buffers.dtype)
+        return self.fleet.evaluate(self.fleet.parameters(), self.state.buffers)
 
     def checkpoint(self):
         """The checkpoint of the current step (saved now unless it already is); its path."""
-        self.checkpoints.save(self.fleet, self.step, self.plan.mode.done(self))
+        self.checkpoints.save(self.fleet, self.state.step, self.plan.mode.done(self))
         return self.checkpoints.last
 
     def end_epoch(self, epoch: int) -> None:
         with self.report.paused():
-            self.report.epoch(epoch, self.config.epochs, self.step, self.evaluate())
+            self.report.epoch(epoch, self.config.epochs, self.state.step, self.evaluate())
         if self.on_epoch is not None:
             self.on_epoch(self, self.report.epochs[-1])
 
@@ -167,10 +171,10 @@ class Trainer:
         with self.report.paused():
             here = self.checkpoints.here(self.fleet, self.plan.mode) if self.config.elastic else None
             try:
-                event = self.checkpoints.recover(self.fleet, error, self.step)
+                event = self.checkpoints.recover(self.fleet, error, self.state.step)
             except PlacementTimeout as e:
                 self.shrink(e, here)
-        self.step = event["restart_step"]
+        self.state.step = event["restart_step"]
         self.report.recovery(event)
 
     def shrink(self, error: PlacementTimeout, here: dict | None) -> None:
@@ -179,30 +183,30 @@ class Trainer:
 
     def _finish(self) -> dict:
         c, report, mode = self.config, self.report, self.plan.mode
-        if not report.epochs or report.epochs[-1]["step"] != self.step:  # stopped by max_steps mid-epoch
-            self.end_epoch(self.step // self.length.updates_per_epoch)
+        if not report.epochs or report.epochs[-1]["step"] != self.state.step:  # stopped by max_steps mid-epoch
+            self.end_epoch(self.state.step // self.length.updates_per_epoch)
         self.model.set_flat_params(self.fleet.parameters())
-        if self.buffers.size:
-            self.model.set_buffers_vector(self.buffers)
+        if self.state.buffers.size:
+            self.model.set_buffers_vector(self.state.buffers)
         save_model(self.model, self.out / "model.h5", self.spec)
         stats = self.fleet.call_servers("stats")
         server = max(s["update_seconds"] for s in stats)
         fields = {"model": c.model_name, "dataset": c.dataset, "backend": c.backend, "mode": c.mode,
-                  "workers": self.length.world, "servers": c.servers, "epochs": c.epochs, "steps": self.step,
+                  "workers": self.length.world, "servers": c.servers, "epochs": c.epochs, "steps": self.state.step,
                   "compress": c.compress, "data_plane": self.fleet.data_plane}
         fields.update(mode.summary(self))
-        if self.membership:
-            fields["membership"] = self.membership
+        if self.state.membership:
+            fields["membership"] = self.state.membership
         if self.fleet.fetched:
             fields["data_fetched"] = self.fleet.fetched
-        samples = self.step * self.plan.data.batch_size * mode.workers_per_update(self.length.world)
+        samples = self.state.step * self.plan.data.batch_size * mode.workers_per_update(self.length.world)
         summary = report.summary(fields, server, samples, self.checkpoints.recoveries,
                                  params_bytes=params_sent(mode, self.length.world, self.model, report, stats),
                                  cpu=self.cpu)
         for sink in self.sinks:
             sink.finish(self.out, summary)
         self.finished = True
-        report.log(f"done: {self.step} steps in {summary['wall_time_s']:.1f} s ({summary['samples_per_s']:.0f} "
+        report.log(f"done: {self.state.step} steps in {summary['wall_time_s']:.1f} s ({summary['samples_per_s']:.0f} "
                  f"samples/s); test accuracy {summary['final']['test_accuracy']:.4f}; model saved to "
                  f"{self.out / 'model.h5'}")
         return summary
@@ -236,7 +240,7 @@ def catch_signals(trainer):
         return lambda: None
 
     def handler(signum, frame):
-        if trainer.stop_requested:
+        if trainer.state.stop_requested:
             raise KeyboardInterrupt
         trainer.request_stop()
         trainer.report.log(f"{signal.Signals(signum).name}: stopping after the steps in flight and saving a "
