@@ -22,6 +22,7 @@ from distnn.parallel import ParameterServer, RayBackend
 from distnn.parallel.simulate import SimulatedWorker
 from distnn.parallel.specs import LocalSpec, OptimizerSpec, ScheduleSpec
 from distnn.train.fleet import shard_bounds
+from distnn.train.modes import Sync
 from distnn.train.planes import DataPlane
 
 TIMEOUT = 120.0   # seconds any call of the simulation may take
@@ -34,7 +35,7 @@ class Team:
         self.backend, self.workers, self.servers, self.world = backend, workers, servers, len(workers)
         self.bounds = shard_bounds(size, len(servers))
         self.plan = SimpleNamespace(config=SimpleNamespace(mode="sync", compress="none", data_plane="shm",
-                                                           step_timeout=TIMEOUT))
+                                                           step_timeout=TIMEOUT), mode=Sync())
         self.log = print
 
     @property
