@@ -95,7 +95,7 @@ class ShardSource:
                 pass   # said to the worker that asks for it
 
     def progress(self) -> int:
-        """Bytes sent so far."""
+        """Bytes sent so far (counted as each chunk of up to ``CHUNK`` leaves)."""
         return self.served
 
     def close(self) -> None:
@@ -134,11 +134,11 @@ class ShardSource:
         with open(path, "rb") as f:
             for offset in range(0, size, CHUNK):
                 n = min(CHUNK, size - offset)
+                with self._lock:   # counted as it leaves: a worker never holds bytes not counted yet
+                    self.served += n
                 sent = conn.sendfile(f, offset, n)   # straight from the page cache, no copy in Python
                 if sent != n:
                     raise ConnectionError(f"sent {sent} of {n} bytes")
-                with self._lock:
-                    self.served += n
 
 
 class Stream:
