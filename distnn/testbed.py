@@ -243,9 +243,9 @@ class Machines:
 
     def counters_by_step(self, proc, metrics: Path, machine: int = 1, timeout: float = 1800.0) -> list:
         """Follow a training run ``proc`` (started with ``popen``) to its end: each time its
-        ``metrics.jsonl`` logs a step of the first epoch, machine ``machine``'s interface counters
-        (and "t", the monotonic time they were read). Returns [(step, counters)]: the bytes between two
-        entries are those steps' traffic alone (no start-up, no test, no checkpoint)."""
+        ``metrics.jsonl`` logs a step of the first epoch, machine ``machine``'s interface counters.
+        Returns [(step, counters)]: the bytes between two entries are those steps' traffic alone (no
+        start-up, no test, no checkpoint)."""
         seen, samples, tested = 0, [], False
         deadline = time.monotonic() + timeout
         while proc.poll() is None and time.monotonic() < deadline:
@@ -256,7 +256,7 @@ class Machines:
                 record = json.loads(line)
                 tested = tested or record.get("type") == "epoch"
                 if record.get("type") == "step" and not tested:
-                    samples.append((record["step"], {**self.counters()[machine], "t": time.monotonic()}))
+                    samples.append((record["step"], self.counters()[machine]))
             seen = len(lines)
             time.sleep(0.02)
         return samples

@@ -144,17 +144,14 @@ def test_a_link_down_for_seconds_delays_the_run_and_changes_nothing(mnist, tmp_p
 def test_the_wire_carries_what_a_run_accounts_for_each_way(mnist, tmp_path):
     """Sync and --compress topk:0.05 runs on two machines (an MLP of 0.8 MB, 32 steps, the driver's
     calls every 4): machine 1's interface counters, between the first and the last logged step, per
-    step and direction, against the run's bytes_per_step (per worker: one worker per machine). Both
-    within 10% (top-k: plus 4 kB a step for the driver's calls, and twice what Ray itself exchanges
-    in a step's time, measured with the cluster idle: on a loaded host steps slow down and Ray's
-    periodic traffic grows per step), and top-k's far below sync's. The shard runs on machine 0,
-    beside the driver: machine 1 sends its worker's gradient and receives the reply."""
+    step and direction, against the run's bytes_per_step (per worker: one worker per machine). Sync
+    within 10%; top-k at least 90% and at most 1.35x plus 4 kB: its payloads are small, so the fixed
+    costs weigh - TCP/IP headers, the acknowledgements of the other direction's segments, the driver's
+    calls and Ray's task traffic (docs/benchmarks.md: lenet5's 4.9 kB going up carried 1.16-1.37x;
+    this MLP's 81 kB carried 1.17-1.30x on a loaded host); and top-k's far below sync's. The shard runs on machine 0, beside the driver: machine
+    1 sends its worker's gradient and receives the reply."""
     per_step = {}
     with testbed.Machines(2, rate="1gbit") as m:
-        before, start = m.counters()[1], time.monotonic()
-        time.sleep(3)
-        idle = {way: (m.counters()[1][f"{key}_bytes"] - before[f"{key}_bytes"]) / (time.monotonic() - start)
-                for way, key in (("up", "tx"), ("down", "rx"))}   # bytes per second
         for name, flags in (("sync", []), ("topk", ["--compress", "topk:0.05"])):
             out, log = tmp_path / name, tmp_path / f"{name}.log"
             with open(log, "w") as sink:   # a file, not a pipe: nothing reads it while the run goes on
@@ -168,13 +165,11 @@ def test_the_wire_carries_what_a_run_accounts_for_each_way(mnist, tmp_path):
             per_step[name] = {"up": (c1["tx_bytes"] - c0["tx_bytes"]) / (s1 - s0),
                               "down": (c1["rx_bytes"] - c0["rx_bytes"]) / (s1 - s0),
                               "account_up": account["gradients_to_servers"] / 2,
-                              "account_down": account["parameters_to_workers"] / 2,
-                              "seconds": (c1["t"] - c0["t"]) / (s1 - s0)}
+                              "account_down": account["parameters_to_workers"] / 2}
     sync, topk = per_step["sync"], per_step["topk"]
     for way in ("up", "down"):   # the counters are read as step lines come: a step or so of lag either end
         assert 0.9 * sync[f"account_{way}"] <= sync[way] <= 1.1 * sync[f"account_{way}"], sync
-        ray_own = 2 * idle[way] * topk["seconds"]
-        assert 0.9 * topk[f"account_{way}"] <= topk[way] <= 1.1 * topk[f"account_{way}"] + 4096 + ray_own, (topk, idle)
+        assert 0.9 * topk[f"account_{way}"] <= topk[way] <= 1.35 * topk[f"account_{way}"] + 4096, topk
         assert topk[way] < sync[way] / 4, (topk, sync)
 
 
