@@ -140,6 +140,24 @@ def test_a_link_down_for_seconds_delays_the_run_and_changes_nothing(mnist, tmp_p
     assert same(final_state(out), final_state(tmp_path / "local"))
 
 
+WIRE_BOUNDS = {"sync": (1.1, 0), "topk": (1.35, 4096)}   # at most factor x account + bytes, each way
+
+
+def wire_per_step(m, mnist, out, flags) -> dict:
+    """One run's bytes per step each way on machine 1's interface, and its account of them."""
+    log = out.with_name(out.name + ".log")
+    with open(log, "w") as sink:   # a file, not a pipe: nothing reads it while the run goes on
+        run = m.popen(0, train_args(mnist, out, "--address", m.address, "--log-every", "4", "--batch-size", "8",
+                                    "--model-options", "{hidden = [256]}", *flags),
+                      stdout=sink, stderr=subprocess.STDOUT)
+        samples = m.counters_by_step(run, out / "metrics.jsonl")
+        assert run.wait(timeout=60) == 0, log.read_text()[-3000:]
+    (s0, c0), (s1, c1) = samples[0], samples[-1]
+    account = json.loads((out / "summary.json").read_text())["bytes_per_step"]
+    return {"up": (c1["tx_bytes"] - c0["tx_bytes"]) / (s1 - s0), "down": (c1["rx_bytes"] - c0["rx_bytes"]) / (s1 - s0),
+            "account_up": account["gradients_to_servers"] / 2, "account_down": account["parameters_to_workers"] / 2}
+
+
 @needs_root
 def test_the_wire_carries_what_a_run_accounts_for_each_way(mnist, tmp_path):
     """Sync and --compress topk:0.05 runs on two machines (an MLP of 0.8 MB, 32 steps, the driver's
@@ -148,28 +166,21 @@ def test_the_wire_carries_what_a_run_accounts_for_each_way(mnist, tmp_path):
     within 10%; top-k at least 90% and at most 1.35x plus 4 kB: its payloads are small, so the fixed
     costs weigh - TCP/IP headers, the acknowledgements of the other direction's segments, the driver's
     calls and Ray's task traffic (docs/benchmarks.md: lenet5's 4.9 kB going up carried 1.16-1.37x;
-    this MLP's 81 kB carried 1.17-1.30x on a loaded host); and top-k's far below sync's. The shard runs on machine 0, beside the driver: machine
-    1 sends its worker's gradient and receives the reply."""
+    this MLP's 81 kB carried 1.17-1.30x on a loaded host); and top-k's far below sync's. Another
+    process's traffic can only add bytes, so a run above its bound is measured once more. The shard
+    runs on machine 0, beside the driver: machine 1 sends its worker's gradient and receives the reply."""
     per_step = {}
     with testbed.Machines(2, rate="1gbit") as m:
         for name, flags in (("sync", []), ("topk", ["--compress", "topk:0.05"])):
-            out, log = tmp_path / name, tmp_path / f"{name}.log"
-            with open(log, "w") as sink:   # a file, not a pipe: nothing reads it while the run goes on
-                run = m.popen(0, train_args(mnist, out, "--address", m.address, "--log-every", "4", "--batch-size",
-                                            "8", "--model-options", "{hidden = [256]}", *flags),
-                              stdout=sink, stderr=subprocess.STDOUT)
-                samples = m.counters_by_step(run, out / "metrics.jsonl")
-                assert run.wait(timeout=60) == 0, log.read_text()[-3000:]
-            (s0, c0), (s1, c1) = samples[0], samples[-1]
-            account = json.loads((out / "summary.json").read_text())["bytes_per_step"]
-            per_step[name] = {"up": (c1["tx_bytes"] - c0["tx_bytes"]) / (s1 - s0),
-                              "down": (c1["rx_bytes"] - c0["rx_bytes"]) / (s1 - s0),
-                              "account_up": account["gradients_to_servers"] / 2,
-                              "account_down": account["parameters_to_workers"] / 2}
+            factor, extra = WIRE_BOUNDS[name]
+            for attempt in range(2):
+                r = per_step[name] = wire_per_step(m, mnist, tmp_path / f"{name}-{attempt}", flags)
+                if all(r[way] <= factor * r[f"account_{way}"] + extra for way in ("up", "down")):
+                    break
     sync, topk = per_step["sync"], per_step["topk"]
     for way in ("up", "down"):   # the counters are read as step lines come: a step or so of lag either end
-        assert 0.9 * sync[f"account_{way}"] <= sync[way] <= 1.1 * sync[f"account_{way}"], sync
-        assert 0.9 * topk[f"account_{way}"] <= topk[way] <= 1.35 * topk[f"account_{way}"] + 4096, topk
+        for r, (factor, extra) in ((sync, WIRE_BOUNDS["sync"]), (topk, WIRE_BOUNDS["topk"])):
+            assert 0.9 * r[f"account_{way}"] <= r[way] <= factor * r[f"account_{way}"] + extra, (sync, topk)
         assert topk[way] < sync[way] / 4, (topk, sync)
 
 
