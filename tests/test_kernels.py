@@ -166,3 +166,33 @@ def test_max_pool_2x2_kernel_equals_the_numpy_path_ties_included(layout):
     grad = rng.standard_normal((6, 5, 4, 2)).astype(np.float32)
     y, gx = same_on_both_paths(lambda v: ops.max_pool2d(v, 2), [laid_out(x, layout)], grad, rtol=0, atol=0)
     assert gx[0, 0, 1, 0] == grad[0, 0, 0, 0] and gx[0, 0, 0, 1] == 0   # the left column's maximum wins
+
+
+def test_float32_tanh_stays_within_float32_tolerance_of_numpy():
+    """The LSTM forward's vectorised tanh (a rational interpolant) against numpy's, over its whole
+    range and past the clamp, and its oddness; float64 LSTMs keep libm's tanh (the gradient checks)."""
+    from distnn.kernels import fused
+    x = np.concatenate([np.linspace(-12, 12, 200_001), [0.0, 1e-30, -1e-30, 9.0, -9.0]]).astype(np.float32)
+    got = np.array([fused.tanh_f32(v) for v in x[::97]], np.float32)
+    want = np.tanh(x[::97].astype(np.float64))
+    assert got.dtype == np.float32
+    assert np.abs(got - want).max() < 5e-7
+    assert np.array_equal(got, -np.array([fused.tanh_f32(-v) for v in x[::97]], np.float32))
+
+
+def test_lstm_forward_kernel_in_float64_is_numpys_to_rounding():
+    rng = np.random.default_rng(6)
+    t, n, hidden = 5, 3, 4
+    xw = rng.standard_normal((t, n, 4 * hidden))
+    h0, c0 = rng.standard_normal((n, hidden)), rng.standard_normal((n, hidden))
+    w = rng.standard_normal((4 * hidden, hidden)) * 0.5
+    results = {}
+    for path in ("numba", "numpy"):
+        kernels.use(path)
+        try:
+            results[path] = ops.recurrent.LSTMSequence().forward(xw, h0, c0, w)
+        finally:
+            kernels.use(None)
+    for a, b in zip(results["numba"], results["numpy"]):
+        assert a.dtype == np.float64
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)

@@ -100,10 +100,15 @@ class LSTMSequence(Operator):
         hs = np.empty((t + 1, n, hidden), xw.dtype)   # hs[s] is the hidden state entering step s
         tcs = np.empty((t, n, hidden), xw.dtype)
         cs[0], hs[0] = c0, h0
+        fused = kernels.compiled()
         ig = np.empty((n, hidden), xw.dtype)
         for s in range(t):
             g = gates[s]
             np.matmul(hs[s], ws, out=g)
+            if fused is not None:   # the rest of the step in one pass; float32's tanh vectorised
+                fused.lstm_forward_step(g, xs[s], scale[0], shift[0], cs[s], cs[s + 1], tcs[s], hs[s + 1],
+                                        xw.dtype == np.float32)
+                continue
             g += xs[s]
             np.tanh(g, out=g)
             g *= scale
