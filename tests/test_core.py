@@ -62,6 +62,20 @@ def test_flat_buffers_are_views_and_models_are_independent():
     assert a.param_slices()[0] == ("0.weight", 0, 150, (6, 1, 5, 5))
 
 
+def test_flat_buffers_follow_a_parameter_added_or_replaced_after_packing():
+    """The packed vectors are re-made when a layer gains a parameter, deep in the tree, after packing,
+    or when a parameter's array is replaced; the values already there are kept."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.Linear(4, 2)))
+    before = model.flat_params.copy()
+    model[1][0].extra = nn.Parameter(np.full(5, 7.0, np.float32))
+    assert model.flat_params.size == before.size + 5
+    np.testing.assert_array_equal(model.flat_params[:before.size], before)
+    assert np.shares_memory(model[1][0].extra.data, model.flat_params)
+    model[0].weight.data = np.ones((4, 3), np.float32)
+    flat = model.flat_params
+    assert np.shares_memory(model[0].weight.data, flat) and flat[0] == 1
+
+
 def test_pytorch_shapes():
     lstm = nn.LSTM(28, 128)
     shapes = {n: p.shape for n, p in lstm.named_parameters()}

@@ -13,6 +13,8 @@ import numpy as np
 
 from ..autograd import Variable
 
+_structure = [0]   # bumped when any module gains or loses a parameter or child: packed models re-check
+
 
 class Parameter(Variable):
     """A learned array: a Variable that requires grad."""
@@ -40,6 +42,8 @@ class Module:
     def __setattr__(self, name, value):
         if "_params" not in self.__dict__:
             raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() first")
+        if name in self._params or name in self._modules or isinstance(value, (Parameter, Module)):
+            _structure[0] += 1
         for registry in (self._params, self._modules, self._buffers):
             registry.pop(name, None)
         if isinstance(value, Parameter):
@@ -111,13 +115,15 @@ class Module:
             for name, b in m._buffers.items():
                 if b.dtype.kind == "f":
                     m._buffers[name] = b.astype(dtype)
-        object.__setattr__(self, "_flat", (flat, grad))
+        object.__setattr__(self, "_flat", (flat, grad, tuple(params), _structure[0]))
         return self
 
     def _packed(self):
-        flat = self._flat
-        if flat is None or any(p.data.base is not flat[0] or p.grad is None or p.grad.base is not flat[1]
-                               for p in self.parameters()):
+        """(flat parameters, flat gradients), packing again if a parameter was added or removed since
+        (anywhere: the structure counter) or its data or grad replaced by an array of its own."""
+        packed = self._flat
+        if packed is None or packed[3] != _structure[0] or any(
+                p.data.base is not packed[0] or p.grad is None or p.grad.base is not packed[1] for p in packed[2]):
             self.pack_parameters()
         return self._flat
 
