@@ -6,7 +6,8 @@ An optimizer updates a flat parameter vector in place from a flat gradient vecto
 shard can own the optimizer of one contiguous slice (``part``: the same optimizer over a chunk of it,
 which a shard updates chunk by chunk as a link brings them). Every update is a handful of element-wise
 numpy expressions over the whole vector: SGD, momentum, Nesterov, Adam and AdamW work in place in
-preallocated scratch space; AdaGrad, RMSProp and AdaDelta allocate temporaries for some terms.
+preallocated scratch space; AdaGrad, RMSProp and AdaDelta allocate temporaries for some terms. Adam's
+expressions also run as one compiled pass (``kernels.fused.adam_update``, equal bit for bit).
 
 Weight decay: ``weight_decay`` is L2 (added to the gradient; for AdamW it is decoupled, applied to the
 parameters directly). ``decay_mask`` (1 for weights, 0 for biases and normalisation parameters; see
@@ -20,6 +21,7 @@ import math
 
 import numpy as np
 
+from . import kernels
 from .schedules import SCHEDULES, constant, cosine, exponential, make_schedule, step_decay, warmup  # noqa: F401
 
 
@@ -226,13 +228,19 @@ class Adam(Optimizer):
         else:
             g = self._l2(params, grads)
         m, v, tmp = self.state["m"], self.state["v"], self._step
+        bc1, bc2 = 1 - self.b1 ** self.t, 1 - self.b2 ** self.t
+        fused = kernels.compiled()
+        if fused is not None and params.dtype == g.dtype == m.dtype:   # the lines below in one pass, bit for bit
+            c = params.dtype.type
+            fused.adam_update(params, g, m, v, c(self.b1), c(1 - self.b1), c(self.b2), c(1 - self.b2),
+                              c(self.eps * math.sqrt(bc2)), c(lr * math.sqrt(bc2) / bc1))
+            return
         m *= self.b1
         m += np.multiply(g, 1 - self.b1, out=tmp)
         v *= self.b2
         np.multiply(g, g, out=tmp)
         tmp *= 1 - self.b2
         v += tmp
-        bc1, bc2 = 1 - self.b1 ** self.t, 1 - self.b2 ** self.t
         step = np.sqrt(v, out=tmp)
         step += self.eps * math.sqrt(bc2)
         np.divide(m, step, out=step)

@@ -196,3 +196,28 @@ def test_lstm_forward_kernel_in_float64_is_numpys_to_rounding():
     for a, b in zip(results["numba"], results["numpy"]):
         assert a.dtype == np.float64
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adam_kernel_equals_the_numpy_path_bit_for_bit(name, dtype):
+    """Adam's one-pass kernel rounds every operation as numpy's passes do, so a run's parameters do
+    not depend on the kernel path (weight decay and a learning-rate change included)."""
+    from distnn import optim
+    rng = np.random.default_rng(7)
+    start = rng.standard_normal(1001).astype(dtype)
+    grads = [rng.standard_normal(1001).astype(dtype) * 10.0 ** k for k in (-3, 0, 2, -1)]
+    results = {}
+    for path in ("numba", "numpy"):
+        kernels.use(path)
+        try:
+            params = start.copy()
+            opt = optim.OPTIMIZERS[name](params.size, lr=0.01, weight_decay=0.1, dtype=dtype)
+            for k, g in enumerate(grads):
+                opt.step(params, g, lr=0.01 / (k + 1))
+            results[path] = params, opt.state["m"], opt.state["v"]
+        finally:
+            kernels.use(None)
+    for a, b in zip(results["numba"], results["numpy"]):
+        assert a.dtype == dtype and np.array_equal(a, b)
+    assert not np.array_equal(results["numba"][0], start)

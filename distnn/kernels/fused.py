@@ -213,3 +213,17 @@ def max_pool_2x2_backward(g, arg, gx):
                     gx[b, 2 * oy, 2 * ox + 1, c] = v if k == 1 else 0.0
                     gx[b, 2 * oy + 1, 2 * ox, c] = v if k == 2 else 0.0
                     gx[b, 2 * oy + 1, 2 * ox + 1, c] = v if k == 3 else 0.0
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def adam_update(p, g, m, v, b1, one_minus_b1, b2, one_minus_b2, eps, step_size):
+    """Adam's moments and step over flat vectors in one pass (``optim.Adam._update``), each operation
+    rounded as numpy's passes round it (no fused multiply-add), so both paths agree bit for bit:
+    m = m b1 + g (1-b1), v = v b2 + g^2 (1-b2), p -= m / (sqrt(v) + eps) * step_size."""
+    for i in range(p.size):
+        gi = g[i]
+        mi = m[i] * b1 + gi * one_minus_b1
+        vi = v[i] * b2 + (gi * gi) * one_minus_b2
+        m[i], v[i] = mi, vi
+        p[i] -= mi / (math.sqrt(vi) + eps) * step_size
+
