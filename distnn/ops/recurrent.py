@@ -92,21 +92,22 @@ class LSTMSequence(Operator):
         scale[2 * hidden:3 * hidden] = 1
         shift = scale.copy()
         shift[2 * hidden:3 * hidden] = 0
-        xs = xw * scale
         ws = np.ascontiguousarray((w_hh * scale[:, None]).T)
-        scale, shift = np.tile(scale, (n, 1)), np.tile(shift, (n, 1))  # (N, 4H): no broadcasting per step
         gates = np.empty((t, n, g4), xw.dtype)
         cs = np.empty((t + 1, n, hidden), xw.dtype)   # cs[s] is the cell state entering step s
         hs = np.empty((t + 1, n, hidden), xw.dtype)   # hs[s] is the hidden state entering step s
         tcs = np.empty((t, n, hidden), xw.dtype)
         cs[0], hs[0] = c0, h0
         fused = kernels.compiled()
-        ig = np.empty((n, hidden), xw.dtype)
+        if fused is None:
+            xs = xw * scale
+            scale, shift = np.tile(scale, (n, 1)), np.tile(shift, (n, 1))  # (N, 4H): no broadcasting per step
+            ig = np.empty((n, hidden), xw.dtype)
         for s in range(t):
             g = gates[s]
             np.matmul(hs[s], ws, out=g)
             if fused is not None:   # the rest of the step in one pass; float32's tanh vectorised
-                fused.lstm_forward_step(g, xs[s], scale[0], shift[0], cs[s], cs[s + 1], tcs[s], hs[s + 1],
+                fused.lstm_forward_step(g, xw[s], scale, shift, cs[s], cs[s + 1], tcs[s], hs[s + 1],
                                         xw.dtype == np.float32)
                 continue
             g += xs[s]
