@@ -6,7 +6,8 @@ time, so that a noisy machine moves both alike. Prints a table and writes JSON.
 
 Cases (float32, one BLAS thread): batch norm + ReLU forward and backward and the residual add + ReLU
 on (N, 16, 32, 32) in Winograd's (H, W, N, C) memory, a Winograd 3x3 convolution (16 -> 16 channels,
-32 x 32) forward, and lstm_classifier's recurrence (T = 28, H = 128) backward.
+32 x 32) forward, lstm_classifier's recurrence (T = 28, H = 128) forward and backward, and Adam's
+update of the mlp's 235,146 parameters.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 
-from distnn import kernels, ops
+from distnn import kernels, ops, optim
 from distnn._hardware import describe as describe_host
 from distnn._io import atomic_write_text
 from distnn.autograd import Variable, train_mode
@@ -58,13 +59,19 @@ def cases(n: int) -> dict:
     t, hidden = 28, 128
     op = LSTMSequence()
     op.needs_grad = (True, True, True, True)
-    op.forward(rng.standard_normal((t, n, 4 * hidden)).astype(np.float32), np.zeros((n, hidden), np.float32),
-               np.zeros((n, hidden), np.float32), (rng.standard_normal((4 * hidden, hidden)) * 0.1).astype(np.float32))
+    lstm_inputs = (rng.standard_normal((t, n, 4 * hidden)).astype(np.float32), np.zeros((n, hidden), np.float32),
+                   np.zeros((n, hidden), np.float32), (rng.standard_normal((4 * hidden, hidden)) * 0.1).astype(np.float32))
+    op.forward(*lstm_inputs)
+    size = 235_146
+    params, grads = rng.standard_normal(size).astype(np.float32), rng.standard_normal(size).astype(np.float32)
+    adam = optim.Adam(size)
     g_seq, g_last = rng.standard_normal((n, t, hidden)).astype(np.float32), np.zeros((n, hidden), np.float32)
     return {"batch norm + ReLU, forward and backward": batch_norm_relu,
             "residual add + ReLU, forward and backward": add_relu,
             "Winograd 3x3 convolution 16 -> 16, forward": lambda: winograd.conv3x3(xp, w),
-            "LSTM recurrence backward (T 28, H 128)": lambda: op.backward(g_seq, g_last, g_last)}
+            "LSTM recurrence forward (T 28, H 128)": lambda: LSTMSequence().forward(*lstm_inputs),
+            "LSTM recurrence backward (T 28, H 128)": lambda: op.backward(g_seq, g_last, g_last),
+            "Adam update, 235,146 parameters": lambda: adam.step(params, grads)}
 
 
 def best_ms(fn, repeats: int) -> float:
