@@ -29,7 +29,7 @@ def fresh(tmp_path, monkeypatch):
 SHAPES = [  # (x shape, w shape, stride, padding)
     ((3, 8, 6, 7), (5, 8, 3, 3), 1, 1),      # every algorithm applies
     ((2, 4, 9, 8), (3, 4, 3, 3), 1, (0, 2)),
-    ((2, 3, 8, 8), (4, 3, 5, 5), 1, 2),      # im2col, shifted
+    ((2, 3, 8, 8), (4, 3, 5, 5), 1, 2),      # im2col, shifted, direct
     ((2, 6, 9, 9), (4, 6, 3, 3), 2, 1),      # im2col only
 ]
 
@@ -46,7 +46,7 @@ def test_every_algorithm_computes_the_same_convolution(xs, ws, stride, padding, 
         monkeypatch.setenv("DISTNN_CONV", algorithm)
         xv, wv, bv = (Variable(a.copy(order="K"), requires_grad=True) for a in (x, w, b))
         y = ops.conv2d(xv, wv, bv, stride=stride, padding=padding)
-        applies = algorithm == "im2col" or (stride == 1 and (algorithm == "shifted" or ws[2:] == (3, 3)))
+        applies = algorithm == "im2col" or (stride == 1 and (algorithm in ("shifted", "direct") or ws[2:] == (3, 3)))
         assert y.creator.choice == Choice.of(algorithm if applies else "im2col")
         g = rng.standard_normal(y.shape).astype(np.float32) if g is None else g
         y.backward(g)
@@ -63,9 +63,9 @@ def shape(n=8, c=16, kernel=(3, 3), stride=(1, 1)):
 
 def test_calibration_keeps_the_fastest_of_each_step_in_the_host_cache(fresh):
     # forward: shifted fastest; input gradient: Winograd; weight gradient: im2col after a shifted forward
-    seconds = {"forward": {"im2col": 3.0, "winograd": 2.0, "shifted": 1.0},
-               "input_grad": {"im2col": 3.0, "winograd": 1.0, "shifted": 2.0},
-               "weight_grad": {"im2col": 1.0, "winograd": 2.0, "shifted": 3.0}}
+    seconds = {"forward": {"im2col": 3.0, "winograd": 2.0, "shifted": 1.0, "direct": 4.0},
+               "input_grad": {"im2col": 3.0, "winograd": 1.0, "shifted": 2.0, "direct": 4.0},
+               "weight_grad": {"im2col": 1.0, "winograd": 2.0, "shifted": 3.0, "direct": 4.0}}
     timed = []
 
     def measure(step, a, first):
@@ -73,12 +73,12 @@ def test_calibration_keeps_the_fastest_of_each_step_in_the_host_cache(fresh):
         return seconds[step][a]
     choice = conv_choice.choose(shape(), measure)
     assert choice == Choice("shifted", "winograd", "im2col")
-    assert len(timed) == 3 * 3 * (conv_choice.REPEATS + 1)
+    assert len(timed) == 3 * 4 * (conv_choice.REPEATS + 1)
     assert {first for step, _, first in timed if step != "forward"} == {"shifted"}  # laid out as that forward
     cached = json.loads(conv_choice.cache_file().read_text())
     (entry,) = cached["choices"].values()
     assert entry["choice"] == {"forward": "shifted", "input_grad": "winograd", "weight_grad": "im2col"}
-    assert entry["ms"]["input_grad"] == {"im2col": 3000.0, "winograd": 1000.0, "shifted": 2000.0}
+    assert entry["ms"]["input_grad"] == {"im2col": 3000.0, "winograd": 1000.0, "shifted": 2000.0, "direct": 4000.0}
 
     def never(*a):
         raise AssertionError("calibrated again")
@@ -115,7 +115,8 @@ def test_pinned_choices_are_kept_and_unknown_layers_take_the_fixed_rule(fresh):
 
 
 @pytest.mark.parametrize("steps", [("winograd", "shifted", "im2col"), ("shifted", "im2col", "winograd"),
-                                   ("im2col", "winograd", "shifted")])
+                                   ("im2col", "winograd", "shifted"), ("direct", "im2col", "winograd"),
+                                   ("winograd", "direct", "direct")])
 def test_each_step_by_another_algorithm_is_still_the_exact_gradient(steps, fresh):
     """A forward by one algorithm, the input gradient by a second and the weight gradient by a third
     (the weight gradient then builds its own inputs), against central differences in float64."""
@@ -136,7 +137,7 @@ def test_forcing_an_algorithm(fresh, monkeypatch):
     assert conv_choice.choose(shape(), None) == Choice.of("winograd")
     assert conv_choice.choose(shape(kernel=(5, 5)), None) == Choice.of("im2col")   # where it does not apply
     monkeypatch.setenv("DISTNN_CONV", "fft")
-    with pytest.raises(ValueError, match="DISTNN_CONV='fft': choose one of im2col, winograd, shifted"):
+    with pytest.raises(ValueError, match="DISTNN_CONV='fft': choose one of im2col, winograd, shifted, direct"):
         conv_choice.choose(shape(), None)
 
 
@@ -159,3 +160,34 @@ def test_a_run_fixes_its_choices_and_its_workers_use_them(fresh, tmp_path):
         assert conv_choice._pinned == forced
     finally:
         conv_choice.pin(None)
+
+
+def test_direct_needs_the_compiled_kernels_and_old_host_caches_are_measured_again(fresh):
+    from distnn import kernels
+    conv_choice.choose(shape(), lambda step, a, first: 1.0 if a == "im2col" else 2.0)
+    data = json.loads(conv_choice.cache_file().read_text())
+    for entry in data["choices"].values():        # as written before the direct kernels existed
+        for step in entry["ms"].values():
+            del step["direct"]
+    conv_choice.cache_file().write_text(json.dumps(data))
+    conv_choice._memo.clear()
+    assert conv_choice.choose(shape(), lambda step, a, first: 1.0 if a == "direct" else 2.0) == Choice.of("direct")
+    kernels.use("numpy")
+    try:
+        assert "direct" not in conv_choice.applicable(shape())
+        conv_choice.pin({shape().layer: "direct"})   # pinned where numba ran, run where it does not
+        assert conv_choice.choose(shape(), None) == conv_choice.default(shape())
+    finally:
+        kernels.use(None)
+        conv_choice.pin(None)
+
+
+def test_a_near_tie_goes_to_the_fixed_rule(fresh):
+    """Another algorithm replaces the fixed rule's (im2col for this 5x5 layer) only when it times
+    MARGIN faster."""
+    five = shape(kernel=(5, 5))
+    assert conv_choice.default(five) == Choice.of("im2col")
+    close = 1 - conv_choice.MARGIN / 2
+    times = {"forward": {"direct": close}, "input_grad": {"shifted": 0.5}, "weight_grad": {"direct": close}}
+    choice = conv_choice.choose(five, lambda step, a, first: times[step].get(a, 1.0))
+    assert choice == Choice("im2col", "shifted", "im2col")

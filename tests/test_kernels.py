@@ -221,3 +221,34 @@ def test_adam_kernel_equals_the_numpy_path_bit_for_bit(name, dtype):
     for a, b in zip(results["numba"], results["numpy"]):
         assert a.dtype == dtype and np.array_equal(a, b)
     assert not np.array_equal(results["numba"][0], start)
+
+
+DIRECT_SCRIPT = """
+import sys
+import numpy as np
+from distnn.kernels import direct
+module = direct.kernels(2, 3)
+x = np.arange(2 * 3 * 20, dtype=np.float32).reshape(2, 3, 20)    # planes of width 5, 4 rows
+w = np.ones((4, 3, 2, 3), np.float32)
+out = np.empty((2, 4, 15), np.float32)
+module.correlate(x, w, np.zeros(4, np.float32), 5, 13, out)
+expected = sum(x[0, c, i * 5 + j] for c in range(3) for i in range(2) for j in range(3))
+assert out[0, 0, 0] == expected, (out[0, 0, 0], expected)
+print(sum(module.correlate.stats.cache_hits.values()), module.__file__ if hasattr(module, "__file__") else "-")
+"""
+
+
+def test_direct_kernels_are_generated_once_per_machine_and_loaded_from_the_cache(tmp_path):
+    """The generated module lands in the cache folder and a second process runs numba's compiled
+    code from there; with no writable cache folder the kernels compile in memory and still run."""
+    env = {**os.environ, "DISTNN_CACHE_DIR": str(tmp_path / "cache")}
+    runs = [subprocess.run([sys.executable, "-c", DIRECT_SCRIPT], capture_output=True, text=True, env=env,
+                           timeout=300) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr
+    (first_hits, path), (second_hits, again) = (r.stdout.split() for r in runs)
+    assert path == again and path.startswith(str(tmp_path / "cache" / "kernels"))
+    assert int(first_hits) == 0 and int(second_hits) == 1
+    (tmp_path / "file").write_text("not a folder")
+    env["DISTNN_CACHE_DIR"] = str(tmp_path / "file")
+    run = subprocess.run([sys.executable, "-c", DIRECT_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0 and run.stdout.split() == ["0", "-"], run.stderr

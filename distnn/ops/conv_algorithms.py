@@ -1,4 +1,4 @@
-"""The three convolution algorithms behind ``Conv2d``, each as the same four steps on arrays, so that
+"""The four convolution algorithms behind ``Conv2d``, each as the same four steps on arrays, so that
 forward, input gradient and weight gradient can each run a different one (``conv_choice``):
 
 - ``inputs(x, geo)``: what the weight gradient reads of the input (im2col's columns, Winograd's
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from ..kernels import direct
 from . import shifted, winograd
 from .layout import nhwc
 
@@ -166,4 +167,59 @@ class Shifted:
         return (geo.x_shape[0], *geo.padded, geo.x_shape[1])
 
 
-ALGORITHMS = {"im2col": Im2col, "winograd": Winograd, "shifted": Shifted}
+class Direct:
+    """Compiled loops over the padded channel planes (``kernels/direct.py``): stride 1, with numba.
+    The input gradient is the correlation of the output gradient, padded by kh-1 and kw-1, with the
+    weights flipped and their channel axes swapped. The planes are copies made anyway (padding,
+    cropping the wrapped columns), so results come back channels-last like im2col's."""
+    layout = "nhwc"
+
+    @staticmethod
+    def inputs(x, geo):
+        """(N, C, Hp*Wp): each image's padded channel planes, each flattened."""
+        (n, c, h, wd), (t, _, l, _) = geo.x_shape, geo.pads
+        hp, wp = geo.padded
+        if not any(geo.pads) and x.flags.c_contiguous:
+            return x.reshape(n, c, hp * wp)
+        xp = np.zeros((n, c, hp, wp), x.dtype)
+        xp[:, :, t:t + h, l:l + wd] = x
+        return xp.reshape(n, c, hp * wp)
+
+    @staticmethod
+    def forward(x, w, geo, keep):
+        planes = Direct.inputs(x, geo)
+        y = _correlate(planes, w, geo.padded[1], geo.out)           # (N, O, Ho, Wo) view
+        return np.ascontiguousarray(y.transpose(0, 2, 3, 1)), planes if keep else None
+
+    @staticmethod
+    def weight_grad(planes, g, geo):
+        (n, ho, wo, o), wp = g.shape, geo.padded[1]
+        framed = np.zeros((n, o, ho, wp), g.dtype)   # g in the planes' frame, 0 at the wrapped columns
+        framed[:, :, :, :wo] = g.transpose(0, 3, 1, 2)
+        gw = np.zeros(geo.w_shape, g.dtype)
+        direct.kernels(*geo.w_shape[2:]).correlate_weight_grad(
+            planes, framed.reshape(n, o, -1), wp, (ho - 1) * wp + wo, np.zeros(1, g.dtype)[0], gw)
+        return gw
+
+    @staticmethod
+    def input_grad(g, w, geo):
+        (n, ho, wo, o), (_, _, kh, kw) = g.shape, w.shape
+        framed = np.zeros((n, o, ho + 2 * kh - 2, wo + 2 * kw - 2), g.dtype)
+        framed[:, :, kh - 1:kh - 1 + ho, kw - 1:kw - 1 + wo] = g.transpose(0, 3, 1, 2)
+        flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))   # (C, O, kh, kw)
+        gxp = _correlate(framed.reshape(n, o, -1), flipped, framed.shape[3], geo.padded)
+        (_, _, h, wd), (t, _, l, _) = geo.x_shape, geo.pads
+        return np.ascontiguousarray(gxp[:, :, t:t + h, l:l + wd].transpose(0, 2, 3, 1))
+
+
+def _correlate(planes, w, wp, out_hw):
+    """planes (N, C, frame of width wp) correlated with w (O, C, kh, kw) -> an (N, O, Ho, Wo) view
+    of the output planes (the wrapped columns cropped)."""
+    (n, _, _), (o, _, kh, kw), (ho, wo) = planes.shape, w.shape, out_hw
+    out = np.empty((n, o, ho * wp), planes.dtype)
+    direct.kernels(kh, kw).correlate(planes, np.ascontiguousarray(w), np.zeros(o, planes.dtype), wp,
+                                     (ho - 1) * wp + wo, out)
+    return out.reshape(n, o, ho, wp)[:, :, :, :wo]
+
+
+ALGORITHMS = {"im2col": Im2col, "winograd": Winograd, "shifted": Shifted, "direct": Direct}

@@ -1,8 +1,9 @@
 """Which algorithm each step of a convolution runs, per layer shape, chosen on the host it runs on.
 
 The algorithms (``ops/conv_algorithms.py``): ``im2col`` (one matrix product over copied windows; any
-shape), ``winograd`` (F(2x2, 3x3): 3x3 at stride 1, ``ops/winograd.py``) and ``shifted`` (kh*kw
-products over shifted rows of channels-last data: stride 1, ``ops/shifted.py``). No one of them wins
+shape), ``winograd`` (F(2x2, 3x3): 3x3 at stride 1, ``ops/winograd.py``), ``shifted`` (kh*kw
+products over shifted rows of channels-last data: stride 1, ``ops/shifted.py``) and ``direct``
+(compiled loops over channel planes: stride 1, with the numba kernels, ``kernels/direct.py``). No one of them wins
 at every shape on every CPU, and not even at every step of one shape, so, as cuDNN's benchmark mode
 does, the first use of a shape times each applicable algorithm for the forward pass, then for the
 input gradient and the weight gradient (with the output gradient laid out as the chosen forward gives
@@ -13,7 +14,7 @@ the machine reads, so a shape is calibrated once per machine.
 Calibration is noisy, so a training run fixes its choices once (``pin``): the driver calibrates the
 model's shapes before the workers start, records them in the run folder, and every worker (on any
 node, and after a resume or a recovery) runs exactly those, so that runs stay bit-identical. A shape a
-pinned process was not given runs the fixed rule of ``default``. ``DISTNN_CONV=im2col|winograd|shifted``
+pinned process was not given runs the fixed rule of ``default``. ``DISTNN_CONV=im2col|winograd|shifted|direct``
 forces one algorithm for every step wherever it applies (the tests run each).
 """
 from __future__ import annotations
@@ -28,9 +29,13 @@ from typing import NamedTuple
 
 from .._io import cache_dir
 
-ALGORITHMS = ("im2col", "winograd", "shifted")
+ALGORITHMS = ("im2col", "winograd", "shifted", "direct")
 STEPS = ("forward", "input_grad", "weight_grad")
 REPEATS = 3                # timed runs of each algorithm after one warm-up; the best counts
+MARGIN = 0.1               # how much faster than the fixed rule's algorithm another must time to replace it:
+                           # a step's timing leaves out what its choice costs the steps around it
+                           # (the layout it leaves, inputs a weight gradient must build again), and
+                           # a near tie on a noisy host decides nothing
 _pinned: dict | None = None
 _recording: list = []      # dicts that note each layer's choice (``recording``)
 _memo: dict = {}           # shape key -> Choice, for this process
@@ -79,11 +84,14 @@ class Choice(NamedTuple):
 
 def applicable(shape: ConvShape) -> list[str]:
     """The algorithms that can run this shape."""
+    from .. import kernels
     found = ["im2col"]
     if shape.stride == (1, 1):
         if shape.kernel == (3, 3) and max(shape.pads) <= 2:
             found.append("winograd")
         found.append("shifted")
+        if kernels.compiled() is not None:
+            found.append("direct")
     return found
 
 
@@ -104,6 +112,8 @@ def choose(shape: ConvShape, measure) -> Choice:
         chosen = Choice.of(forced) if forced in applicable(shape) else default(shape)
     elif _pinned is not None:
         chosen = Choice.of(_pinned[shape.layer]) if shape.layer in _pinned else default(shape)
+        if not set(chosen) <= set(applicable(shape)):   # pinned where numba ran, run without it
+            chosen = default(shape)
     else:
         chosen = _memo.get(shape.key) or _from_host_cache(shape) or calibrate(shape, measure)
         _memo[shape.key] = chosen
@@ -114,19 +124,21 @@ def choose(shape: ConvShape, measure) -> Choice:
 
 def calibrate(shape: ConvShape, measure) -> Choice:
     """Time every applicable algorithm for each step (interleaved, best of REPEATS after a warm-up),
-    the forward first; keep the fastest of each in the host cache and return them."""
+    the forward first; keep the fastest of each (the fixed rule's unless another is MARGIN faster) in
+    the host cache and return them."""
     algorithms = applicable(shape)
     if len(algorithms) == 1:
         return Choice.of(algorithms[0])
     chosen, ms = {}, {}
-    for step in STEPS:
+    for step, rule in zip(STEPS, default(shape)):
         best = dict.fromkeys(algorithms, float("inf"))
         for rep in range(REPEATS + 1):
             for a in algorithms:
                 seconds = measure(step, a, chosen.get("forward", a))
                 if rep:
                     best[a] = min(best[a], seconds)
-        chosen[step] = min(algorithms, key=best.get)
+        fastest = min(algorithms, key=best.get)
+        chosen[step] = fastest if best[fastest] < (1 - MARGIN) * best[rule] else rule
         ms[step] = {a: round(t * 1e3, 3) for a, t in best.items()}
     choice = Choice(**chosen)
     _store(shape, choice, ms)
@@ -183,12 +195,15 @@ def _read() -> dict:
 
 
 def _from_host_cache(shape: ConvShape) -> Choice | None:
+    """The cached choice, or None if there is none or it was made before an algorithm that applies
+    here existed (its timings lack one)."""
     entry = _read().get(_entry_key(shape))
     try:
         choice = Choice.of(entry["choice"])
+        timed = set(entry["ms"]["forward"])
     except (TypeError, KeyError):
         return None
-    return choice if set(choice) <= set(applicable(shape)) else None
+    return choice if set(choice) <= set(applicable(shape)) <= timed else None
 
 
 def _store(shape: ConvShape, chosen: Choice, ms: dict) -> None:
