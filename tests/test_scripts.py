@@ -130,3 +130,13 @@ def test_fetch_benchmark_measures_the_rate_and_the_start(tmp_path):
         [row] = result["fetch"]
         assert row["bytes"] > 1e6 and 0 < row["of_link"] < 1.2
     assert "median wall s" in proc.stdout
+
+
+def test_conv_ab_pins_both_tables_and_writes_them(tmp_path):
+    out = tmp_path / "ab_conv.json"
+    proc = run_script(ROOT / "scripts" / "ab_conv.py", "lenet5", "--batch", "4", "--pairs", "1", "--repeats", "1",
+                      "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert len(result["choices"]) == 2 and set(result["ms"]) == {"calibrated", "im2col"}
+    assert all(len(v) == 1 and v[0] > 0 for v in result["ms"].values()) and "calibrated / im2col" in proc.stdout
