@@ -77,3 +77,34 @@ def cache_dir() -> Path:
     if own:
         return Path(own)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "distnn"
+
+
+# -- sockets: what the links, the shared-memory planes and the shard source have in common ----------
+def serve_connections(listener, serve, name: str) -> None:
+    """Accept connections on ``listener`` until it is closed, each served by ``serve(conn)`` on a
+    daemon thread of its own (named ``name``)."""
+    def accept():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return   # the listener was closed
+            threading.Thread(target=serve, args=(conn,), name=name, daemon=True).start()
+    threading.Thread(target=accept, name=f"{name}-accept", daemon=True).start()
+
+
+def recv_into_exactly(sock, view: memoryview) -> None:
+    """Fill ``view`` from ``sock``; ConnectionError if the other end closes first."""
+    while view.nbytes:
+        n = sock.recv_into(view)
+        if n == 0:
+            raise ConnectionError("the other end closed")
+        view = view[n:]
+
+
+def recv_exactly(sock, n: int) -> bytes:
+    """``n`` bytes from ``sock``; ConnectionError if the other end closes first."""
+    buf = bytearray(n)
+    recv_into_exactly(sock, memoryview(buf))
+    return bytes(buf)
+

@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .._io import atomic_path, atomic_write_text, cache_dir
+from .._io import atomic_path, atomic_write_text, cache_dir, recv_exactly, serve_connections
 from .errors import DataError
 from .formats import file_digest
 
@@ -83,7 +83,7 @@ class ShardSource:
         file's check overlaps another's sending."""
         self.secret, self.timeout = secrets.token_bytes(16), timeout
         self.listener = socket.create_server((host, 0), backlog=64)
-        threading.Thread(target=self._accept, args=(self.listener,), name="shards-accept", daemon=True).start()
+        serve_connections(self.listener, self._serve, "shards-send")
         threading.Thread(target=self._check_all, args=(list(files),), name="shards-check", daemon=True).start()
         return (host, self.listener.getsockname()[1], self.secret)
 
@@ -102,23 +102,15 @@ class ShardSource:
         if self.listener is not None:
             self.listener.close()
 
-    def _accept(self, listener) -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return   # closed
-            threading.Thread(target=self._serve, args=(conn,), name="shards-send", daemon=True).start()
-
     def _serve(self, conn) -> None:
         """One request: the secret and a file name in; its size and bytes out, or -1 and why not."""
         with conn:
             try:
                 conn.settimeout(self.timeout)
-                secret, length = _REQUEST.unpack(_recv(conn, _REQUEST.size))
+                secret, length = _REQUEST.unpack(recv_exactly(conn, _REQUEST.size))
                 if not hmac.compare_digest(secret, self.secret):
                     return
-                file = _recv(conn, length).decode()
+                file = recv_exactly(conn, length).decode()
                 try:
                     size = self.check(file)
                 except DataError as e:
@@ -153,10 +145,10 @@ class Stream:
         try:
             encoded = name.encode()
             conn.sendall(_REQUEST.pack(self.secret, len(encoded)) + encoded)
-            (size,) = _SIZE.unpack(_recv(conn, _SIZE.size))
+            (size,) = _SIZE.unpack(recv_exactly(conn, _SIZE.size))
             if size < 0:
-                (length,) = _SIZE.unpack(_recv(conn, _SIZE.size))
-                raise DataError(_recv(conn, length).decode())
+                (length,) = _SIZE.unpack(recv_exactly(conn, _SIZE.size))
+                raise DataError(recv_exactly(conn, length).decode())
         except BaseException:
             conn.close()
             raise
@@ -173,16 +165,6 @@ class Stream:
                     raise ConnectionError(f"the machine serving the shards closed after {size - left} of {size} bytes")
                 left -= n
                 yield buf[:n]
-
-
-def _recv(conn, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        block = conn.recv(n - len(data))
-        if not block:
-            raise ConnectionError("the other end closed")
-        data += block
-    return bytes(data)
 
 
 class LocalShards:

@@ -27,6 +27,7 @@ import threading
 
 import numpy as np
 
+from .._io import recv_into_exactly, serve_connections
 from .compress import Sparse, Update
 from .server import StepAbandoned
 from .shm import PeerLost
@@ -39,14 +40,10 @@ _SIZES = struct.Struct("<2q")    # the shard's size and chunk length, in floats
 
 
 def _recv_into(sock, view: memoryview) -> None:
-    while view.nbytes:
-        try:
-            n = sock.recv_into(view)
-        except (ConnectionError, OSError) as e:
-            raise PeerLost(f"the link's other end is gone ({e})") from None
-        if n == 0:
-            raise PeerLost("the link's other end closed")
-        view = view[n:]
+    try:
+        recv_into_exactly(sock, view)
+    except OSError as e:   # ConnectionError included
+        raise PeerLost(f"the link's other end is gone ({e})") from None
 
 
 def _recv(sock, n: int) -> bytes:
@@ -93,19 +90,11 @@ class LinkServer:
         self.listener = socket.create_server((host, 0), backlog=64)
         self.address = (host, self.listener.getsockname()[1])
         self.closed = False
-        threading.Thread(target=self._accept, name="link-accept", daemon=True).start()
+        serve_connections(self.listener, self._serve, "link-reader")
 
     def offer(self) -> tuple:
         """(host, port, secret): what a worker needs to connect."""
         return (*self.address, self.secret)
-
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), name="link-reader", daemon=True).start()
 
     def _serve(self, conn) -> None:
         steps = queue.Queue()   # the reader tells the writer each step it has begun

@@ -33,11 +33,11 @@ import os
 import socket
 import struct
 import sys
-import threading
 import uuid
 
 import numpy as np
 
+from .._io import recv_exactly, serve_connections
 from .server import StepAbandoned
 
 _STEP = 8   # bytes of a step number on the socket (little-endian, signed)
@@ -62,16 +62,10 @@ class PeerLost(ConnectionError):
 
 
 def _recv_exact(sock, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        try:
-            chunk = sock.recv(n - len(data))
-        except (ConnectionError, OSError) as e:
-            raise PeerLost(f"the other end of the shared-memory plane is gone ({e})") from None
-        if not chunk:
-            raise PeerLost("the other end of the shared-memory plane closed")
-        data += chunk
-    return data
+    try:
+        return recv_exactly(sock, n)
+    except OSError as e:   # ConnectionError included
+        raise PeerLost(f"the other end of the shared-memory plane is gone ({e})") from None
 
 
 def _encode(step: int) -> bytes:
@@ -97,8 +91,7 @@ class Plane:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind("\0" + self.name)
         self.listener.listen(world + 4)
-        self.closed = False
-        threading.Thread(target=self._accept, name="plane-accept", daemon=True).start()
+        serve_connections(self.listener, self._serve, "plane-worker")
 
     @classmethod
     def open(cls, server, world: int, size: int):
@@ -107,14 +100,6 @@ class Plane:
             return cls(server, world, size), None
         except (OSError, AttributeError) as e:
             return None, f"{type(e).__name__}: {e}"
-
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), name="plane-worker", daemon=True).start()
 
     def _serve(self, conn) -> None:
         """One worker's connection: its rank, the memory's descriptor, then its steps."""
@@ -155,7 +140,6 @@ class Plane:
         return self.published
 
     def close(self) -> None:
-        self.closed = True
         self.listener.close()
 
 
