@@ -10,25 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from threadpoolctl import threadpool_limits
 
+from ab_kernels import best_ms
 from benchmark_core import MODELS, distnn_stepper
 from distnn import tune_allocator
 from distnn._hardware import describe as describe_host
 from distnn._io import atomic_write_text
 from distnn.ops import conv_choice
-
-
-def best_ms(step, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        best = min(best, time.perf_counter() - start)
-    return 1e3 * best
 
 
 def main(argv=None):
@@ -53,7 +44,6 @@ def main(argv=None):
             for name, table in tables.items():
                 conv_choice.pin(table)
                 step = distnn_stepper(args.model, args.batch)   # a new model: the pinned choices apply
-                step()
                 ms[name].append(round(best_ms(step, args.repeats), 3))
         conv_choice.pin(None)
     host = describe_host()
