@@ -71,6 +71,11 @@ class Optimizer:
     def _update(self, params, grads, lr):
         raise NotImplementedError
 
+    def warm_up(self) -> None:
+        """One step of this optimizer's kind on a few scratch values (this one's state untouched), so
+        that a compiled kernel it runs is built or loaded now, not inside the first timed step."""
+        type(self)(4, dtype=self.dtype).step(np.zeros(4, self.dtype), np.ones(4, self.dtype))
+
     def part(self, lo: int, hi: int) -> "Optimizer":
         """This optimizer over elements [lo, hi): its slots, scratch space and mask are views of this
         one's, so ``update_part`` of every part in turn is exactly one ``step`` of the whole (every

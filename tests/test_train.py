@@ -229,3 +229,25 @@ def test_slow_worker_is_reported(data_dir, tmp_path, monkeypatch):
     steps = [r for r in lines if r["type"] == "step"]
     assert all(r["slow_worker"] == 1 for r in steps)
     assert any("worker 1 is slow" in s for s in said)
+
+
+def test_a_worker_compiles_its_kernels_before_its_first_step_and_changes_nothing(tmp_path):
+    """ready() runs one forward and backward on zeros (this machine's compiled kernels are built or
+    loaded there, not in the first timed step): batch norm's running statistics and the gradients
+    are as before, and so is the first step's gradient. A server warms its optimizer up the same way."""
+    from distnn.parallel import ParameterServer
+    data = prepared_mnist(tmp_path, n_train=32, n_test=8, seed=3, shards=1) / "mnist"
+    spec = {"layers": [{"type": "Conv2d", "in_channels": 1, "out_channels": 4, "kernel_size": 5, "padding": 2},
+                       {"type": "BatchNorm2d", "num_features": 4}, {"type": "ReLU"},
+                       {"type": "MaxPool2d", "kernel_size": 2}, {"type": "Flatten"},
+                       {"type": "Linear", "in_features": 4 * 14 * 14, "out_features": 10}], "seed": 0}
+    warmed, cold = GradientWorker(spec, DataSpec(str(data), 8), 0, 1), GradientWorker(spec, DataSpec(str(data), 8), 0, 1)
+    before = [b.copy() for _, b in warmed.model.named_buffers()]
+    assert warmed.ready() == 4
+    assert all(np.array_equal(a, b) for a, (_, b) in zip(before, warmed.model.named_buffers()))
+    assert not warmed.model.flat_grads.any()
+    params = warmed.model.flat_params.copy()
+    first, again = warmed.compute(params)[0], cold.compute(params)[0]
+    assert np.array_equal(first, again)
+    server = ParameterServer(params, OptimizerSpec("adam", 0.01), ScheduleSpec("constant", 10))
+    assert server.optimizer.t == 0 and not server.optimizer.state["m"].any()

@@ -30,6 +30,7 @@ class ParameterServer(AsyncUpdates):
         self.reply_updates = reply_updates   # sync replies: the step's mean (``compress.Update``), not the parameters
         self.reply_bytes = 0                 # what those replies carried
         self.optimizer = optimizer.make(self.params.size, decay_mask)
+        self.optimizer.warm_up()
         self.base_lr = self.optimizer.lr
         self.schedule = schedule.make()
         self.version = 0          # updates applied

@@ -79,7 +79,23 @@ class GradientWorker(StepLoops):
             raise DataError(f"{self.dataset.path}: shard {', '.join(missing)} missing on worker {self.rank}'s "
                             "machine or its checksum differs from the manifest; prepare the dataset again")
         _ = self.loader.data
+        self._warm_up()
         return len(self.loader)
+
+    def _warm_up(self) -> None:
+        """One forward and backward of two zero inputs, so that this machine's compiled kernels
+        (numba's, the direct convolutions') are built or loaded before the first timed step; the
+        model's buffers (batch norm's running statistics) and gradients are put back."""
+        saved = [b.copy() for _, b in self.model.named_buffers()]
+        x = np.zeros((2, *self.dataset.input_shape), np.float32)
+        try:
+            with train_mode(), np.errstate(all="ignore"):
+                ops.softmax_cross_entropy(self.model(x), np.zeros(2, np.int64)).backward()
+        except ValueError:
+            pass   # a model that cannot take two inputs compiles in its first step instead
+        for (_, b), old in zip(self.model.named_buffers(), saved):
+            b[...] = old
+        self.model.zero_grad()
 
     def start_epoch(self, epoch: int, start: int = 0) -> None:
         """Continue from batch ``start`` of ``epoch`` (a resumed run starts mid-epoch)."""
