@@ -73,8 +73,8 @@ def test_calibration_keeps_the_fastest_of_each_step_in_the_host_cache(fresh):
         return seconds[step][a]
     choice = conv_choice.choose(shape(), measure)
     assert choice == Choice("shifted", "winograd", "im2col")
-    assert len(timed) == 3 * 4 * (conv_choice.REPEATS + 1)
-    assert {first for step, _, first in timed if step != "forward"} == {"shifted"}  # laid out as that forward
+    assert len(timed) == (4 + 4 * 4 + 4) * (conv_choice.REPEATS + 1)   # weight gradients after each forward
+    assert {first for step, _, first in timed if step == "input_grad"} == {"shifted"}  # laid out as that forward
     cached = json.loads(conv_choice.cache_file().read_text())
     (entry,) = cached["choices"].values()
     assert entry["choice"] == {"forward": "shifted", "input_grad": "winograd", "weight_grad": "im2col"}
@@ -191,3 +191,17 @@ def test_a_near_tie_goes_to_the_fixed_rule(fresh):
     times = {"forward": {"direct": close}, "input_grad": {"shifted": 0.5}, "weight_grad": {"direct": close}}
     choice = conv_choice.choose(five, lambda step, a, first: times[step].get(a, 1.0))
     assert choice == Choice("im2col", "shifted", "im2col")
+
+
+def test_the_forward_and_the_weight_gradient_are_chosen_as_a_pair(fresh):
+    """A forward that times fastest alone loses to one whose kept inputs make its weight gradient
+    cheap: 'direct' forward 0.8 + a weight gradient building its own inputs 2.0 against Winograd's
+    1.0 + 0.5 reusing its tiles."""
+    def measure(step, a, first):
+        if step == "forward":
+            return {"direct": 0.8, "winograd": 1.0}.get(a, 3.0)
+        if step == "weight_grad":
+            return 0.5 if a == first == "winograd" else 2.0
+        return 1.0
+    assert conv_choice.choose(shape(), measure) == Choice.of("winograd")
+

@@ -123,26 +123,43 @@ def choose(shape: ConvShape, measure) -> Choice:
 
 
 def calibrate(shape: ConvShape, measure) -> Choice:
-    """Time every applicable algorithm for each step (interleaved, best of REPEATS after a warm-up),
-    the forward first; keep the fastest of each (the fixed rule's unless another is MARGIN faster) in
-    the host cache and return them."""
+    """Time every applicable algorithm for each step (interleaved, best of REPEATS after a warm-up)
+    and keep the fastest in the host cache: the forward and the weight gradient as a pair (a weight
+    gradient by the forward's own algorithm reuses what that forward kept; by another it builds its
+    own inputs), then the input gradient after the chosen forward. The fixed rule's choice stays
+    unless the fastest times MARGIN faster."""
     algorithms = applicable(shape)
     if len(algorithms) == 1:
         return Choice.of(algorithms[0])
-    chosen, ms = {}, {}
-    for step, rule in zip(STEPS, default(shape)):
-        best = dict.fromkeys(algorithms, float("inf"))
-        for rep in range(REPEATS + 1):
-            for a in algorithms:
-                seconds = measure(step, a, chosen.get("forward", a))
-                if rep:
-                    best[a] = min(best[a], seconds)
-        fastest = min(algorithms, key=best.get)
-        chosen[step] = fastest if best[fastest] < (1 - MARGIN) * best[rule] else rule
-        ms[step] = {a: round(t * 1e3, 3) for a, t in best.items()}
-    choice = Choice(**chosen)
-    _store(shape, choice, ms)
+    rule = default(shape)
+    forward = _best_of(algorithms, lambda a: measure("forward", a, a))
+    after = {(f, a): t for f in algorithms for a, t in
+             _best_of(algorithms, lambda a, f=f: measure("weight_grad", a, f)).items()}
+    pairs = {(f, a): forward[f] + t for (f, a), t in after.items()}
+    first, weight = _unless_near(pairs, (rule.forward, rule.weight_grad))
+    inputs = _best_of(algorithms, lambda a: measure("input_grad", a, first))
+    (input_grad,) = _unless_near({(a,): t for a, t in inputs.items()}, (rule.input_grad,))
+    choice = Choice(first, input_grad, weight)
+    ms = {"forward": forward, "input_grad": inputs, "weight_grad": {a: after[first, a] for a in algorithms}}
+    _store(shape, choice, {step: {a: round(t * 1e3, 3) for a, t in v.items()} for step, v in ms.items()})
     return choice
+
+
+def _best_of(algorithms, seconds) -> dict:
+    """algorithm -> the best of REPEATS timings of ``seconds(algorithm)``, after a warm-up, interleaved."""
+    best = dict.fromkeys(algorithms, float("inf"))
+    for rep in range(REPEATS + 1):
+        for a in algorithms:
+            t = seconds(a)
+            if rep:
+                best[a] = min(best[a], t)
+    return best
+
+
+def _unless_near(times: dict, rule: tuple) -> tuple:
+    """The fastest key of ``times``, or ``rule``'s unless the fastest is MARGIN faster."""
+    fastest = min(times, key=times.get)
+    return fastest if times[fastest] < (1 - MARGIN) * times[rule] else rule
 
 
 def pin(table: dict | None) -> None:
