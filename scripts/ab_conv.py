@@ -1,5 +1,5 @@
-"""A zoo model's training step with its convolutions pinned to one algorithm against the choices
-this host's calibration makes, alternating in one process (best of ``--repeats`` steps each time,
+"""A zoo model's training step with its convolutions pinned to one algorithm (or to the fixed rule)
+against the choices this host's calibration makes, alternating in one process (best of ``--repeats`` steps each time,
 ``--pairs`` times), so that a noisy machine moves both alike. Prints a table and writes JSON.
 
     python scripts/ab_conv.py lenet5 [--batch 64] [--baseline im2col] [--pairs 5]
@@ -26,8 +26,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", choices=MODELS)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--baseline", default="im2col", choices=conv_choice.ALGORITHMS,
-                    help="the algorithm every convolution step runs in the baseline")
+    ap.add_argument("--baseline", default="im2col", choices=(*conv_choice.ALGORITHMS, "rule"),
+                    help="the algorithm every convolution step runs in the baseline ('rule': the fixed rule "
+                         "a shape takes where nothing was measured)")
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", default=None, help="JSON output (default benchmarks/ab_conv-MODEL.json)")
@@ -37,8 +38,8 @@ def main(argv=None):
         with conv_choice.recording() as calibrated:
             step = distnn_stepper(args.model, args.batch)
             step()
-        tables = {"calibrated": dict(calibrated),
-                  args.baseline: {layer: args.baseline for layer in calibrated}}
+        baseline = {} if args.baseline == "rule" else {layer: args.baseline for layer in calibrated}
+        tables = {"calibrated": dict(calibrated), args.baseline: baseline}   # pinned {}: the fixed rule
         ms = {name: [] for name in tables}
         for _ in range(args.pairs):
             for name, table in tables.items():
