@@ -140,3 +140,13 @@ def test_conv_ab_pins_both_tables_and_writes_them(tmp_path):
     result = json.loads(out.read_text())
     assert len(result["choices"]) == 2 and set(result["ms"]) == {"calibrated", "im2col"}
     assert all(len(v) == 1 and v[0] > 0 for v in result["ms"].values()) and "calibrated / im2col" in proc.stdout
+
+
+def test_conv_layer_bench_times_each_layer_of_the_model(tmp_path):
+    out = tmp_path / "layers.json"
+    proc = run_script(ROOT / "scripts" / "bench_conv_layers.py", "lenet5", "--batch", "4", "--pairs", "1",
+                      "--repeats", "1", "--no-torch", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["w"] for r in rows] == [[6, 1, 5, 5], [16, 6, 5, 5]] and [r["x_grad"] for r in rows] == [False, True]
+    assert all(min(r["ms"]["distnn"]) > 0 and "torch" not in r["ms"] for r in rows)
