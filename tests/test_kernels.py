@@ -252,3 +252,17 @@ def test_direct_kernels_are_generated_once_per_machine_and_loaded_from_the_cache
     env["DISTNN_CACHE_DIR"] = str(tmp_path / "file")
     run = subprocess.run([sys.executable, "-c", DIRECT_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0 and run.stdout.split() == ["0", "-"], run.stderr
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 2), (2, 1), (1, 0)])
+def test_im2col_input_gradient_kernel_equals_the_numpy_path(stride, padding, monkeypatch):
+    """The column gradient in one product per few images, folded by the compiled kernel, against the
+    numpy path's product and strided add per kernel offset (a few images at a time: forced small)."""
+    from distnn.ops import conv_algorithms
+    monkeypatch.setenv("DISTNN_CONV", "im2col")
+    monkeypatch.setattr(conv_algorithms, "COLUMN_VALUES", 500)
+    rng = np.random.default_rng(8)
+    x = laid_out(rng.standard_normal((5, 3, 9, 8)).astype(np.float32), "nhwc")
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    grad = rng.standard_normal(ops.conv2d(Variable(x), Variable(w), stride=stride, padding=padding).shape)
+    same_on_both_paths(lambda a, b: ops.conv2d(a, b, stride=stride, padding=padding), [x, w], grad.astype(np.float32))

@@ -232,3 +232,28 @@ def adam_update(p, g, m, v, b1, one_minus_b1, b2, one_minus_b2, eps, step_size):
         m[i], v[i] = mi, vi
         p[i] -= mi / (math.sqrt(vi) + eps) * step_size
 
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def col2im_add(cols, kh, kw, sh, sw, out):
+    """Each window's column gradient into the pixels it saw (``ops.conv_algorithms.Im2col.input_grad``):
+    cols (B, Ho, Wo, kh*kw*C) in (i, j, c) order added into out (B, Hp, Wp, C). At stride 1 the kw*C
+    values of one kernel row land on kw*C consecutive values of out."""
+    b_, ho, wo, _ = cols.shape
+    c = out.shape[3]
+    run = kw * c
+    for b in range(b_):
+        for y in range(ho):
+            for i in range(kh):
+                row = out[b, y * sh + i].reshape(-1)   # (Wp*C,)
+                for x in range(wo):
+                    src = cols[b, y, x, i * run:(i + 1) * run]
+                    if sw == 1:
+                        dst = row[x * c:x * c + run]
+                        for q in range(run):
+                            dst[q] += src[q]
+                    else:
+                        for j in range(kw):
+                            dst = row[(x * sw + j) * c:(x * sw + j + 1) * c]
+                            for q in range(c):
+                                dst[q] += src[j * c + q]
+

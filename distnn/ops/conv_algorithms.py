@@ -18,8 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from .. import kernels
 from ..kernels import direct
 from . import shifted, winograd
+
+COLUMN_VALUES = 1 << 20   # an input gradient's column gradient is made this many values at a time
 from .layout import nhwc
 
 
@@ -97,15 +100,25 @@ class Im2col:
     @staticmethod
     def input_grad(g, w, geo):
         """col2im one kernel offset at a time: (N*Ho*Wo, O) @ (O, C) lands contiguous and is added into
-        the input positions that offset saw, without the (N*Ho*Wo, kh*kw*C) column gradient."""
+        the input positions that offset saw, without the (N*Ho*Wo, kh*kw*C) column gradient. With the
+        compiled kernels: the column gradient of a few images at a time in one product, folded into
+        the pixels by ``kernels.fused.col2im_add`` (kh*kw small products and strided adds cost more)."""
         (n, c, h, wd), (o, _, kh, kw), (sh, sw), (ho, wo) = geo.x_shape, geo.w_shape, geo.stride, geo.out
         g2, wk = g.reshape(-1, o), w.transpose(0, 2, 3, 1)
         gxp = np.zeros((n, *geo.padded, c), g.dtype)
-        part = np.empty((g2.shape[0], c), g.dtype)
-        for i in range(kh):
-            for j in range(kw):
-                np.matmul(g2, wk[:, i, j, :], out=part)
-                gxp[window(i, j, sh, sw, ho, wo)] += part.reshape(n, ho, wo, c)
+        fused = kernels.compiled()
+        if fused is not None:
+            wall = wk.reshape(o, -1)
+            images = max(1, COLUMN_VALUES // (ho * wo * kh * kw * c))
+            for a in range(0, n, images):
+                cols = g[a:a + images].reshape(-1, o) @ wall
+                fused.col2im_add(cols.reshape(-1, ho, wo, kh * kw * c), kh, kw, sh, sw, gxp[a:a + images])
+        else:
+            part = np.empty((g2.shape[0], c), g.dtype)
+            for i in range(kh):
+                for j in range(kw):
+                    np.matmul(g2, wk[:, i, j, :], out=part)
+                    gxp[window(i, j, sh, sw, ho, wo)] += part.reshape(n, ho, wo, c)
         t, _, l, _ = geo.pads
         return np.ascontiguousarray(gxp[:, t:t + h, l:l + wd]) if any(geo.pads) else gxp
 
