@@ -21,9 +21,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 from .. import kernels
 from ..kernels import direct
 from . import shifted, winograd
+from .layout import nhwc
 
 COLUMN_VALUES = 1 << 20   # an input gradient's column gradient is made this many values at a time
-from .layout import nhwc
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class Im2col:
         compiled kernels: the column gradient of a few images at a time in one product, folded into
         the pixels by ``kernels.fused.col2im_add`` (kh*kw small products and strided adds cost more)."""
         (n, c, h, wd), (o, _, kh, kw), (sh, sw), (ho, wo) = geo.x_shape, geo.w_shape, geo.stride, geo.out
-        g2, wk = g.reshape(-1, o), w.transpose(0, 2, 3, 1)
+        wk = w.transpose(0, 2, 3, 1)
         gxp = np.zeros((n, *geo.padded, c), g.dtype)
         fused = kernels.compiled()
         if fused is not None:
@@ -114,6 +114,7 @@ class Im2col:
                 cols = g[a:a + images].reshape(-1, o) @ wall
                 fused.col2im_add(cols.reshape(-1, ho, wo, kh * kw * c), kh, kw, sh, sw, gxp[a:a + images])
         else:
+            g2 = g.reshape(-1, o)
             part = np.empty((g2.shape[0], c), g.dtype)
             for i in range(kh):
                 for j in range(kw):
