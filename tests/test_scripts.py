@@ -150,3 +150,15 @@ def test_conv_layer_bench_times_each_layer_of_the_model(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["w"] for r in rows] == [[6, 1, 5, 5], [16, 6, 5, 5]] and [r["x_grad"] for r in rows] == [False, True]
     assert all(min(r["ms"]["distnn"]) > 0 and "torch" not in r["ms"] for r in rows)
+
+
+@pytest.mark.cluster   # trains on a local Ray cluster
+def test_train_vs_ddp_reads_distnn_training_seconds(tmp_path):
+    from datagen import prepared_mnist
+    data = prepared_mnist(tmp_path, n_train=256, n_test=64, seed=5, shards=2) / "mnist"
+    out = tmp_path / "vs.json"
+    proc = run_script(ROOT / "scripts" / "train_vs_ddp.py", "--data", data, "--epochs", "1", "--workers", "1",
+                      "--pairs", "1", "--no-ddp", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["distnn"]["train_seconds"] > 0 and 0 <= row["distnn"]["test_accuracy"] <= 1 and "ddp" not in row
