@@ -25,46 +25,32 @@ from distnn import ops, tune_allocator
 from benchmark_core import MODELS, distnn_stepper
 
 
+def timed(method, key: str, totals: dict):
+    """``method`` that adds the seconds of each call to ``totals[key]``."""
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            totals[key] += time.perf_counter() - start
+    return run
+
+
 def instrument(totals: dict) -> None:
-    """Make every operator class add the time of its forward and backward to ``totals``."""
-    for cls in ops.all_operators():
-        for name in ("forward", "backward"):
-            if name not in cls.__dict__:
-                continue
-
-            def timed(method, key=f"{cls.__name__}.{name}"):
-                @functools.wraps(method)
-                def run(self, *args, **kwargs):
-                    start = time.perf_counter()
-                    try:
-                        return method(self, *args, **kwargs)
-                    finally:
-                        totals[key] += time.perf_counter() - start
-                return run
-            setattr(cls, name, timed(cls.__dict__[name]))
-
-
-def instrument_engine(totals: dict) -> None:
-    """Time the parts of a step outside the operators under their own rows: the optimizer's update,
-    zeroing the gradients, the engine's topological sort and its accumulation of leaf gradients."""
+    """Make every operator class add the time of its forward and backward to ``totals``, and the
+    parts of a step outside the operators under their own rows: the optimizer's update, zeroing the
+    gradients, the engine's topological sort and its accumulation of leaf gradients."""
     from distnn import autograd, optim
     from distnn.nn.module import Module
-
-    def timed(owner, name, key):
-        method = getattr(owner, name)
-
-        @functools.wraps(method)
-        def run(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                totals[key] += time.perf_counter() - start
-        setattr(owner, name, run)
-    timed(optim.Optimizer, "step", "(optimizer step)")
-    timed(Module, "zero_grad", "(zero_grad)")
-    timed(autograd, "_topological_order", "(engine: topological sort)")
-    timed(autograd, "_accumulate", "(engine: leaf gradients)")
+    for cls in ops.all_operators():
+        for name in ("forward", "backward"):
+            if name in cls.__dict__:
+                setattr(cls, name, timed(cls.__dict__[name], f"{cls.__name__}.{name}", totals))
+    for owner, name, key in ((optim.Optimizer, "step", "(optimizer step)"), (Module, "zero_grad", "(zero_grad)"),
+                             (autograd, "_topological_order", "(engine: topological sort)"),
+                             (autograd, "_accumulate", "(engine: leaf gradients)")):
+        setattr(owner, name, timed(getattr(owner, name), key, totals))
 
 
 def main(argv=None):
@@ -79,7 +65,6 @@ def main(argv=None):
 
     totals = collections.defaultdict(float)
     instrument(totals)
-    instrument_engine(totals)
     with threadpool_limits(limits=args.threads, user_api="blas"):
         step = distnn_stepper(args.model, args.batch)
         for _ in range(3):  # warm up
