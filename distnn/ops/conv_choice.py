@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from .. import kernels
 from .._io import cache_dir
 
 ALGORITHMS = ("im2col", "winograd", "shifted", "direct")
@@ -84,7 +85,6 @@ class Choice(NamedTuple):
 
 def applicable(shape: ConvShape) -> list[str]:
     """The algorithms that can run this shape."""
-    from .. import kernels
     found = ["im2col"]
     if shape.stride == (1, 1):
         if shape.kernel == (3, 3) and max(shape.pads) <= 2:
@@ -198,7 +198,6 @@ def _host() -> dict:
 def _entry_key(shape: ConvShape) -> str:
     """The cache's key: the shape with its batch size, and the element-wise kernels (numba or numpy)
     that Winograd's output transform runs on."""
-    from .. import kernels
     return f"{shape.key}-{kernels.mode()}"
 
 
