@@ -5,8 +5,8 @@ time, so that a noisy machine moves both alike. Prints a table and writes JSON.
     python scripts/ab_kernels.py [--batch 64] [--pairs 3] [--out benchmarks/ab_kernels.json]
 
 Cases (float32, one BLAS thread): batch norm + ReLU forward and backward and the residual add + ReLU
-on (N, 16, 32, 32) in Winograd's (H, W, N, C) memory, a Winograd 3x3 convolution (16 -> 16 channels,
-32 x 32) forward, lstm_classifier's recurrence (T = 28, H = 128) forward and backward, and Adam's
+on (N, 16, 32, 32) in Winograd's (H, W, N, C) memory, a Winograd F(2x2, 3x3) and F(4x4, 3x3)
+convolution (16 -> 16 channels, 32 x 32) forward (its tile transforms compiled or numpy's), lstm_classifier's recurrence (T = 28, H = 128) forward and backward, and Adam's
 update of the mlp's 235,146 parameters.
 """
 from __future__ import annotations
@@ -68,7 +68,8 @@ def cases(n: int) -> dict:
     g_seq, g_last = rng.standard_normal((n, t, hidden)).astype(np.float32), np.zeros((n, hidden), np.float32)
     return {"batch norm + ReLU, forward and backward": batch_norm_relu,
             "residual add + ReLU, forward and backward": add_relu,
-            "Winograd 3x3 convolution 16 -> 16, forward": lambda: winograd.conv3x3(xp, w),
+            "Winograd F(2x2) 16 -> 16, forward": lambda: winograd.conv3x3(xp, w),
+            "Winograd F(4x4) 16 -> 16, forward": lambda: winograd.conv3x3(xp, w, m=4),
             "LSTM recurrence forward (T 28, H 128)": lambda: LSTMSequence().forward(*lstm_inputs),
             "LSTM recurrence backward (T 28, H 128)": lambda: op.backward(g_seq, g_last, g_last),
             "Adam update, 235,146 parameters": lambda: adam.step(params, grads)}

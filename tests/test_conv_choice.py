@@ -63,9 +63,9 @@ def shape(n=8, c=16, kernel=(3, 3), stride=(1, 1)):
 
 def test_calibration_keeps_the_fastest_of_each_step_in_the_host_cache(fresh):
     # forward: shifted fastest; input gradient: Winograd; weight gradient: im2col after a shifted forward
-    seconds = {"forward": {"im2col": 3.0, "winograd": 2.0, "shifted": 1.0, "direct": 4.0},
-               "input_grad": {"im2col": 3.0, "winograd": 1.0, "shifted": 2.0, "direct": 4.0},
-               "weight_grad": {"im2col": 1.0, "winograd": 2.0, "shifted": 3.0, "direct": 4.0}}
+    seconds = {"forward": {"im2col": 3.0, "winograd": 2.0, "winograd4": 2.5, "shifted": 1.0, "direct": 4.0},
+               "input_grad": {"im2col": 3.0, "winograd": 1.0, "winograd4": 1.5, "shifted": 2.0, "direct": 4.0},
+               "weight_grad": {"im2col": 1.0, "winograd": 2.0, "winograd4": 2.5, "shifted": 3.0, "direct": 4.0}}
     timed = []
 
     def measure(step, a, first):
@@ -73,12 +73,13 @@ def test_calibration_keeps_the_fastest_of_each_step_in_the_host_cache(fresh):
         return seconds[step][a]
     choice = conv_choice.choose(shape(), measure)
     assert choice == Choice("shifted", "winograd", "im2col")
-    assert len(timed) == (4 + 4 * 4 + 4) * (conv_choice.REPEATS + 1)   # weight gradients after each forward
+    assert len(timed) == (5 + 5 * 5 + 5) * (conv_choice.REPEATS + 1)   # weight gradients after each forward
     assert {first for step, _, first in timed if step == "input_grad"} == {"shifted"}  # laid out as that forward
     cached = json.loads(conv_choice.cache_file().read_text())
     (entry,) = cached["choices"].values()
     assert entry["choice"] == {"forward": "shifted", "input_grad": "winograd", "weight_grad": "im2col"}
-    assert entry["ms"]["input_grad"] == {"im2col": 3000.0, "winograd": 1000.0, "shifted": 2000.0, "direct": 4000.0}
+    assert entry["ms"]["input_grad"] == {"im2col": 3000.0, "winograd": 1000.0, "winograd4": 1500.0, "shifted": 2000.0,
+                                         "direct": 4000.0}
 
     def never(*a):
         raise AssertionError("calibrated again")
@@ -137,7 +138,7 @@ def test_forcing_an_algorithm(fresh, monkeypatch):
     assert conv_choice.choose(shape(), None) == Choice.of("winograd")
     assert conv_choice.choose(shape(kernel=(5, 5)), None) == Choice.of("im2col")   # where it does not apply
     monkeypatch.setenv("DISTNN_CONV", "fft")
-    with pytest.raises(ValueError, match="DISTNN_CONV='fft': choose one of im2col, winograd, shifted, direct"):
+    with pytest.raises(ValueError, match="DISTNN_CONV='fft': choose one of im2col, winograd, winograd4, shifted, direct"):
         conv_choice.choose(shape(), None)
 
 
@@ -162,20 +163,21 @@ def test_a_run_fixes_its_choices_and_its_workers_use_them(fresh, tmp_path):
         conv_choice.pin(None)
 
 
-def test_direct_needs_the_compiled_kernels_and_old_host_caches_are_measured_again(fresh):
+@pytest.mark.parametrize("compiled_only", ["direct", "winograd4"])
+def test_compiled_only_algorithms_need_numba_and_old_host_caches_are_measured_again(compiled_only, fresh):
     from distnn import kernels
     conv_choice.choose(shape(), lambda step, a, first: 1.0 if a == "im2col" else 2.0)
     data = json.loads(conv_choice.cache_file().read_text())
-    for entry in data["choices"].values():        # as written before the direct kernels existed
+    for entry in data["choices"].values():        # as written before the algorithm existed
         for step in entry["ms"].values():
-            del step["direct"]
+            del step[compiled_only]
     conv_choice.cache_file().write_text(json.dumps(data))
     conv_choice._memo.clear()
-    assert conv_choice.choose(shape(), lambda step, a, first: 1.0 if a == "direct" else 2.0) == Choice.of("direct")
+    assert conv_choice.choose(shape(), lambda step, a, first: 1.0 if a == compiled_only else 2.0) == Choice.of(compiled_only)
     kernels.use("numpy")
     try:
-        assert "direct" not in conv_choice.applicable(shape())
-        conv_choice.pin({shape().layer: "direct"})   # pinned where numba ran, run where it does not
+        assert compiled_only not in conv_choice.applicable(shape())
+        conv_choice.pin({shape().layer: compiled_only})   # pinned where numba ran, run where it does not
         assert conv_choice.choose(shape(), None) == conv_choice.default(shape())
     finally:
         kernels.use(None)

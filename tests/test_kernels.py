@@ -266,3 +266,38 @@ def test_im2col_input_gradient_kernel_equals_the_numpy_path(stride, padding, mon
     w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
     grad = rng.standard_normal(ops.conv2d(Variable(x), Variable(w), stride=stride, padding=padding).shape)
     same_on_both_paths(lambda a, b: ops.conv2d(a, b, stride=stride, padding=padding), [x, w], grad.astype(np.float32))
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("size", [(6, 7), (9, 12)])
+def test_winograd_transforms_compiled_equal_numpy_and_the_direct_sums(m, size):
+    """F(m x m, 3x3) on both paths: the compiled tile transforms give bit for bit what the numpy
+    passes give (float32; they add the same terms in the same order), and the numpy passes in float64 give the convolution, its filter gradient and its
+    input gradient as direct sums do (odd sizes: the blocks padded at the bottom and right)."""
+    from distnn.ops import winograd
+    rng = np.random.default_rng(m)
+    (h, wd), pads = size, (1, 1, 1, 1)
+    x = rng.standard_normal((h, wd, 3, 5))
+    xp = np.pad(x, ((1, 1), (1, 1), (0, 0), (0, 0)))
+    w, gy = rng.standard_normal((4, 5, 3, 3)), rng.standard_normal((h, wd, 3, 4))
+
+    def steps(dtype, path):
+        kernels.use(path)
+        try:
+            y, v, shape = winograd.conv3x3(xp.astype(dtype), w.astype(dtype), keep_tiles=True, m=m)
+            return (y, winograd.filter_grad(v, gy.astype(dtype), shape, m),
+                    winograd.input_grad(gy.astype(dtype), w.astype(dtype), pads, m))
+        finally:
+            kernels.use(None)
+    for ours, ref in zip(steps(np.float32, "numba"), steps(np.float32, "numpy")):
+        np.testing.assert_array_equal(ours, ref)
+    windows = lambda a: [(i, j, a[i:i + h, j:j + wd]) for i in range(3) for j in range(3)]
+    y = sum(win @ w[:, :, i, j].T for i, j, win in windows(xp))
+    gw = np.stack([np.einsum("hwnc,hwno->oc", win, gy) for _, _, win in windows(xp)], -1).reshape(4, 5, 3, 3)
+    gxp = np.zeros_like(xp)
+    for i in range(3):
+        for j in range(3):
+            gxp[i:i + h, j:j + wd] += gy @ w[:, :, i, j]
+    for ours, ref in zip(steps(np.float64, "numpy"), (y, gw, gxp[1:-1, 1:-1])):
+        assert ours.dtype == np.float64
+        np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-10)

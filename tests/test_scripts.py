@@ -113,7 +113,7 @@ def test_kernel_ab_times_both_paths(tmp_path):
                       "--out", out)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 6 and all(min(r["numpy"]) > 0 and min(r["numba"]) > 0 for r in rows)
+    assert len(rows) == 7 and all(min(r["numpy"]) > 0 and min(r["numba"]) > 0 for r in rows)
 
 
 @pytest.mark.cluster   # starts emulated machines and local Ray clusters: not in the quick loop

@@ -1,8 +1,8 @@
 """Compiled kernels for the passes numpy cannot fuse (``fused.py``: batch norm with its ReLU, a residual
-add with its ReLU, the ReLU backward, Winograd's output transform, 2x2 max pooling, im2col's fold of
-the column gradient, a step of the LSTM's forward and backward, Adam's update) and the direct
-convolution (``direct.py``): numba, one thread (the processes are the parallelism), compiled once per
-machine into numba's on-disk cache.
+add with its ReLU, the ReLU backward, 2x2 max pooling, im2col's fold of the column gradient, a step of
+the LSTM's forward and backward, Adam's update), the direct convolution (``direct.py``) and
+Winograd's tile transforms (``tiles.py``): numba, one thread (the processes are the parallelism),
+compiled once per machine into numba's on-disk cache.
 
 Every kernel has a numpy twin in the operator that calls it (for the direct convolution, im2col): the
 reference a reader studies and the tests hold the kernel to. ``DISTNN_KERNELS=numpy`` selects the numpy path everywhere (so does a machine

@@ -74,29 +74,6 @@ def relu_grad(g, y, out):
 
 
 
-@njit(cache=True, nogil=True)
-def winograd_output(m, y):
-    """Winograd output (``ops.winograd.transform_output``): m (4, 4, th, tw, N, O) -> y (2*th, 2*tw, N, O)
-    = A^T m A, in one pass."""
-    th, tw, n, o = m.shape[2], m.shape[3], m.shape[4], m.shape[5]
-    for ty in range(th):
-        for tx in range(tw):
-            for b in range(n):
-                for k in range(o):
-                    s00 = m[0, 0, ty, tx, b, k] + m[1, 0, ty, tx, b, k] + m[2, 0, ty, tx, b, k]
-                    s01 = m[0, 1, ty, tx, b, k] + m[1, 1, ty, tx, b, k] + m[2, 1, ty, tx, b, k]
-                    s02 = m[0, 2, ty, tx, b, k] + m[1, 2, ty, tx, b, k] + m[2, 2, ty, tx, b, k]
-                    s03 = m[0, 3, ty, tx, b, k] + m[1, 3, ty, tx, b, k] + m[2, 3, ty, tx, b, k]
-                    s10 = m[1, 0, ty, tx, b, k] - m[2, 0, ty, tx, b, k] - m[3, 0, ty, tx, b, k]
-                    s11 = m[1, 1, ty, tx, b, k] - m[2, 1, ty, tx, b, k] - m[3, 1, ty, tx, b, k]
-                    s12 = m[1, 2, ty, tx, b, k] - m[2, 2, ty, tx, b, k] - m[3, 2, ty, tx, b, k]
-                    s13 = m[1, 3, ty, tx, b, k] - m[2, 3, ty, tx, b, k] - m[3, 3, ty, tx, b, k]
-                    y[2 * ty, 2 * tx, b, k] = s00 + s01 + s02
-                    y[2 * ty, 2 * tx + 1, b, k] = s01 - s02 - s03
-                    y[2 * ty + 1, 2 * tx, b, k] = s10 + s11 + s12
-                    y[2 * ty + 1, 2 * tx + 1, b, k] = s11 - s12 - s13
-
-
 # tanh(x) ~ x p(x^2) / q(x^2) on [-9, 9] (+-1 beyond, where float32's tanh is +-1): the 13/6-degree
 # rational interpolant Eigen uses for float tanh, within 4e-7 of tanh (numpy's float32 tanh: 6e-8).
 _CLAMP = np.float32(9.0)

@@ -1,4 +1,4 @@
-"""The four convolution algorithms behind ``Conv2d``, each as the same four steps on arrays, so that
+"""The five convolution algorithms behind ``Conv2d``, each as the same four steps on arrays, so that
 forward, input gradient and weight gradient can each run a different one (``conv_choice``):
 
 - ``inputs(x, geo)``: what the weight gradient reads of the input (im2col's columns, Winograd's
@@ -127,6 +127,7 @@ class Im2col:
 class Winograd:
     """F(2x2, 3x3) (``winograd.py``): 3x3 kernels at stride 1, padding at most 2."""
     layout = "hwnc"
+    m = 2
 
     @staticmethod
     def padded(x, geo):
@@ -135,22 +136,28 @@ class Winograd:
         xp[t:t + h, l:l + wd] = x.transpose(2, 3, 0, 1)
         return xp
 
-    @staticmethod
-    def inputs(x, geo):
-        return winograd.input_tiles(Winograd.padded(x, geo))
+    @classmethod
+    def inputs(cls, x, geo):
+        return winograd.input_tiles(cls.padded(x, geo), cls.m)
 
-    @staticmethod
-    def forward(x, w, geo, keep):
-        y = winograd.conv3x3(Winograd.padded(x, geo), w, keep_tiles=keep)
+    @classmethod
+    def forward(cls, x, w, geo, keep):
+        y = winograd.conv3x3(cls.padded(x, geo), w, keep_tiles=keep, m=cls.m)
         return (y[0], y[1:]) if keep else (y, None)
 
-    @staticmethod
-    def weight_grad(tiles, g, geo):
-        return winograd.filter_grad(tiles[0], g, tiles[1])
+    @classmethod
+    def weight_grad(cls, tiles, g, geo):
+        return winograd.filter_grad(tiles[0], g, tiles[1], cls.m)
 
-    @staticmethod
-    def input_grad(g, w, geo):
-        return winograd.input_grad(g, w, geo.pads)
+    @classmethod
+    def input_grad(cls, g, w, geo):
+        return winograd.input_grad(g, w, geo.pads, cls.m)
+
+
+class Winograd4(Winograd):
+    """F(4x4, 3x3): 0.56x F(2x2)'s matrix work and transformed tiles, larger transforms (chosen only
+    with the numba kernels, which compile them; the numpy passes are the reference)."""
+    m = 4
 
 
 class Shifted:
@@ -236,4 +243,4 @@ def _correlate(planes, w, wp, out_hw):
     return out.reshape(n, o, ho, wp)[:, :, :, :wo]
 
 
-ALGORITHMS = {"im2col": Im2col, "winograd": Winograd, "shifted": Shifted, "direct": Direct}
+ALGORITHMS = {"im2col": Im2col, "winograd": Winograd, "winograd4": Winograd4, "shifted": Shifted, "direct": Direct}

@@ -1,7 +1,8 @@
 """Which algorithm each step of a convolution runs, per layer shape, chosen on the host it runs on.
 
 The algorithms (``ops/conv_algorithms.py``): ``im2col`` (one matrix product over copied windows; any
-shape), ``winograd`` (F(2x2, 3x3): 3x3 at stride 1, ``ops/winograd.py``), ``shifted`` (kh*kw
+shape), ``winograd`` (F(2x2, 3x3): 3x3 at stride 1, ``ops/winograd.py``), ``winograd4`` (F(4x4, 3x3),
+the same with the numba kernels), ``shifted`` (kh*kw
 products over shifted rows of channels-last data: stride 1, ``ops/shifted.py``) and ``direct``
 (compiled loops over channel planes: stride 1, with the numba kernels, ``kernels/direct.py``). No one of them wins
 at every shape on every CPU, and not even at every step of one shape, so, as cuDNN's benchmark mode
@@ -14,7 +15,7 @@ the machine reads, so a shape is calibrated once per machine.
 Calibration is noisy, so a training run fixes its choices once (``pin``): the driver calibrates the
 model's shapes before the workers start, records them in the run folder, and every worker (on any
 node, and after a resume or a recovery) runs exactly those, so that runs stay bit-identical. A shape a
-pinned process was not given runs the fixed rule of ``default``. ``DISTNN_CONV=im2col|winograd|shifted|direct``
+pinned process was not given runs the fixed rule of ``default``. ``DISTNN_CONV=im2col|winograd|winograd4|shifted|direct``
 forces one algorithm for every step wherever it applies (the tests run each).
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import NamedTuple
 from .. import kernels
 from .._io import cache_dir
 
-ALGORITHMS = ("im2col", "winograd", "shifted", "direct")
+ALGORITHMS = ("im2col", "winograd", "winograd4", "shifted", "direct")
 STEPS = ("forward", "input_grad", "weight_grad")
 REPEATS = 3                # timed runs of each algorithm after one warm-up; the best counts
 MARGIN = 0.1               # how much faster than the fixed rule's algorithm another must time to replace it:
@@ -87,11 +88,10 @@ def applicable(shape: ConvShape) -> list[str]:
     """The algorithms that can run this shape."""
     found = ["im2col"]
     if shape.stride == (1, 1):
-        if shape.kernel == (3, 3) and max(shape.pads) <= 2:
-            found.append("winograd")
-        found.append("shifted")
-        if kernels.compiled() is not None:
-            found.append("direct")
+        winograd = shape.kernel == (3, 3) and max(shape.pads) <= 2
+        compiled = kernels.compiled() is not None
+        found += ["winograd"] * winograd + ["winograd4"] * (winograd and compiled) + ["shifted"]
+        found += ["direct"] * compiled
     return found
 
 

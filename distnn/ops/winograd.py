@@ -1,36 +1,73 @@
-"""3x3 convolution at stride 1 by Winograd's minimal filtering F(2x2, 3x3) (Lavin and Gray, 2016).
+"""3x3 convolution at stride 1 by Winograd's minimal filtering F(m x m, 3x3), m = 2 or 4 (Lavin and
+Gray, 2016).
 
-A 2x2 block of outputs of a 3x3 filter g over the 4x4 input tile d around it is
+An m x m block of outputs of a 3x3 filter g over the (m+2) x (m+2) input tile d around it is
 
-    Y = A^T [ (G g G^T) * (B^T d B) ] A          (* elementwise on 4x4)
+    Y = A^T [ (G g G^T) * (B^T d B) ] A          (* elementwise on (m+2) x (m+2))
+
+with, for F(2x2, 3x3),
 
     B^T = [[1, 0, -1,  0],     G = [[1,    0,   0],     A^T = [[1, 1,  1,  0],
            [0, 1,  1,  0],          [1/2,  1/2, 1/2],          [0, 1, -1, -1]]
            [0, -1, 1,  0],          [1/2, -1/2, 1/2],
            [0, 1,  0, -1]]          [0,    0,   1]]
 
-Summed over input channels, the 16 elementwise products become 16 matrix products (T, C) @ (C, O)
-over all T tiles of the batch: 16 * C * O multiplies per four outputs instead of 36 * C * O, so the
-matrix work is 2.25 times smaller than im2col's, and the transforms are only additions. Backward
-uses the same pieces: the input gradient is this convolution of the padded output gradient with the
-flipped, transposed filter; the filter gradient is G^T [ sum over tiles V^T dM ] G, dM = A dY A^T.
+and for F(4x4, 3x3) the 6x6, 6x3 and 4x6 matrices below (points 0, +-1, +-2 and infinity).
+Summed over input channels, the (m+2)^2 elementwise products become (m+2)^2 matrix products
+(T, C) @ (C, O) over all T tiles of the batch: (m+2)^2 / m^2 products per output instead of 9, so
+the matrix work is 2.25 (F(2x2)) or 4 (F(4x4)) times smaller than im2col's, and the transformed
+tiles take 4 or 2.25 times the input's size. F(4x4)'s larger transforms cost more and lose a little
+float32 precision (within 1e-5 of the output's largest value, against 1e-6): the calibration
+decides per layer shape. Backward uses the same pieces: the input gradient is this convolution of
+the padded output gradient with the flipped, transposed filter; the filter gradient is
+G^T [ sum over tiles V^T dM ] G, dM = A dY A^T.
 
 Layout and blocking, both measured on cifar_convnet's convolutions: arrays are (H, W, N, C), so each
 image position is one contiguous run of N * C values and the strided tile slices copy long runs
 ((N, H, W, C) copies runs of C: its transforms took 1.2-2x as long); and the work goes one band of
 tile rows at a time (transform, multiply, transform back), so that a band's arrays stay in cache
 (the 32x32x32 layer's forward 24 -> 16 ms, its input gradient 28 -> 15 ms). Transformed tiles are
-(16, T, C) with T = Ho/2 * Wo/2 * N, tile-row major.
+kept band by band, each ((m+2)^2, T_band, C) and contiguous, T_band = tile rows * Wo/m * N. The transforms are numpy passes here
+(``_tile``, ``_untile``) and compiled loops with the numba kernels (``kernels/tiles.py``).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from .. import kernels
 from .._hardware import cache_bytes
 
-G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
-BAND_VALUES = None  # transformed values (16 * tiles * channels) per band; None: from the L2 (band_values)
+BAND_VALUES = None  # transformed values ((m+2)^2 * tiles * channels) per band; None: from the L2 (band_values)
+_sparse: dict = {}  # a matrix's nonzero entries for the compiled transforms, per dtype
+
+
+@dataclass(frozen=True, eq=False)
+class Tiles:
+    """The matrices of F(m x m, 3x3): B^T ((m+2) x (m+2)), G ((m+2) x 3), A^T (m x (m+2))."""
+    m: int
+    bt: np.ndarray
+    g: np.ndarray
+    at: np.ndarray
+
+    @property
+    def size(self) -> int:
+        """The input tile's side, m + 2."""
+        return self.m + 2
+
+
+F = {
+    2: Tiles(2, np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], float),
+             np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]]),
+             np.array([[1, 1, 1, 0], [0, 1, -1, -1]], float)),
+    4: Tiles(4, np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                          [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], float),
+             np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                       [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]),
+             np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+                      float)),
+}
 
 
 def band_values() -> int:
@@ -41,10 +78,11 @@ def band_values() -> int:
     return min(max(cache_bytes(2, 1 << 20) // 2, 1 << 16), 1 << 21) // 4
 
 
-def even_tiles(xp: np.ndarray) -> np.ndarray:
-    """Pad a padded input (Hp, Wp, N, C) at the bottom and right so that its 3x3 output is even-sized."""
+def even_tiles(xp: np.ndarray, m: int = 2) -> np.ndarray:
+    """Pad a padded input (Hp, Wp, N, C) at the bottom and right so that its 3x3 output is a whole
+    number of m x m blocks."""
     hp, wp, n, c = xp.shape
-    eh, ew = (hp - 2) % 2, (wp - 2) % 2
+    eh, ew = -(hp - 2) % m, -(wp - 2) % m
     if not (eh or ew):
         return xp
     out = np.zeros((hp + eh, wp + ew, n, c), xp.dtype)
@@ -52,121 +90,163 @@ def even_tiles(xp: np.ndarray) -> np.ndarray:
     return out
 
 
-def transform_filter(w: np.ndarray) -> np.ndarray:
-    """w (O, C, 3, 3) -> U = G w G^T as (16, C, O)."""
+def transform_filter(w: np.ndarray, f: Tiles) -> np.ndarray:
+    """w (O, C, 3, 3) -> U = G w G^T as ((m+2)^2, C, O)."""
     o, c = w.shape[:2]
-    g = G.astype(w.dtype)
-    return np.ascontiguousarray(np.einsum("ai,bj,ocij->abco", g, g, w, optimize=True).reshape(16, c, o))
+    g = f.g.astype(w.dtype)
+    return np.ascontiguousarray(np.einsum("ai,bj,ocij->abco", g, g, w, optimize=True).reshape(-1, c, o))
 
 
-def transform_input(xp: np.ndarray, v: np.ndarray) -> None:
-    """xp (2*th + 2, 2*tw + 2, N, C) -> v (4, 4, th, tw, N, C) = B^T d B for every 4x4 tile at stride 2."""
-    th, tw = v.shape[2:4]
-    r = [xp[i:i + 2 * th:2] for i in range(4)]               # row i of every tile: (th, Wp, N, C)
-    rows = np.empty((4,) + r[0].shape, xp.dtype)               # B^T d
-    np.subtract(r[0], r[2], out=rows[0])
-    np.add(r[1], r[2], out=rows[1])
-    np.subtract(r[2], r[1], out=rows[2])
-    np.subtract(r[1], r[3], out=rows[3])
-    k = [rows[:, :, j:j + 2 * tw:2] for j in range(4)]        # column j of every tile: (4, th, tw, N, C)
-    np.subtract(k[0], k[2], out=v[:, 0])                       # (B^T d) B
-    np.add(k[1], k[2], out=v[:, 1])
-    np.subtract(k[2], k[1], out=v[:, 2])
-    np.subtract(k[1], k[3], out=v[:, 3])
+def _combine(coefs, arrays, out: np.ndarray) -> None:
+    """out = sum of c * a over the nonzero coefficients, in numpy passes ((a - b) in one)."""
+    terms = sorted(((c, a) for c, a in zip(coefs, arrays) if c != 0), key=lambda t: t[0] != 1)
+    (c0, a0), rest = terms[0], terms[1:]
+    if c0 == 1 and rest and abs(rest[0][0]) == 1:
+        (np.add if rest[0][0] == 1 else np.subtract)(a0, rest[0][1], out=out)
+        rest = rest[1:]
+    elif c0 == 1:
+        np.copyto(out, a0)
+    else:
+        np.multiply(a0, c0, out=out)
+    for c, a in rest:
+        if abs(c) == 1:
+            (np.add if c == 1 else np.subtract)(out, a, out=out)
+        else:
+            out += c * a
 
 
-def transform_output(m: np.ndarray, y: np.ndarray) -> None:
-    """m (4, 4, th, tw, N, O) -> y (2*th, 2*tw, N, O) = A^T m A."""
-    th, tw = m.shape[2:4]
-    s = np.empty((2,) + m.shape[1:], m.dtype)                  # A^T m
-    np.add(m[0], m[1], out=s[0])
-    s[0] += m[2]
-    np.subtract(m[1], m[2], out=s[1])
-    s[1] -= m[3]
-    y = y.reshape(th, 2, tw, 2, *y.shape[2:])                  # (A^T m) A
-    for i in range(2):
-        np.add(s[i, 0], s[i, 1], out=y[:, i, :, 0])
-        y[:, i, :, 0] += s[i, 2]
-        np.subtract(s[i, 1], s[i, 2], out=y[:, i, :, 1])
-        y[:, i, :, 1] -= s[i, 3]
+def _tile(src: np.ndarray, mat: np.ndarray, s: int, dst: np.ndarray) -> None:
+    """dst (R, R, th, tw, L)[a, b, i, j] = sum over k, l of mat[a, k] mat[b, l] src[i*s + k, j*s + l]
+    for src (H, W, L) and mat (R, K) (numpy passes)."""
+    r, k = mat.shape
+    th, tw = dst.shape[2:4]
+    rows = np.empty((r, th) + src.shape[1:], src.dtype)         # mat along the rows
+    for a in range(r):
+        _combine(mat[a], [src[i:i + s * (th - 1) + 1:s] for i in range(k)], rows[a])
+    for b in range(r):                                          # and along the columns
+        _combine(mat[b], [rows[:, :, j:j + s * (tw - 1) + 1:s] for j in range(k)], dst[:, b])
 
 
-def transform_output_grad(gy: np.ndarray) -> np.ndarray:
-    """gy (2*th, 2*tw, N, O) -> dM = A dY A^T for every 2x2 output block, as (16, T, O)."""
+def _untile(src: np.ndarray, mat: np.ndarray, dst: np.ndarray) -> None:
+    """dst (th*R, tw*R, L)[i*R + a, j*R + b] = sum over k, l of mat[a, k] mat[b, l] src[k, l, i, j]
+    for src (K, K, th, tw, L) and mat (R, K) (numpy passes)."""
+    r, k = mat.shape
+    th, tw = src.shape[2:4]
+    rows = np.empty((r,) + src.shape[1:], src.dtype)
+    for a in range(r):
+        _combine(mat[a], [src[i] for i in range(k)], rows[a])
+    blocks = dst.reshape(th, r, tw, r, -1)
+    for a in range(r):
+        for b in range(r):
+            _combine(mat[b], [rows[a, j] for j in range(k)], blocks[:, a, :, b])
+
+
+def _transform(mat: np.ndarray, stride: int, mode: str, src: np.ndarray, dst: np.ndarray) -> None:
+    """``_tile`` or ``_untile`` by ``mat``, compiled when the numba kernels are selected."""
+    if kernels.compiled() is None:
+        (_tile(src, mat.astype(src.dtype), stride, dst) if mode == "tile" else
+         _untile(src, mat.astype(src.dtype), dst))
+        return
+    from ..kernels import tiles
+    key = (mat.tobytes(), mat.shape, src.dtype.name)
+    if key not in _sparse:
+        _sparse[key] = tiles.sparse(mat, src.dtype)
+    if mode == "tile":
+        tiles.tile(src, *_sparse[key], stride, dst)
+    else:
+        tiles.untile(src, *_sparse[key], dst)
+
+
+def _runs(a: np.ndarray) -> np.ndarray:
+    """a (..., N, C) as (..., N*C), a view (a transform writes through it)."""
+    view = a.view()
+    view.shape = (*a.shape[:-2], -1)   # raises rather than copy
+    return view
+
+
+def transform_input(xp: np.ndarray, v: np.ndarray, f: Tiles) -> None:
+    """xp (m*th + 2, m*tw + 2, N, C) -> v (m+2, m+2, th, tw, N, C) = B^T d B for every tile at stride m."""
+    _transform(f.bt, f.m, "tile", _runs(xp), _runs(v))
+
+
+def transform_output(mm: np.ndarray, y: np.ndarray, f: Tiles) -> None:
+    """mm (m+2, m+2, th, tw, N, O) -> y (m*th, m*tw, N, O) = A^T mm A."""
+    _transform(f.at, f.m, "untile", _runs(mm), _runs(y))
+
+
+def transform_output_grad(gy: np.ndarray, f: Tiles) -> np.ndarray:
+    """gy (m*th, m*tw, N, O) -> dM = A dY A^T for every m x m output block, as ((m+2)^2, T, O)."""
     ho, wo, n, o = gy.shape
-    th, tw = ho // 2, wo // 2
-    y = gy.reshape(th, 2, tw, 2, n, o)
-    r = np.empty((4, th, tw, 2, n, o), gy.dtype)               # A dY
-    r[0] = y[:, 0]
-    np.add(y[:, 0], y[:, 1], out=r[1])
-    np.subtract(y[:, 0], y[:, 1], out=r[2])
-    np.negative(y[:, 1], out=r[3])
-    dm = np.empty((4, 4, th, tw, n, o), gy.dtype)              # (A dY) A^T
-    dm[:, 0] = r[:, :, :, 0]
-    np.add(r[:, :, :, 0], r[:, :, :, 1], out=dm[:, 1])
-    np.subtract(r[:, :, :, 0], r[:, :, :, 1], out=dm[:, 2])
-    np.negative(r[:, :, :, 1], out=dm[:, 3])
-    return dm.reshape(16, th * tw * n, o)
+    th, tw = ho // f.m, wo // f.m
+    dm = np.empty((f.size, f.size, th, tw, n, o), gy.dtype)
+    _transform(np.ascontiguousarray(f.at.T), f.m, "tile", _runs(np.ascontiguousarray(gy)), _runs(dm))
+    return dm.reshape(f.size ** 2, th * tw * n, o)
 
 
-def _bands(th: int, tw: int, n: int, c: int):
+def _bands(th: int, tw: int, n: int, c: int, f: Tiles):
     """(first, last) tile rows of each band."""
-    rows = max(1, band_values() // (16 * tw * n * max(c, 1)))
+    rows = max(1, band_values() // (f.size ** 2 * tw * n * max(c, 1)))
     return [(t, min(th, t + rows)) for t in range(0, th, rows)]
 
 
-def conv3x3(xp: np.ndarray, w: np.ndarray, keep_tiles: bool = False):
-    """xp (Hp, Wp, N, C) already padded, w (O, C, 3, 3) -> y (Hp-2, Wp-2, N, O), and (when
-    ``keep_tiles``) the transformed input tiles (16, T, C) and even-padded shape for filter_grad."""
+def conv3x3(xp: np.ndarray, w: np.ndarray, keep_tiles: bool = False, m: int = 2):
+    """xp (Hp, Wp, N, C) already padded, w (O, C, 3, 3) -> y (Hp-2, Wp-2, N, O) by F(m x m, 3x3), and
+    (when ``keep_tiles``) the transformed input tiles and the padded shape for filter_grad."""
+    f = F[m]
     hp, wp, n, c = xp.shape
     ho, wo = hp - 2, wp - 2
-    xe = even_tiles(xp)
-    th, tw = (xe.shape[0] - 2) // 2, (xe.shape[1] - 2) // 2
-    u = transform_filter(w)
-    y = np.empty((2 * th, 2 * tw, n, u.shape[2]), xp.dtype)
-    v_all = np.empty((16, th * tw * n, c), xp.dtype) if keep_tiles else None
-    per_row = tw * n
-    fused = kernels.compiled()
-    for t0, t1 in _bands(th, tw, n, c):
+    xe = even_tiles(xp, m)
+    th, tw = (xe.shape[0] - 2) // m, (xe.shape[1] - 2) // m
+    u = transform_filter(w, f)
+    y = np.empty((m * th, m * tw, n, u.shape[2]), xp.dtype)
+    kept = []
+    for t0, t1 in _bands(th, tw, n, c, f):
+        v = _band_tiles(xe, t0, t1, f)
+        mm = np.matmul(v, u).reshape(f.size, f.size, t1 - t0, tw, n, -1)
+        transform_output(mm, y[m * t0:m * t1], f)
         if keep_tiles:
-            v = v_all[:, t0 * per_row:t1 * per_row]
-        else:
-            v = np.empty((16, (t1 - t0) * per_row, c), xp.dtype)
-        transform_input(xe[2 * t0:2 * t1 + 2], v.reshape(4, 4, t1 - t0, tw, n, c))
-        m = np.matmul(v, u).reshape(4, 4, t1 - t0, tw, n, -1)
-        (fused.winograd_output if fused is not None else transform_output)(m, y[2 * t0:2 * t1])
+            kept.append((t0, t1, v))
     y = y if y.shape[:2] == (ho, wo) else np.ascontiguousarray(y[:ho, :wo])   # (H, W, N, O) memory, as promised
-    return (y, v_all, xe.shape) if keep_tiles else y
+    return (y, kept, xe.shape) if keep_tiles else y
 
 
-def input_tiles(xp: np.ndarray):
-    """The transformed tiles (16, T, C) of a padded input (Hp, Wp, N, C) and its even-padded shape,
-    as ``conv3x3(..., keep_tiles=True)`` keeps them, for ``filter_grad`` after another forward."""
-    xe = even_tiles(xp)
-    th, tw, n, c = (xe.shape[0] - 2) // 2, (xe.shape[1] - 2) // 2, xe.shape[2], xe.shape[3]
-    v = np.empty((16, th * tw * n, c), xp.dtype)
-    transform_input(xe, v.reshape(4, 4, th, tw, n, c))
-    return v, xe.shape
+def _band_tiles(xe: np.ndarray, t0: int, t1: int, f: Tiles) -> np.ndarray:
+    """The transformed tiles ((m+2)^2, T_band, C) of tile rows t0 to t1 of an even-padded input,
+    contiguous (the compiled transforms vectorise over contiguous runs only)."""
+    tw, n, c = (xe.shape[1] - 2) // f.m, xe.shape[2], xe.shape[3]
+    v = np.empty((f.size ** 2, (t1 - t0) * tw * n, c), xe.dtype)
+    transform_input(xe[f.m * t0:f.m * t1 + 2], v.reshape(f.size, f.size, t1 - t0, tw, n, c), f)
+    return v
 
 
-def filter_grad(v: np.ndarray, gy: np.ndarray, even_shape) -> np.ndarray:
-    """Filter gradient (O, C, 3, 3) from conv3x3's tiles V (16, T, C) and gy (Ho, Wo, N, O)."""
+def input_tiles(xp: np.ndarray, m: int = 2):
+    """The transformed tiles of a padded input (Hp, Wp, N, C), band by band ((first, last tile row,
+    ((m+2)^2, T_band, C)), T_band = tile rows * Wo/m * N), and its padded shape, as ``conv3x3(...,
+    keep_tiles=True)`` keeps them, for ``filter_grad`` after another forward."""
+    f = F[m]
+    xe = even_tiles(xp, m)
+    th, tw, n, c = (xe.shape[0] - 2) // m, (xe.shape[1] - 2) // m, xe.shape[2], xe.shape[3]
+    return [(t0, t1, _band_tiles(xe, t0, t1, f)) for t0, t1 in _bands(th, tw, n, c, f)], xe.shape
+
+
+def filter_grad(bands, gy: np.ndarray, even_shape, m: int = 2) -> np.ndarray:
+    """Filter gradient (O, C, 3, 3) from conv3x3's kept tiles (``input_tiles``) and gy (Ho, Wo, N, O)."""
+    f = F[m]
     hp, wp, n, c = even_shape
-    th, tw = (hp - 2) // 2, (wp - 2) // 2
-    if gy.shape[:2] != (2 * th, 2 * tw):
-        ge = np.zeros((2 * th, 2 * tw, n, gy.shape[3]), gy.dtype)
+    th, tw = (hp - 2) // m, (wp - 2) // m
+    if gy.shape[:2] != (m * th, m * tw):
+        ge = np.zeros((m * th, m * tw, n, gy.shape[3]), gy.dtype)
         ge[:gy.shape[0], :gy.shape[1]] = gy
         gy = ge
-    du = np.zeros((16, c, gy.shape[3]), gy.dtype)
-    per_row = tw * n
-    for t0, t1 in _bands(th, tw, n, max(c, gy.shape[3])):
-        dm = transform_output_grad(gy[2 * t0:2 * t1])
-        du += np.matmul(v[:, t0 * per_row:t1 * per_row].transpose(0, 2, 1), dm)
-    g = G.astype(gy.dtype)
-    return np.einsum("ai,bj,abco->ocij", g, g, du.reshape(4, 4, *du.shape[1:]), optimize=True)
+    du = np.zeros((f.size ** 2, c, gy.shape[3]), gy.dtype)
+    for t0, t1, v in bands:
+        dm = transform_output_grad(gy[m * t0:m * t1], f)
+        du += np.matmul(v.transpose(0, 2, 1), dm)
+    g = f.g.astype(gy.dtype)
+    return np.einsum("ai,bj,abco->ocij", g, g, du.reshape(f.size, f.size, *du.shape[1:]), optimize=True)
 
 
-def input_grad(gy: np.ndarray, w: np.ndarray, pads) -> np.ndarray:
+def input_grad(gy: np.ndarray, w: np.ndarray, pads, m: int = 2) -> np.ndarray:
     """Input gradient (H, W, N, C) of a 3x3 stride-1 convolution with padding (top, bottom, left,
     right), each at most 2: the convolution of gy (Ho, Wo, N, O) padded by 2 - p with the flipped,
     transposed filter."""
@@ -174,4 +254,4 @@ def input_grad(gy: np.ndarray, w: np.ndarray, pads) -> np.ndarray:
     ho, wo, n, o = gy.shape
     gp = np.zeros((ho + 4 - t - b, wo + 4 - l - r, n, o), gy.dtype)
     gp[2 - t:2 - t + ho, 2 - l:2 - l + wo] = gy
-    return conv3x3(gp, w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+    return conv3x3(gp, w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1], m=m)
