@@ -270,11 +270,16 @@ def test_im2col_input_gradient_kernel_equals_the_numpy_path(stride, padding, mon
 
 @pytest.mark.parametrize("m", [2, 4])
 @pytest.mark.parametrize("size", [(6, 7), (9, 12)])
-def test_winograd_transforms_compiled_equal_numpy_and_the_direct_sums(m, size):
+@pytest.mark.parametrize("band", [None, 200])
+def test_winograd_transforms_compiled_equal_numpy_and_the_direct_sums(m, size, band, monkeypatch):
     """F(m x m, 3x3) on both paths: the compiled tile transforms give bit for bit what the numpy
-    passes give (float32; they add the same terms in the same order), and the numpy passes in float64 give the convolution, its filter gradient and its
-    input gradient as direct sums do (odd sizes: the blocks padded at the bottom and right)."""
+    passes give (float32; they add the same terms in the same order), and the numpy passes in
+    float64 give the convolution, its filter gradient and its input gradient as direct sums do (odd
+    sizes: the blocks padded at the bottom and right; bands of whole tile rows, or with a small band
+    of 200 values, one tile row of one image at a time)."""
     from distnn.ops import winograd
+    monkeypatch.setattr(winograd, "BAND_VALUES", band)
+    assert (len({b[2:] for b in winograd._bands(3, 3, 3, 5, winograd.F[m])}) == 3) == (band == 200)
     rng = np.random.default_rng(m)
     (h, wd), pads = size, (1, 1, 1, 1)
     x = rng.standard_normal((h, wd, 3, 5))

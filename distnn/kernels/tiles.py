@@ -3,11 +3,14 @@
 Both apply a small matrix M (R x K) along the two axes of a tile of K x K pixels, each pixel a
 contiguous run of L = N * C values ((H, W, N, C) memory):
 
-- ``tile``: dst[a, b, i, j, :] = sum over k, l of M[a, k] M[b, l] src[i*s + k, j*s + l, :] for the
-  tiles at stride s of an image src (H, W, L), into dst (R, R, th, tw, L) (the input's B^T d B, the
-  output gradient's A dY A^T);
-- ``untile``: dst[i*R + a, j*R + b, :] = sum over k, l of M[a, k] M[b, l] src[k, l, i, j, :], from
-  src (K, K, th, tw, L) into the blocks of an image dst (th*R, tw*R, L) (the output's A^T m A).
+- ``tile``: dst[a, b, i, j, :] = sum over k, l of M[a, k] M[b, l] src[i*s + k, j*s + l, lo:hi] for
+  the tiles at stride s of an image src (H, W, L), into dst (R, R, th, tw, hi - lo) (the input's
+  B^T d B, the output gradient's A dY A^T);
+- ``untile``: dst[i*R + a, j*R + b, lo:hi] = sum over k, l of M[a, k] M[b, l] src[k, l, i, j, :],
+  from src (K, K, th, tw, hi - lo) into the blocks of an image dst (th*R, tw*R, L) (the output's
+  A^T m A).
+
+lo:hi picks some images' values of each pixel's run (a band of the batch, ``ops.winograd._bands``).
 
 Each tile's runs go a chunk of CHUNK values at a time: M along the rows into a (R, K, CHUNK) buffer
 that stays in L1, then along the columns into dst. M comes as its nonzero entries per row (``sparse``:
@@ -49,22 +52,23 @@ def _combine(rows, columns, values, count, d):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def tile(src, columns, values, count, stride, dst):
-    """See the module's docstring; src (H, W, L), dst (R, R, th, tw, L)."""
+def tile(src, columns, values, count, stride, lo, hi, dst):
+    """See the module's docstring; src (H, W, L), dst (R, R, th, tw, hi - lo): the values lo:hi of each
+    of src's runs."""
     r, k = dst.shape[0], columns.max() + 1
     buf = np.empty((r, k, CHUNK), src.dtype)
     for i in range(dst.shape[2]):
         for j in range(dst.shape[3]):
-            for p in range(0, src.shape[2], CHUNK):
-                n = min(src.shape[2] - p, CHUNK)
+            for p in range(0, hi - lo, CHUNK):
+                n = min(hi - lo - p, CHUNK)
                 for a in range(r):              # M along the tile's rows
                     for c in range(k):
-                        out = buf[a, c]
-                        v, s = values[a, 0], src[i * stride + columns[a, 0], j * stride + c, p:p + n]
+                        out, at = buf[a, c], j * stride + c
+                        v, s = values[a, 0], src[i * stride + columns[a, 0], at, lo + p:lo + p + n]
                         for q in range(n):
                             out[q] = v * s[q]
                         for e in range(1, count[a]):
-                            v, s = values[a, e], src[i * stride + columns[a, e], j * stride + c, p:p + n]
+                            v, s = values[a, e], src[i * stride + columns[a, e], at, lo + p:lo + p + n]
                             for q in range(n):
                                 out[q] += v * s[q]
                 for a in range(r):              # and along its columns
@@ -73,14 +77,15 @@ def tile(src, columns, values, count, stride, dst):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def untile(src, columns, values, count, dst):
-    """See the module's docstring; src (K, K, th, tw, L), dst (th*R, tw*R, L)."""
+def untile(src, columns, values, count, lo, hi, dst):
+    """See the module's docstring; src (K, K, th, tw, hi - lo), dst (th*R, tw*R, L): into the values
+    lo:hi of each of dst's runs."""
     r, k = columns.shape[0], src.shape[0]
     buf = np.empty((r, k, CHUNK), src.dtype)
     for i in range(src.shape[2]):
         for j in range(src.shape[3]):
-            for p in range(0, src.shape[4], CHUNK):
-                n = min(src.shape[4] - p, CHUNK)
+            for p in range(0, hi - lo, CHUNK):
+                n = min(hi - lo - p, CHUNK)
                 for a in range(r):
                     for c in range(k):
                         out = buf[a, c]
@@ -93,4 +98,5 @@ def untile(src, columns, values, count, dst):
                                 out[q] += v * s[q]
                 for a in range(r):
                     for b in range(r):
-                        _combine(buf[a], columns[b], values[b], count[b], dst[i * r + a, j * r + b, p:p + n])
+                        d = dst[i * r + a, j * r + b, lo + p:lo + p + n]
+                        _combine(buf[a], columns[b], values[b], count[b], d)

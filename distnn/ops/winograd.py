@@ -26,9 +26,11 @@ Layout and blocking, both measured on cifar_convnet's convolutions: arrays are (
 image position is one contiguous run of N * C values and the strided tile slices copy long runs
 ((N, H, W, C) copies runs of C: its transforms took 1.2-2x as long); and the work goes one band of
 tile rows at a time (transform, multiply, transform back), so that a band's arrays stay in cache
-(the 32x32x32 layer's forward 24 -> 16 ms, its input gradient 28 -> 15 ms). Transformed tiles are
-kept band by band, each ((m+2)^2, T_band, C) and contiguous, T_band = tile rows * Wo/m * N. The transforms are numpy passes here
-(``_tile``, ``_untile``) and compiled loops with the numba kernels (``kernels/tiles.py``).
+(the 32x32x32 layer's forward 24 -> 16 ms, its input gradient 28 -> 15 ms); where one tile row of
+the whole batch is more than a band, a band is one tile row of a group of images (resnet20's 32- and
+64-channel layers at batch 256: 0.82-0.85x the time). Transformed tiles are kept band by band, each
+((m+2)^2, T_band, C) and contiguous, T_band = tile rows * Wo/m * images. The transforms are numpy
+passes here (``_tile``, ``_untile``) and compiled loops with the numba kernels (``kernels/tiles.py``).
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ import numpy as np
 from .. import kernels
 from .._hardware import cache_bytes
 
-BAND_VALUES = None  # transformed values ((m+2)^2 * tiles * channels) per band; None: from the L2 (band_values)
+BAND_VALUES = None  # transformed values ((m+2)^2 * tiles * channels) per band; None: from the L2
 _sparse: dict = {}  # a matrix's nonzero entries for the compiled transforms, per dtype
 
 
@@ -141,20 +143,22 @@ def _untile(src: np.ndarray, mat: np.ndarray, dst: np.ndarray) -> None:
             _combine(mat[b], [rows[a, j] for j in range(k)], blocks[:, a, :, b])
 
 
-def _transform(mat: np.ndarray, stride: int, mode: str, src: np.ndarray, dst: np.ndarray) -> None:
-    """``_tile`` or ``_untile`` by ``mat``, compiled when the numba kernels are selected."""
+def _transform(mat: np.ndarray, stride: int, mode: str, src: np.ndarray, dst: np.ndarray, runs) -> None:
+    """``_tile`` or ``_untile`` by ``mat`` of the values lo:hi of each pixel's run in the image (src
+    of a tile, dst of an untile), compiled when the numba kernels are selected."""
+    lo, hi = runs
     if kernels.compiled() is None:
-        (_tile(src, mat.astype(src.dtype), stride, dst) if mode == "tile" else
-         _untile(src, mat.astype(src.dtype), dst))
+        (_tile(src[..., lo:hi], mat.astype(src.dtype), stride, dst) if mode == "tile" else
+         _untile(src, mat.astype(src.dtype), dst[..., lo:hi]))
         return
     from ..kernels import tiles
     key = (mat.tobytes(), mat.shape, src.dtype.name)
     if key not in _sparse:
         _sparse[key] = tiles.sparse(mat, src.dtype)
     if mode == "tile":
-        tiles.tile(src, *_sparse[key], stride, dst)
+        tiles.tile(src, *_sparse[key], stride, lo, hi, dst)
     else:
-        tiles.untile(src, *_sparse[key], dst)
+        tiles.untile(src, *_sparse[key], lo, hi, dst)
 
 
 def _runs(a: np.ndarray) -> np.ndarray:
@@ -164,29 +168,40 @@ def _runs(a: np.ndarray) -> np.ndarray:
     return view
 
 
-def transform_input(xp: np.ndarray, v: np.ndarray, f: Tiles) -> None:
-    """xp (m*th + 2, m*tw + 2, N, C) -> v (m+2, m+2, th, tw, N, C) = B^T d B for every tile at stride m."""
-    _transform(f.bt, f.m, "tile", _runs(xp), _runs(v))
+def transform_input(xp: np.ndarray, v: np.ndarray, f: Tiles, images: tuple) -> None:
+    """xp (m*th + 2, m*tw + 2, N, C) -> v (m+2, m+2, th, tw, n1 - n0, C) = B^T d B for every tile at
+    stride m of the images n0:n1 (``images``)."""
+    c = xp.shape[3]
+    _transform(f.bt, f.m, "tile", _runs(xp), _runs(v), (images[0] * c, images[1] * c))
 
 
-def transform_output(mm: np.ndarray, y: np.ndarray, f: Tiles) -> None:
-    """mm (m+2, m+2, th, tw, N, O) -> y (m*th, m*tw, N, O) = A^T mm A."""
-    _transform(f.at, f.m, "untile", _runs(mm), _runs(y))
+def transform_output(mm: np.ndarray, y: np.ndarray, f: Tiles, images: tuple) -> None:
+    """mm (m+2, m+2, th, tw, n1 - n0, O) -> the images n0:n1 of y (m*th, m*tw, N, O) = A^T mm A."""
+    o = y.shape[3]
+    _transform(f.at, f.m, "untile", _runs(mm), _runs(y), (images[0] * o, images[1] * o))
 
 
-def transform_output_grad(gy: np.ndarray, f: Tiles) -> np.ndarray:
-    """gy (m*th, m*tw, N, O) -> dM = A dY A^T for every m x m output block, as ((m+2)^2, T, O)."""
-    ho, wo, n, o = gy.shape
-    th, tw = ho // f.m, wo // f.m
-    dm = np.empty((f.size, f.size, th, tw, n, o), gy.dtype)
-    _transform(np.ascontiguousarray(f.at.T), f.m, "tile", _runs(np.ascontiguousarray(gy)), _runs(dm))
-    return dm.reshape(f.size ** 2, th * tw * n, o)
+def transform_output_grad(gy: np.ndarray, f: Tiles, images: tuple) -> np.ndarray:
+    """gy (m*th, m*tw, N, O) -> dM = A dY A^T for every m x m output block of the images n0:n1, as
+    ((m+2)^2, T, O), T = th * tw * (n1 - n0)."""
+    ho, wo, _, o = gy.shape
+    (th, tw), ng = (ho // f.m, wo // f.m), images[1] - images[0]
+    dm = np.empty((f.size, f.size, th, tw, ng, o), gy.dtype)
+    _transform(np.ascontiguousarray(f.at.T), f.m, "tile", _runs(np.ascontiguousarray(gy)), _runs(dm),
+               (images[0] * o, images[1] * o))
+    return dm.reshape(f.size ** 2, th * tw * ng, o)
 
 
 def _bands(th: int, tw: int, n: int, c: int, f: Tiles):
-    """(first, last) tile rows of each band."""
-    rows = max(1, band_values() // (f.size ** 2 * tw * n * max(c, 1)))
-    return [(t, min(th, t + rows)) for t in range(0, th, rows)]
+    """(first, last tile row, first, last image) of each band: whole tile rows of every image while
+    their transformed tiles fit in ``band_values``, else one tile row of as many images as fit."""
+    budget, per_image = band_values(), f.size ** 2 * tw * max(c, 1)
+    if per_image * n <= budget:
+        rows = budget // (per_image * n)
+        return [(t, min(th, t + rows), 0, n) for t in range(0, th, rows)]
+    groups = -(-per_image * n // budget)
+    images = -(-n // groups)   # the same number in each group, but for the last
+    return [(t, t + 1, a, min(n, a + images)) for t in range(th) for a in range(0, n, images)]
 
 
 def conv3x3(xp: np.ndarray, w: np.ndarray, keep_tiles: bool = False, m: int = 2):
@@ -200,33 +215,34 @@ def conv3x3(xp: np.ndarray, w: np.ndarray, keep_tiles: bool = False, m: int = 2)
     u = transform_filter(w, f)
     y = np.empty((m * th, m * tw, n, u.shape[2]), xp.dtype)
     kept = []
-    for t0, t1 in _bands(th, tw, n, c, f):
-        v = _band_tiles(xe, t0, t1, f)
-        mm = np.matmul(v, u).reshape(f.size, f.size, t1 - t0, tw, n, -1)
-        transform_output(mm, y[m * t0:m * t1], f)
+    for t0, t1, n0, n1 in _bands(th, tw, n, c, f):
+        v = _band_tiles(xe, t0, t1, n0, n1, f)
+        mm = np.matmul(v, u).reshape(f.size, f.size, t1 - t0, tw, n1 - n0, -1)
+        transform_output(mm, y[m * t0:m * t1], f, (n0, n1))
         if keep_tiles:
-            kept.append((t0, t1, v))
+            kept.append((t0, t1, n0, n1, v))
     y = y if y.shape[:2] == (ho, wo) else np.ascontiguousarray(y[:ho, :wo])   # (H, W, N, O) memory, as promised
     return (y, kept, xe.shape) if keep_tiles else y
 
 
-def _band_tiles(xe: np.ndarray, t0: int, t1: int, f: Tiles) -> np.ndarray:
-    """The transformed tiles ((m+2)^2, T_band, C) of tile rows t0 to t1 of an even-padded input,
-    contiguous (the compiled transforms vectorise over contiguous runs only)."""
-    tw, n, c = (xe.shape[1] - 2) // f.m, xe.shape[2], xe.shape[3]
-    v = np.empty((f.size ** 2, (t1 - t0) * tw * n, c), xe.dtype)
-    transform_input(xe[f.m * t0:f.m * t1 + 2], v.reshape(f.size, f.size, t1 - t0, tw, n, c), f)
+def _band_tiles(xe: np.ndarray, t0: int, t1: int, n0: int, n1: int, f: Tiles) -> np.ndarray:
+    """The transformed tiles ((m+2)^2, T_band, C) of tile rows t0:t1 of the images n0:n1 of an
+    even-padded input, contiguous (the compiled transforms vectorise over contiguous runs only)."""
+    tw, c = (xe.shape[1] - 2) // f.m, xe.shape[3]
+    v = np.empty((f.size ** 2, (t1 - t0) * tw * (n1 - n0), c), xe.dtype)
+    tiles = v.reshape(f.size, f.size, t1 - t0, tw, n1 - n0, c)
+    transform_input(xe[f.m * t0:f.m * t1 + 2], tiles, f, (n0, n1))
     return v
 
 
 def input_tiles(xp: np.ndarray, m: int = 2):
     """The transformed tiles of a padded input (Hp, Wp, N, C), band by band ((first, last tile row,
-    ((m+2)^2, T_band, C)), T_band = tile rows * Wo/m * N), and its padded shape, as ``conv3x3(...,
-    keep_tiles=True)`` keeps them, for ``filter_grad`` after another forward."""
+    first, last image, ((m+2)^2, T_band, C)), T_band = tile rows * Wo/m * images), and its padded
+    shape, as ``conv3x3(..., keep_tiles=True)`` keeps them, for ``filter_grad`` after another forward."""
     f = F[m]
     xe = even_tiles(xp, m)
     th, tw, n, c = (xe.shape[0] - 2) // m, (xe.shape[1] - 2) // m, xe.shape[2], xe.shape[3]
-    return [(t0, t1, _band_tiles(xe, t0, t1, f)) for t0, t1 in _bands(th, tw, n, c, f)], xe.shape
+    return [(*band, _band_tiles(xe, *band, f)) for band in _bands(th, tw, n, c, f)], xe.shape
 
 
 def filter_grad(bands, gy: np.ndarray, even_shape, m: int = 2) -> np.ndarray:
@@ -239,8 +255,8 @@ def filter_grad(bands, gy: np.ndarray, even_shape, m: int = 2) -> np.ndarray:
         ge[:gy.shape[0], :gy.shape[1]] = gy
         gy = ge
     du = np.zeros((f.size ** 2, c, gy.shape[3]), gy.dtype)
-    for t0, t1, v in bands:
-        dm = transform_output_grad(gy[m * t0:m * t1], f)
+    for t0, t1, n0, n1, v in bands:
+        dm = transform_output_grad(gy[m * t0:m * t1], f, (n0, n1))
         du += np.matmul(v.transpose(0, 2, 1), dm)
     g = f.g.astype(gy.dtype)
     return np.einsum("ai,bj,abco->ocij", g, g, du.reshape(f.size, f.size, *du.shape[1:]), optimize=True)
