@@ -13,11 +13,11 @@ contiguous run of L = N * C values ((H, W, N, C) memory):
 lo:hi picks some images' values of each pixel's run (a band of the batch, ``ops.winograd._bands``).
 
 Each tile's runs go a chunk of CHUNK values at a time: M along the rows into a (R, K, CHUNK) buffer
-that stays in L1, then along the columns into dst. M comes as its nonzero entries per row (``sparse``:
-columns, values, count), in the order ``ops.winograd._combine`` adds them, so both paths round alike;
-each term is one loop over the chunk that LLVM vectorises. (Kernels generated per matrix with the
-entries written in ran 1.5-2x faster but took 20-36 s each to compile, 95 s for F(2x2) and F(4x4):
-too long for a run's first step on a new machine.)
+that stays in L1, then along the columns into dst. M comes as its nonzero entries per row (columns,
+values, count: ``ops.winograd.entries``), added in their order, as the numpy passes add them, so both
+paths round alike; each term is one loop over the chunk that LLVM vectorises. (Kernels generated per
+matrix with the entries written in ran 1.5-2x faster but took 20-36 s each to compile, 95 s for F(2x2)
+and F(4x4): too long for a run's first step on a new machine.)
 """
 from __future__ import annotations
 
@@ -25,17 +25,6 @@ import numpy as np
 from numba import njit
 
 CHUNK = 256
-
-
-def sparse(mat: np.ndarray, dtype):
-    """M (R, K) -> (columns (R, E), values (R, E) in ``dtype``, count (R,)) of each row's nonzero
-    entries, a +1 first (E the most in a row)."""
-    rows = [sorted(((c, k) for k, c in enumerate(row) if c != 0), key=lambda t: t[0] != 1) for row in mat]
-    width = max(len(r) for r in rows)
-    columns, values = np.zeros((len(rows), width), np.int64), np.zeros((len(rows), width), dtype)
-    for a, row in enumerate(rows):
-        values[a, :len(row)], columns[a, :len(row)] = zip(*row)
-    return columns, values, np.array([len(r) for r in rows], np.int64)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

@@ -34,6 +34,7 @@ passes here (``_tile``, ``_untile``) and compiled loops with the numba kernels (
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,7 +43,6 @@ from .. import kernels
 from .._hardware import cache_bytes
 
 BAND_VALUES = None  # transformed values ((m+2)^2 * tiles * channels) per band; None: from the L2
-_sparse: dict = {}  # a matrix's nonzero entries for the compiled transforms, per dtype
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,66 +99,78 @@ def transform_filter(w: np.ndarray, f: Tiles) -> np.ndarray:
     return np.ascontiguousarray(np.einsum("ai,bj,ocij->abco", g, g, w, optimize=True).reshape(-1, c, o))
 
 
-def _combine(coefs, arrays, out: np.ndarray) -> None:
-    """out = sum of c * a over the nonzero coefficients, in numpy passes ((a - b) in one)."""
-    terms = sorted(((c, a) for c, a in zip(coefs, arrays) if c != 0), key=lambda t: t[0] != 1)
-    (c0, a0), rest = terms[0], terms[1:]
-    if c0 == 1 and rest and abs(rest[0][0]) == 1:
-        (np.add if rest[0][0] == 1 else np.subtract)(a0, rest[0][1], out=out)
-        rest = rest[1:]
-    elif c0 == 1:
+@functools.lru_cache(maxsize=None)
+def entries(m: int, name: str, dtype: str):
+    """The nonzero entries of F(m x m, 3x3)'s matrix ``name`` ("bt", "at", or "a" = A, the transpose
+    of A^T), row by row, a +1 first (so that a - b is one numpy pass): columns (R, E), values (R, E)
+    in ``dtype`` and count (R,), E the most in a row. The numpy passes and the compiled kernels add
+    each row's terms in this order, so both round alike."""
+    f = F[m]
+    mat = f.at.T if name == "a" else getattr(f, name)
+    rows = [sorted(((c, k) for k, c in enumerate(row) if c != 0), key=lambda t: t[0] != 1) for row in mat]
+    columns, values = np.zeros(mat.shape, np.int64), np.zeros(mat.shape, dtype)
+    for a, row in enumerate(rows):
+        values[a, :len(row)], columns[a, :len(row)] = zip(*row)
+    return columns, values, np.array([len(r) for r in rows], np.int64)
+
+
+def _combine(columns, values, count, arrays, out: np.ndarray) -> None:
+    """out = sum over e < count of values[e] * arrays[columns[e]], in numpy passes (a +- b in one)."""
+    a0, start = arrays[columns[0]], 1
+    if values[0] == 1 and count > 1 and abs(values[1]) == 1:
+        (np.add if values[1] == 1 else np.subtract)(a0, arrays[columns[1]], out=out)
+        start = 2
+    elif values[0] == 1:
         np.copyto(out, a0)
     else:
-        np.multiply(a0, c0, out=out)
-    for c, a in rest:
+        np.multiply(a0, values[0], out=out)
+    for c, k in zip(values[start:count], columns[start:count]):
         if abs(c) == 1:
-            (np.add if c == 1 else np.subtract)(out, a, out=out)
+            (np.add if c == 1 else np.subtract)(out, arrays[k], out=out)
         else:
-            out += c * a
+            out += c * arrays[k]
 
 
-def _tile(src: np.ndarray, mat: np.ndarray, s: int, dst: np.ndarray) -> None:
-    """dst (R, R, th, tw, L)[a, b, i, j] = sum over k, l of mat[a, k] mat[b, l] src[i*s + k, j*s + l]
-    for src (H, W, L) and mat (R, K) (numpy passes)."""
-    r, k = mat.shape
-    th, tw = dst.shape[2:4]
-    rows = np.empty((r, th) + src.shape[1:], src.dtype)         # mat along the rows
+def _tile(src: np.ndarray, mat, s: int, dst: np.ndarray) -> None:
+    """dst (R, R, th, tw, L)[a, b, i, j] = sum over k, l of M[a, k] M[b, l] src[i*s + k, j*s + l]
+    for src (H, W, L) and M (R, K) given by its ``entries`` (numpy passes)."""
+    columns, values, count = mat
+    r, k, (th, tw) = len(count), int(columns.max()) + 1, dst.shape[2:4]
+    rows = np.empty((r, th) + src.shape[1:], src.dtype)         # M along the rows
     for a in range(r):
-        _combine(mat[a], [src[i:i + s * (th - 1) + 1:s] for i in range(k)], rows[a])
+        _combine(columns[a], values[a], count[a], [src[i:i + s * (th - 1) + 1:s] for i in range(k)], rows[a])
     for b in range(r):                                          # and along the columns
-        _combine(mat[b], [rows[:, :, j:j + s * (tw - 1) + 1:s] for j in range(k)], dst[:, b])
+        _combine(columns[b], values[b], count[b], [rows[:, :, j:j + s * (tw - 1) + 1:s] for j in range(k)],
+                 dst[:, b])
 
 
-def _untile(src: np.ndarray, mat: np.ndarray, dst: np.ndarray) -> None:
-    """dst (th*R, tw*R, L)[i*R + a, j*R + b] = sum over k, l of mat[a, k] mat[b, l] src[k, l, i, j]
-    for src (K, K, th, tw, L) and mat (R, K) (numpy passes)."""
-    r, k = mat.shape
-    th, tw = src.shape[2:4]
+def _untile(src: np.ndarray, mat, dst: np.ndarray) -> None:
+    """dst (th*R, tw*R, L)[i*R + a, j*R + b] = sum over k, l of M[a, k] M[b, l] src[k, l, i, j]
+    for src (K, K, th, tw, L) and M (R, K) given by its ``entries`` (numpy passes)."""
+    columns, values, count = mat
+    r, (th, tw) = len(count), src.shape[2:4]
     rows = np.empty((r,) + src.shape[1:], src.dtype)
     for a in range(r):
-        _combine(mat[a], [src[i] for i in range(k)], rows[a])
+        _combine(columns[a], values[a], count[a], src, rows[a])
     blocks = dst.reshape(th, r, tw, r, -1)
     for a in range(r):
         for b in range(r):
-            _combine(mat[b], [rows[a, j] for j in range(k)], blocks[:, a, :, b])
+            _combine(columns[b], values[b], count[b], rows[a], blocks[:, a, :, b])
 
 
-def _transform(mat: np.ndarray, stride: int, mode: str, src: np.ndarray, dst: np.ndarray, runs) -> None:
-    """``_tile`` or ``_untile`` by ``mat`` of the values lo:hi of each pixel's run in the image (src
-    of a tile, dst of an untile), compiled when the numba kernels are selected."""
-    lo, hi = runs
+def _transform(f: Tiles, name: str, mode: str, src: np.ndarray, dst: np.ndarray, runs) -> None:
+    """``_tile`` (at stride m) or ``_untile`` by F[m]'s matrix ``name`` of the values lo:hi of each
+    pixel's run in the image (src of a tile, dst of an untile), compiled when the numba kernels are
+    selected."""
+    (lo, hi), mat = runs, entries(f.m, name, src.dtype.name)
     if kernels.compiled() is None:
-        (_tile(src[..., lo:hi], mat.astype(src.dtype), stride, dst) if mode == "tile" else
-         _untile(src, mat.astype(src.dtype), dst[..., lo:hi]))
+        _tile(src[..., lo:hi], mat, f.m, dst) if mode == "tile" else _untile(src, mat, dst[..., lo:hi])
         return
     from ..kernels import tiles
-    key = (mat.tobytes(), mat.shape, src.dtype.name)
-    if key not in _sparse:
-        _sparse[key] = tiles.sparse(mat, src.dtype)
     if mode == "tile":
-        tiles.tile(src, *_sparse[key], stride, lo, hi, dst)
+        tiles.tile(src, *mat, f.m, lo, hi, dst)
     else:
-        tiles.untile(src, *_sparse[key], lo, hi, dst)
+        tiles.untile(src, *mat, lo, hi, dst)
 
 
 def _runs(a: np.ndarray) -> np.ndarray:
@@ -172,13 +184,13 @@ def transform_input(xp: np.ndarray, v: np.ndarray, f: Tiles, images: tuple) -> N
     """xp (m*th + 2, m*tw + 2, N, C) -> v (m+2, m+2, th, tw, n1 - n0, C) = B^T d B for every tile at
     stride m of the images n0:n1 (``images``)."""
     c = xp.shape[3]
-    _transform(f.bt, f.m, "tile", _runs(xp), _runs(v), (images[0] * c, images[1] * c))
+    _transform(f, "bt", "tile", _runs(xp), _runs(v), (images[0] * c, images[1] * c))
 
 
 def transform_output(mm: np.ndarray, y: np.ndarray, f: Tiles, images: tuple) -> None:
     """mm (m+2, m+2, th, tw, n1 - n0, O) -> the images n0:n1 of y (m*th, m*tw, N, O) = A^T mm A."""
     o = y.shape[3]
-    _transform(f.at, f.m, "untile", _runs(mm), _runs(y), (images[0] * o, images[1] * o))
+    _transform(f, "at", "untile", _runs(mm), _runs(y), (images[0] * o, images[1] * o))
 
 
 def transform_output_grad(gy: np.ndarray, f: Tiles, images: tuple) -> np.ndarray:
@@ -187,8 +199,7 @@ def transform_output_grad(gy: np.ndarray, f: Tiles, images: tuple) -> np.ndarray
     ho, wo, _, o = gy.shape
     (th, tw), ng = (ho // f.m, wo // f.m), images[1] - images[0]
     dm = np.empty((f.size, f.size, th, tw, ng, o), gy.dtype)
-    _transform(np.ascontiguousarray(f.at.T), f.m, "tile", _runs(np.ascontiguousarray(gy)), _runs(dm),
-               (images[0] * o, images[1] * o))
+    _transform(f, "a", "tile", _runs(np.ascontiguousarray(gy)), _runs(dm), (images[0] * o, images[1] * o))
     return dm.reshape(f.size ** 2, th * tw * ng, o)
 
 
