@@ -88,10 +88,12 @@ def applicable(shape: ConvShape) -> list[str]:
     """The algorithms that can run this shape."""
     found = ["im2col"]
     if shape.stride == (1, 1):
-        winograd = shape.kernel == (3, 3) and max(shape.pads) <= 2
         compiled = kernels.compiled() is not None
-        found += ["winograd"] * winograd + ["winograd4"] * (winograd and compiled) + ["shifted"]
-        found += ["direct"] * compiled
+        if shape.kernel == (3, 3) and max(shape.pads) <= 2:
+            found += ["winograd", "winograd4"] if compiled else ["winograd"]
+        found.append("shifted")
+        if compiled:
+            found.append("direct")
     return found
 
 
