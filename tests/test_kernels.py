@@ -230,10 +230,10 @@ from distnn.kernels import direct
 module = direct.kernels(2, 3)
 x = np.arange(2 * 3 * 20, dtype=np.float32).reshape(2, 3, 20)    # planes of width 5, 4 rows
 w = np.ones((4, 3, 2, 3), np.float32)
-out = np.empty((2, 4, 15), np.float32)
-module.correlate(x, w, np.zeros(4, np.float32), 5, 13, out)
-expected = sum(x[0, c, i * 5 + j] for c in range(3) for i in range(2) for j in range(3))
-assert out[0, 0, 0] == expected, (out[0, 0, 0], expected)
+out = np.empty((2, 3, 3, 4), np.float32)                        # (N, Ho, Wo, O)
+module.correlate(x, w, np.zeros(4, np.float32), 5, 13, 0, 0, out)
+expected = sum(x[1, c, 6 + i * 5 + j] for c in range(3) for i in range(2) for j in range(3))
+assert out[1, 1, 1, 2] == expected, (out[1, 1, 1, 2], expected)
 print(sum(module.correlate.stats.cache_hits.values()), module.__file__ if hasattr(module, "__file__") else "-")
 """
 

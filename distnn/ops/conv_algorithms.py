@@ -191,8 +191,8 @@ class Shifted:
 class Direct:
     """Compiled loops over the padded channel planes (``kernels/direct.py``): stride 1, with numba.
     The input gradient is the correlation of the output gradient, padded by kh-1 and kw-1, with the
-    weights flipped and their channel axes swapped. The planes are copies made anyway (padding,
-    cropping the wrapped columns), so results come back channels-last like im2col's."""
+    weights flipped and their channel axes swapped. The kernels write their results channels-last,
+    like im2col's, and read the output gradient so."""
     layout = "nhwc"
 
     @staticmethod
@@ -209,17 +209,13 @@ class Direct:
     @staticmethod
     def forward(x, w, geo, keep):
         planes = Direct.inputs(x, geo)
-        y = _correlate(planes, w, geo.padded[1], geo.out)           # (N, O, Ho, Wo) view
-        return np.ascontiguousarray(y.transpose(0, 2, 3, 1)), planes if keep else None
+        return _correlate(planes, w, geo.padded[1], geo.out, (0, 0), geo.out), planes if keep else None
 
     @staticmethod
     def weight_grad(planes, g, geo):
         (n, ho, wo, o), wp = g.shape, geo.padded[1]
-        framed = np.zeros((n, o, ho, wp), g.dtype)   # g in the planes' frame, 0 at the wrapped columns
-        framed[:, :, :, :wo] = g.transpose(0, 3, 1, 2)
         gw = np.zeros(geo.w_shape, g.dtype)
-        direct.kernels(*geo.w_shape[2:]).correlate_weight_grad(
-            planes, framed.reshape(n, o, -1), wp, (ho - 1) * wp + wo, np.zeros(1, g.dtype)[0], gw)
+        direct.kernels(*geo.w_shape[2:]).correlate_weight_grad(planes, g, wp, (ho - 1) * wp + wo, gw)
         return gw
 
     @staticmethod
@@ -227,20 +223,19 @@ class Direct:
         (n, ho, wo, o), (_, _, kh, kw) = g.shape, w.shape
         framed = np.zeros((n, o, ho + 2 * kh - 2, wo + 2 * kw - 2), g.dtype)
         framed[:, :, kh - 1:kh - 1 + ho, kw - 1:kw - 1 + wo] = g.transpose(0, 3, 1, 2)
-        flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))   # (C, O, kh, kw)
-        gxp = _correlate(framed.reshape(n, o, -1), flipped, framed.shape[3], geo.padded)
+        flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)   # (C, O, kh, kw)
         (_, _, h, wd), (t, _, l, _) = geo.x_shape, geo.pads
-        return np.ascontiguousarray(gxp[:, :, t:t + h, l:l + wd].transpose(0, 2, 3, 1))
+        return _correlate(framed.reshape(n, o, -1), flipped, framed.shape[3], geo.padded, (t, l), (h, wd))
 
 
-def _correlate(planes, w, wp, out_hw):
-    """planes (N, C, frame of width wp) correlated with w (O, C, kh, kw) -> an (N, O, Ho, Wo) view
-    of the output planes (the wrapped columns cropped)."""
-    (n, _, _), (o, _, kh, kw), (ho, wo) = planes.shape, w.shape, out_hw
-    out = np.empty((n, o, ho * wp), planes.dtype)
-    direct.kernels(kh, kw).correlate(planes, np.ascontiguousarray(w), np.zeros(o, planes.dtype), wp,
-                                     (ho - 1) * wp + wo, out)
-    return out.reshape(n, o, ho, wp)[:, :, :, :wo]
+def _correlate(planes, w, wp, frame_hw, corner, out_hw):
+    """planes (N, C, frame of width wp) correlated with w (O, C, kh, kw) over frame_hw (Hf, Wf) output
+    pixels -> the (Ho, Wo) of them from ``corner`` (top, left) on, as the (N, Ho, Wo, O) array."""
+    (n, _, _), o, (hf, wf) = planes.shape, w.shape[0], frame_hw
+    out = np.empty((n, *out_hw, o), planes.dtype)
+    direct.kernels(*w.shape[2:]).correlate(planes, np.ascontiguousarray(w), np.zeros(o, planes.dtype), wp,
+                                           (hf - 1) * wp + wf, *corner, out)
+    return out
 
 
 ALGORITHMS = {"im2col": Im2col, "winograd": Winograd, "winograd4": Winograd4, "shifted": Shifted, "direct": Direct}
