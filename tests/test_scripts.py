@@ -29,11 +29,12 @@ def test_profile_step_times_every_operator_of_the_model(tmp_path):
 def test_benchmark_core_writes_its_table(tmp_path):
     out = tmp_path / "core.json"
     proc = run_script(ROOT / "scripts" / "benchmark_core.py", "--models", "mlp", "--batches", "8", "--threads", "1",
-                      "--seconds", "0.05", "--no-torch", "--no-memory", "--out", out)
+                      "--seconds", "0.05", "--no-torch", "--no-memory", "--ab-kernels", "--out", out)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["batch"], r["threads"]) for r in rows] == [("mlp", 8, 1)]
     assert rows[0]["distnn_samples_per_s"] > 0 and rows[0]["ratio"] is None
+    assert rows[0]["numpy_kernels_samples_per_s"] > 0   # timed in turns with the compiled kernels
 
 
 @pytest.mark.cluster   # starts a Ray cluster: not in the quick loop
