@@ -213,7 +213,7 @@ class Direct:
 
     @staticmethod
     def weight_grad(planes, g, geo):
-        (n, ho, wo, o), wp = g.shape, geo.padded[1]
+        (_, ho, wo, _), wp = g.shape, geo.padded[1]
         gw = np.zeros(geo.w_shape, g.dtype)
         direct.kernels(*geo.w_shape[2:]).correlate_weight_grad(planes, g, wp, (ho - 1) * wp + wo, gw)
         return gw
