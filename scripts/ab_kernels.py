@@ -6,8 +6,9 @@ time, so that a noisy machine moves both alike. Prints a table and writes JSON.
 
 Cases (float32, one BLAS thread): batch norm + ReLU forward and backward and the residual add + ReLU
 on (N, 16, 32, 32) in Winograd's (H, W, N, C) memory, a Winograd F(2x2, 3x3) and F(4x4, 3x3)
-convolution (16 -> 16 channels, 32 x 32) forward (its tile transforms compiled or numpy's), lstm_classifier's recurrence (T = 28, H = 128) forward and backward, and Adam's
-update of the mlp's 235,146 parameters.
+convolution (16 -> 16 channels, 32 x 32) forward (its tile transforms compiled or numpy's),
+lstm_classifier's recurrence (T = 28, H = 128) forward and backward, and Adam's update of the mlp's
+235,146 parameters.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Convolution of images: the Conv2d operator, its padding and output-size rules. The algorithms
-(im2col, Winograd F(2x2, 3x3) and F(4x4, 3x3), shifted products, direct compiled loops) are in ``conv_algorithms.py``,
-the choice of one per layer shape and pass in ``conv_choice.py``. (N, C, H, W) at the interface, channels-last in memory
-(``layout.py``).
+(im2col, Winograd F(2x2, 3x3) and F(4x4, 3x3), shifted products, direct compiled loops) are in
+``conv_algorithms.py``, the choice of one per layer shape and pass in ``conv_choice.py``. (N, C, H, W)
+at the interface, channels-last in memory (``layout.py``).
 """
 from __future__ import annotations
 
@@ -56,9 +56,9 @@ def out_size(size, pad, k, s, what):
 class Conv2d(Operator):
     """Cross-correlation. x (N, C, H, W), W (O, C, kh, kw), b (O,) -> (N, O, Ho, Wo).
 
-    Forward, input gradient and weight gradient each run one of five algorithms
-    (``conv_algorithms``: im2col, Winograd F(2x2, 3x3) and F(4x4, 3x3), shifted products, direct), chosen per layer
-    shape on the host (``conv_choice``). The output is channels-last in memory ((N, H, W, C), or (H, W, N, C)
+    Forward, input gradient and weight gradient each run one of five algorithms (``conv_algorithms``:
+    im2col, Winograd F(2x2, 3x3) and F(4x4, 3x3), shifted products, direct), chosen per layer shape on
+    the host (``conv_choice``). The output is channels-last in memory ((N, H, W, C), or (H, W, N, C)
     from Winograd); the input gradient comes back in the memory order the input came in.
     """
 
