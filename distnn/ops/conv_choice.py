@@ -2,14 +2,15 @@
 
 The algorithms (``ops/conv_algorithms.py``): ``im2col`` (one matrix product over copied windows; any
 shape), ``winograd`` (F(2x2, 3x3): 3x3 at stride 1, ``ops/winograd.py``), ``winograd4`` (F(4x4, 3x3),
-the same with the numba kernels), ``shifted`` (kh*kw products over shifted rows of channels-last
-data: stride 1, ``ops/shifted.py``) and ``direct`` (compiled loops over channel planes: stride 1,
-with the numba kernels, ``kernels/direct.py``). No one of them wins at every shape on every CPU,
-and not even at every step of one shape, so, as cuDNN's benchmark mode does, the first use of a shape times each applicable algorithm for the forward pass, then for the
-input gradient and the weight gradient (with the output gradient laid out as the chosen forward gives
-it), and keeps the fastest of each: a ``Choice``. The result is kept in a cache file per host
-(``DISTNN_CACHE_DIR``, else ``$XDG_CACHE_HOME/distnn`` or ``~/.cache/distnn``) that every process on
-the machine reads, so a shape is calibrated once per machine.
+the same with the numba kernels), ``shifted`` (kh*kw products over shifted rows of channels-last data:
+stride 1, ``ops/shifted.py``) and ``direct`` (compiled loops over channel planes: stride 1, with the
+numba kernels, ``kernels/direct.py``). No one of them wins at every shape on every CPU, and not even at
+every step of one shape, so, as cuDNN's benchmark mode does, the first use of a shape times each
+applicable algorithm for the forward pass, then for the input gradient and the weight gradient (with
+the output gradient laid out as the chosen forward gives it), and keeps the fastest of each: a
+``Choice``. The result is kept in a cache file per host (``DISTNN_CACHE_DIR``, else
+``$XDG_CACHE_HOME/distnn`` or ``~/.cache/distnn``) that every process on the machine reads, so a shape
+is calibrated once per machine.
 
 Calibration is noisy, so a training run fixes its choices once (``pin``): the driver calibrates the
 model's shapes before the workers start, records them in the run folder, and every worker (on any
