@@ -166,7 +166,7 @@ def _transform(f: Tiles, name: str, mode: str, src: np.ndarray, dst: np.ndarray,
     if kernels.compiled() is None:
         _tile(src[..., lo:hi], mat, f.m, dst) if mode == "tile" else _untile(src, mat, dst[..., lo:hi])
         return
-    from ..kernels import tiles
+    from ..kernels import tiles   # here: numba is imported with the first compiled call, not with distnn
     if mode == "tile":
         tiles.tile(src, *mat, f.m, lo, hi, dst)
     else:
