@@ -89,10 +89,11 @@ def test_calibration_keeps_the_fastest_of_each_step_in_the_host_cache(fresh):
     assert conv_choice.choose(shape(n=64), lambda step, a, first: 0.5 if a == "im2col" else 1.0) == Choice.of("im2col")
 
 
-def test_a_cache_made_on_another_cpu_is_not_read(fresh):
+@pytest.mark.parametrize("field, value", [("cpu", "another CPU"), ("revision", conv_choice.REVISION - 1)])
+def test_a_cache_made_on_another_cpu_or_with_older_kernels_is_not_read(field, value, fresh):
     conv_choice.choose(shape(), lambda step, a, first: {"im2col": 1.0}.get(a, 2.0))
     data = json.loads(conv_choice.cache_file().read_text())
-    data["host"]["cpu"] = "another CPU"
+    data["host"][field] = value
     conv_choice.cache_file().write_text(json.dumps(data))
     conv_choice._memo.clear()
     assert conv_choice.choose(shape(), lambda step, a, first: {"shifted": 1.0}.get(a, 2.0)) == Choice.of("shifted")

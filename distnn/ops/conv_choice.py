@@ -35,6 +35,7 @@ from .._io import cache_dir
 ALGORITHMS = ("im2col", "winograd", "winograd4", "shifted", "direct")
 STEPS = ("forward", "input_grad", "weight_grad")
 REPEATS = 3                # timed runs of each algorithm after one warm-up; the best counts
+REVISION = 2               # raised when an algorithm's kernels change speed: every host calibrates again
 MARGIN = 0.1               # how much faster than the fixed rule's algorithm another must time to replace it:
                            # a step's timing leaves out what its choice costs the steps around it
                            # (the layout it leaves, inputs a weight gradient must build again), and
@@ -195,7 +196,7 @@ def cache_file() -> Path:
 
 def _host() -> dict:
     from .._hardware import blas_kernel, cpu_name
-    return {"cpu": cpu_name(), "blas": blas_kernel()}
+    return {"cpu": cpu_name(), "blas": blas_kernel(), "revision": REVISION}
 
 
 def _entry_key(shape: ConvShape) -> str:
@@ -205,7 +206,8 @@ def _entry_key(shape: ConvShape) -> str:
 
 
 def _read() -> dict:
-    """The host cache's entries, or {} when it is missing, unreadable or made on another CPU or BLAS."""
+    """The host cache's entries, or {} when it is missing, unreadable, or made on another CPU or BLAS
+    or with kernels of another ``REVISION``."""
     try:
         data = json.loads(cache_file().read_text())
     except (OSError, ValueError):

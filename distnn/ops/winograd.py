@@ -30,7 +30,9 @@ tile rows at a time (transform, multiply, transform back), so that a band's arra
 the whole batch is more than a band, a band is one tile row of a group of images (resnet20's 32- and
 64-channel layers at batch 256: 0.82-0.85x the time). Transformed tiles are kept band by band, each
 ((m+2)^2, T_band, C) and contiguous, T_band = tile rows * Wo/m * images. The transforms are numpy
-passes here (``_tile``, ``_untile``) and compiled loops with the numba kernels (``kernels/tiles.py``).
+passes here (``_tile``, ``_untile``) and compiled loops with the numba kernels (``kernels/tiles.py``);
+F(4x4)'s matrices are applied in factored form (``bt4``, ``at4``, ``a4``: 11-21 operations each
+instead of a multiplication and an addition per nonzero entry), F(2x2)'s (all +-1) entry by entry.
 """
 from __future__ import annotations
 
@@ -99,12 +101,41 @@ def transform_filter(w: np.ndarray, f: Tiles) -> np.ndarray:
     return np.ascontiguousarray(np.einsum("ai,bj,ocij->abco", g, g, w, optimize=True).reshape(-1, c, o))
 
 
+_2, _4, _5, _8 = (np.float32(v) for v in (2, 4, 5, 8))   # exact in float32, so float32 data stays float32
+
+
+def bt4(d0, d1, d2, d3, d4, d5):
+    """B^T d of F(4x4, 3x3) along one axis of a 6x6 tile, factored: 21 operations, where the
+    matrix's 22 nonzero entries take a multiplication and an addition each. On numbers (the
+    compiled kernels) or arrays (the numpy passes): the same operations in the same order, so both
+    paths round alike."""
+    s, t = d4 - d2, _2 * (d3 - d1)
+    return ((d4 + _4 * d0) - _5 * d2, (d3 + d4) - _4 * (d1 + d2), (d4 - d3) + _4 * (d1 - d2),
+            s + t, s - t, (d5 + _4 * d1) - _5 * d3)
+
+
+def at4(m0, m1, m2, m3, m4, m5):
+    """A^T m of F(4x4, 3x3): a 6x6 product tile to its 4x4 outputs along one axis."""
+    a, b, c, d = m1 + m2, m1 - m2, m3 + m4, m3 - m4
+    return (m0 + a) + c, b + _2 * d, a + _4 * c, (b + _8 * d) + m5
+
+
+def a4(g0, g1, g2, g3):
+    """A g of F(4x4, 3x3) (A the transpose of A^T): a 4x4 block of the output gradient to a 6x6
+    tile along one axis."""
+    e, o, s, t = g0 + _4 * g2, _2 * (g1 + _4 * g3), g0 + g2, g1 + g3
+    return g0, s + t, s - t, e + o, e - o, g3
+
+
+FACTORED = {"bt": (bt4, 6), "at": (at4, 6), "a": (a4, 4)}   # F(4x4)'s transforms and their inputs per axis
+
+
 @functools.lru_cache(maxsize=None)
 def entries(m: int, name: str, dtype: str):
     """The nonzero entries of F(m x m, 3x3)'s matrix ``name`` ("bt", "at", or "a" = A, the transpose
     of A^T), row by row, a +1 first (so that a - b is one numpy pass): columns (R, E), values (R, E)
     in ``dtype`` and count (R,), E the most in a row. The numpy passes and the compiled kernels add
-    each row's terms in this order, so both round alike."""
+    each row's terms in this order, so both round alike. (F(2x2)'s: all its entries are +-1.)"""
     f = F[m]
     mat = f.at.T if name == "a" else getattr(f, name)
     rows = [sorted(((c, k) for k, c in enumerate(row) if c != 0), key=lambda t: t[0] != 1) for row in mat]
@@ -131,46 +162,59 @@ def _combine(columns, values, count, arrays, out: np.ndarray) -> None:
             out += c * arrays[k]
 
 
-def _tile(src: np.ndarray, mat, s: int, dst: np.ndarray) -> None:
+def _by_entries(mat):
+    """The transform of a matrix (R, K) given by its ``entries``, as ``bt4`` is (K arrays -> R
+    arrays), and K."""
+    columns, values, count = mat
+
+    def transform(*arrays):
+        rows = [np.empty(arrays[0].shape, arrays[0].dtype) for _ in count]
+        for a, row in enumerate(rows):
+            _combine(columns[a], values[a], count[a], arrays, row)
+        return rows
+    return transform, columns.shape[1]
+
+
+def _tile(src: np.ndarray, transform, k: int, s: int, dst: np.ndarray) -> None:
     """dst (R, R, th, tw, L)[a, b, i, j] = sum over k, l of M[a, k] M[b, l] src[i*s + k, j*s + l]
-    for src (H, W, L) and M (R, K) given by its ``entries`` (numpy passes)."""
-    columns, values, count = mat
-    r, k, (th, tw) = len(count), int(columns.max()) + 1, dst.shape[2:4]
-    rows = np.empty((r, th) + src.shape[1:], src.dtype)         # M along the rows
-    for a in range(r):
-        _combine(columns[a], values[a], count[a], [src[i:i + s * (th - 1) + 1:s] for i in range(k)], rows[a])
-    for b in range(r):                                          # and along the columns
-        _combine(columns[b], values[b], count[b], [rows[:, :, j:j + s * (tw - 1) + 1:s] for j in range(k)],
-                 dst[:, b])
+    for src (H, W, L), M (R, K) applied by ``transform`` (K arrays -> R arrays; numpy passes)."""
+    th, tw = dst.shape[2:4]
+    rows = transform(*[src[i:i + s * (th - 1) + 1:s] for i in range(k)])         # M along the rows
+    for a, row in enumerate(rows):                                                # and along the columns
+        for b, v in enumerate(transform(*[row[:, j:j + s * (tw - 1) + 1:s] for j in range(k)])):
+            dst[a, b] = v
 
 
-def _untile(src: np.ndarray, mat, dst: np.ndarray) -> None:
+def _untile(src: np.ndarray, transform, dst: np.ndarray) -> None:
     """dst (th*R, tw*R, L)[i*R + a, j*R + b] = sum over k, l of M[a, k] M[b, l] src[k, l, i, j]
-    for src (K, K, th, tw, L) and M (R, K) given by its ``entries`` (numpy passes)."""
-    columns, values, count = mat
-    r, (th, tw) = len(count), src.shape[2:4]
-    rows = np.empty((r,) + src.shape[1:], src.dtype)
-    for a in range(r):
-        _combine(columns[a], values[a], count[a], src, rows[a])
-    blocks = dst.reshape(th, r, tw, r, -1)
-    for a in range(r):
-        for b in range(r):
-            _combine(columns[b], values[b], count[b], rows[a], blocks[:, a, :, b])
+    for src (K, K, th, tw, L), M (R, K) applied by ``transform`` (numpy passes)."""
+    th, tw = src.shape[2:4]
+    rows = transform(*src)
+    blocks = dst.reshape(th, len(rows), tw, len(rows), -1)
+    for a, row in enumerate(rows):
+        for b, v in enumerate(transform(*row)):
+            blocks[:, a, :, b] = v
 
 
 def _transform(f: Tiles, name: str, mode: str, src: np.ndarray, dst: np.ndarray, runs) -> None:
     """``_tile`` (at stride m) or ``_untile`` by F[m]'s matrix ``name`` of the values lo:hi of each
     pixel's run in the image (src of a tile, dst of an untile), compiled when the numba kernels are
-    selected."""
-    (lo, hi), mat = runs, entries(f.m, name, src.dtype.name)
+    selected: F(4x4)'s by its factored transforms (``FACTORED``), F(2x2)'s by its matrices' entries."""
+    lo, hi = runs
     if kernels.compiled() is None:
-        _tile(src[..., lo:hi], mat, f.m, dst) if mode == "tile" else _untile(src, mat, dst[..., lo:hi])
+        transform, k = FACTORED[name] if f.m == 4 else _by_entries(entries(f.m, name, src.dtype.name))
+        if mode == "tile":
+            _tile(src[..., lo:hi], transform, k, f.m, dst)
+        else:
+            _untile(src, transform, dst[..., lo:hi])
         return
     from ..kernels import tiles   # here: numba is imported with the first compiled call, not with distnn
-    if mode == "tile":
-        tiles.tile(src, *mat, f.m, lo, hi, dst)
+    if f.m == 4:
+        getattr(tiles, f"{mode}_{name}4")(src, lo, hi, dst)
+    elif mode == "tile":
+        tiles.tile(src, *entries(f.m, name, src.dtype.name), f.m, lo, hi, dst)
     else:
-        tiles.untile(src, *mat, lo, hi, dst)
+        tiles.untile(src, *entries(f.m, name, src.dtype.name), lo, hi, dst)
 
 
 def _runs(a: np.ndarray) -> np.ndarray:
