@@ -24,16 +24,19 @@ from distnn._io import atomic_write_text
 from distnn.autograd import Variable
 from distnn.models import build_model
 from distnn.ops.conv import Conv2d
+from distnn.ops.layout import channels_last_order
 
 
 def conv_layers(name: str, n: int) -> list[dict]:
-    """The convolutions one forward of the model runs: input and weight shapes, bias, stride, padding,
-    whether the input needs a gradient, and the algorithms chosen on this host."""
+    """The convolutions one forward of the model runs: input and weight shapes, the input's memory
+    order (``layout.channels_last_order``), bias, stride, padding, whether the input needs a gradient,
+    and the algorithms chosen on this host."""
     found, forward = [], Conv2d.forward
 
     def record(self, x, w, b=None):
         y = forward(self, x, w, b)
-        found.append({"x": x.shape, "w": w.shape, "bias": b is not None, "stride": self.stride,
+        found.append({"x": x.shape, "order": channels_last_order(x), "w": w.shape, "bias": b is not None,
+                      "stride": self.stride,
                       "padding": self.padding, "x_grad": bool(self.needs_grad[0]),
                       "choice": self.choice.record()})
         return y
@@ -46,9 +49,12 @@ def conv_layers(name: str, n: int) -> list[dict]:
 
 
 def distnn_step(layer, rng):
+    """Forward and backward of one layer with its input laid out in memory as in the network, and the
+    output gradient laid out as the output (as the layer after it gives it back)."""
     x = rng.standard_normal(layer["x"]).astype(np.float32)
     if layer["x_grad"]:   # inside the network a layer's input is channels-last in memory
-        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+        order = layer["order"]
+        x = np.ascontiguousarray(x.transpose(order)).transpose(np.argsort(order))
     w = rng.standard_normal(layer["w"]).astype(np.float32)
     b = rng.standard_normal(layer["w"][0]).astype(np.float32) if layer["bias"] else None
 
@@ -56,7 +62,7 @@ def distnn_step(layer, rng):
         xv, wv = Variable(x, requires_grad=layer["x_grad"]), Variable(w, requires_grad=True)
         y = ops.conv2d(xv, wv, None if b is None else Variable(b, requires_grad=True), layer["stride"],
                        layer["padding"])
-        y.backward(np.ones(y.shape, np.float32))
+        y.backward(np.ones_like(y.data))
     return step
 
 

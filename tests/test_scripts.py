@@ -150,6 +150,7 @@ def test_conv_layer_bench_times_each_layer_of_the_model(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [r["w"] for r in rows] == [[6, 1, 5, 5], [16, 6, 5, 5]] and [r["x_grad"] for r in rows] == [False, True]
+    assert rows[1]["order"][-1] == 1   # the second layer's input is laid out channels-last, as in the network
     assert all(min(r["ms"]["distnn"]) > 0 and "torch" not in r["ms"] for r in rows)
 
 
