@@ -320,3 +320,14 @@ def test_winograd_output_is_hwnc_memory_for_even_and_odd_sizes(size, monkeypatch
     y = ops.conv2d(x, Variable(rng.standard_normal((4, 8, 3, 3)).astype(np.float32)), padding=1).data
     assert y.shape == (2, 4, size, size) and channels_last_order(y) == (2, 3, 0, 1)
     assert y.transpose(2, 3, 0, 1).flags.c_contiguous
+
+
+@pytest.mark.parametrize("pads, axes", [((1, 1, 1, 1), (0, 1)), ((2, 0, 0, 3), (1, 2)), ((0, 1, 2, 0), (2, 3))])
+def test_zero_padded_equals_numpys_pad_for_any_two_axes_and_layout(pads, axes):
+    from distnn.ops.layout import zero_padded
+    x = np.random.default_rng(1).standard_normal((3, 4, 5, 6)).astype(np.float32).transpose(2, 3, 0, 1)
+    widths = [(0, 0)] * 4
+    widths[axes[0]], widths[axes[1]] = pads[:2], pads[2:]
+    out = zero_padded(x, pads, axes)
+    np.testing.assert_array_equal(out, np.pad(x, widths))
+    assert out.dtype == np.float32 and out.flags.c_contiguous

@@ -21,7 +21,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from .. import kernels
 from ..kernels import direct
 from . import shifted, winograd
-from .layout import nhwc
+from .layout import nhwc, zero_padded
 
 COLUMN_VALUES = 1 << 20   # an input gradient's column gradient is made this many values at a time
 
@@ -45,14 +45,8 @@ class Geometry:
 
 def pad_nhwc(x, pads):
     """x (N, C, H, W) -> the padded input as (N, Hp, Wp, C) memory."""
-    t, b, l, r = pads
     xh = nhwc(x)
-    if not any(pads):
-        return xh
-    n, h, w, c = xh.shape
-    xp = np.zeros((n, h + t + b, w + l + r, c), xh.dtype)
-    xp[:, t:t + h, l:l + w] = xh
-    return xp
+    return zero_padded(xh, pads, axes=(1, 2)) if any(pads) else xh
 
 
 def window(i, j, sh, sw, ho, wo):
@@ -71,10 +65,7 @@ class Im2col:
         as short as one pixel for a grey image (LeNet-5's conv1 at batch 64: 1.3 ms against 0.3 ms)."""
         (n, c, _, _), (_, _, kh, kw), (sh, sw), (ho, wo) = geo.x_shape, geo.w_shape, geo.stride, geo.out
         if x.flags.c_contiguous:
-            t, b, l, r = geo.pads
-            xp = x if not any(geo.pads) else np.zeros((n, c, *geo.padded), x.dtype)
-            if any(geo.pads):
-                xp[:, :, t:t + x.shape[2], l:l + x.shape[3]] = x
+            xp = zero_padded(x, geo.pads, axes=(2, 3)) if any(geo.pads) else x
             windows = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]  # (N, C, Ho, Wo, kh, kw)
             cols_t = np.empty((kh, kw, c, n, ho, wo), x.dtype)
             np.copyto(cols_t, windows.transpose(4, 5, 1, 0, 2, 3))
@@ -131,10 +122,7 @@ class Winograd:
 
     @staticmethod
     def padded(x, geo):
-        (n, c, h, wd), (t, _, l, _) = geo.x_shape, geo.pads
-        xp = np.zeros((*geo.padded, n, c), x.dtype)
-        xp[t:t + h, l:l + wd] = x.transpose(2, 3, 0, 1)
-        return xp
+        return zero_padded(x.transpose(2, 3, 0, 1), geo.pads)
 
     @classmethod
     def inputs(cls, x, geo):
@@ -198,13 +186,10 @@ class Direct:
     @staticmethod
     def inputs(x, geo):
         """(N, C, Hp*Wp): each image's padded channel planes, each flattened."""
-        (n, c, h, wd), (t, _, l, _) = geo.x_shape, geo.pads
-        hp, wp = geo.padded
+        (n, c, _, _), (hp, wp) = geo.x_shape, geo.padded
         if not any(geo.pads) and x.flags.c_contiguous:
             return x.reshape(n, c, hp * wp)
-        xp = np.zeros((n, c, hp, wp), x.dtype)
-        xp[:, :, t:t + h, l:l + wd] = x
-        return xp.reshape(n, c, hp * wp)
+        return zero_padded(x, geo.pads, axes=(2, 3)).reshape(n, c, hp * wp)
 
     @staticmethod
     def forward(x, w, geo, keep):
@@ -220,9 +205,8 @@ class Direct:
 
     @staticmethod
     def input_grad(g, w, geo):
-        (n, ho, wo, o), (_, _, kh, kw) = g.shape, w.shape
-        framed = np.zeros((n, o, ho + 2 * kh - 2, wo + 2 * kw - 2), g.dtype)
-        framed[:, :, kh - 1:kh - 1 + ho, kw - 1:kw - 1 + wo] = g.transpose(0, 3, 1, 2)
+        (n, _, _, o), (_, _, kh, kw) = g.shape, w.shape
+        framed = zero_padded(g.transpose(0, 3, 1, 2), (kh - 1, kh - 1, kw - 1, kw - 1), axes=(2, 3))
         flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)   # (C, O, kh, kw)
         (_, _, h, wd), (t, _, l, _) = geo.x_shape, geo.pads
         return _correlate(framed.reshape(n, o, -1), flipped, framed.shape[3], geo.padded, (t, l), (h, wd))

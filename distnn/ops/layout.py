@@ -69,3 +69,19 @@ def image_view(x: np.ndarray):
         return full.transpose(np.argsort(order))
     back.order = order
     return v, back
+
+
+def zero_padded(values: np.ndarray, pads, axes=(0, 1)) -> np.ndarray:
+    """A new C-contiguous array of ``values`` inside a border of zeros: pads (top, bottom, left,
+    right) along two ``axes``. Only the border is zeroed (zeros, then the values, writes most of it
+    twice)."""
+    t, b, l, r = pads
+    shape = list(values.shape)
+    shape[axes[0]] += t + b
+    shape[axes[1]] += l + r
+    out = np.empty(shape, values.dtype)
+    frame, inner = np.moveaxis(out, axes, (0, 1)), np.moveaxis(values, axes, (0, 1))
+    h, w = inner.shape[:2]
+    frame[:t], frame[t + h:], frame[t:t + h, :l], frame[t:t + h, l + w:] = 0, 0, 0, 0
+    frame[t:t + h, l:l + w] = inner
+    return out

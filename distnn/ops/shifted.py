@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .layout import zero_padded
+
 
 def offsets(kernel, wp):
     """Row shift of each kernel offset (i, j), in (i, j) order."""
@@ -42,9 +44,8 @@ def forward(rows: np.ndarray, w: np.ndarray, padded_shape) -> np.ndarray:
 
 def spread(g: np.ndarray, padded_shape) -> np.ndarray:
     """g (N, Ho, Wo, O) -> (N*Hp*Wp, O) rows, zero at the positions forward cropped."""
-    n, hp, wp, _ = padded_shape
-    full = np.zeros((n, hp, wp, g.shape[3]), g.dtype)
-    full[:, :g.shape[1], :g.shape[2]] = g
+    _, hp, wp, _ = padded_shape
+    full = zero_padded(g, (0, hp - g.shape[1], 0, wp - g.shape[2]), axes=(1, 2))
     return full.reshape(-1, g.shape[3])
 
 

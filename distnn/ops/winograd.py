@@ -43,6 +43,7 @@ import numpy as np
 
 from .. import kernels
 from .._hardware import cache_bytes
+from .layout import zero_padded
 
 BAND_VALUES = None  # transformed values ((m+2)^2 * tiles * channels) per band; None: from the L2
 
@@ -321,8 +322,5 @@ def input_grad(gy: np.ndarray, w: np.ndarray, pads, m: int = 2) -> np.ndarray:
     """Input gradient (H, W, N, C) of a 3x3 stride-1 convolution with padding (top, bottom, left,
     right), each at most 2: the convolution of gy (Ho, Wo, N, O) padded by 2 - p with the flipped,
     transposed filter."""
-    t, b, l, r = pads
-    ho, wo, n, o = gy.shape
-    gp = np.zeros((ho + 4 - t - b, wo + 4 - l - r, n, o), gy.dtype)
-    gp[2 - t:2 - t + ho, 2 - l:2 - l + wo] = gy
+    gp = zero_padded(gy, [2 - p for p in pads])
     return conv3x3(gp, w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1], m=m)
