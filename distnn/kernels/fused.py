@@ -77,6 +77,7 @@ def relu_grad(g, y, out):
 # tanh(x) ~ x p(x^2) / q(x^2) on [-9, 9] (+-1 beyond, where float32's tanh is +-1): the 13/6-degree
 # rational interpolant Eigen uses for float tanh, within 4e-7 of tanh (numpy's float32 tanh: 6e-8).
 _CLAMP = np.float32(9.0)
+_ONE = np.float32(1)   # 1 - x stays in x's dtype (an integer 1 made float32 steps float64)
 _P = tuple(np.float32(v) for v in (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11,
                                     5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04,
                                     4.89352455891786e-03))
@@ -146,13 +147,13 @@ def lstm_backward_step(dh, dc, g_out, gates, c, tanh_c, da):
         da_i, da_f, da_g, da_o = dar[:hidden], dar[hidden:2 * hidden], dar[2 * hidden:3 * hidden], dar[3 * hidden:]
         for k in range(hidden):
             h_grad, tc = dhr[k] + gr[k], tr[k]
-            da_o[k] = h_grad * tc * o[k] * (1 - o[k])
-            dcr[k] = dcr[k] + h_grad * o[k] * (1 - tc * tc)
+            da_o[k] = h_grad * tc * o[k] * (_ONE - o[k])
+            dcr[k] = dcr[k] + h_grad * o[k] * (_ONE - tc * tc)
         for k in range(hidden):
             d = dcr[k]
-            da_i[k] = d * g[k] * i[k] * (1 - i[k])
-            da_f[k] = d * cr[k] * f[k] * (1 - f[k])
-            da_g[k] = d * i[k] * (1 - g[k] * g[k])
+            da_i[k] = d * g[k] * i[k] * (_ONE - i[k])
+            da_f[k] = d * cr[k] * f[k] * (_ONE - f[k])
+            da_g[k] = d * i[k] * (_ONE - g[k] * g[k])
             dcr[k] = d * f[k]
 
 
