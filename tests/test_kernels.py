@@ -148,12 +148,13 @@ def test_lstm_sequence_backward_kernel_equals_numpy():
     h0, c0 = (rng.standard_normal((n, hidden)).astype(np.float32) for _ in range(2))
     w = (rng.standard_normal((4 * hidden, hidden)) * 0.5).astype(np.float32)
     weights = rng.standard_normal((n, t, hidden)).astype(np.float32)
+    b = rng.standard_normal(4 * hidden).astype(np.float32)
 
-    def fn(xw, h0, c0, w):
-        seq, h, c = ops.lstm_sequence(xw, h0, c0, w)
+    def fn(xw, h0, c0, w, b):
+        seq, h, c = ops.lstm_sequence(xw, h0, c0, w, b)
         return ops.sum(seq * Variable(weights)) + ops.sum(h * 1.5) + ops.sum(c * c)
 
-    same_on_both_paths(fn, [xw, h0, c0, w], np.float32(1.0))
+    same_on_both_paths(fn, [xw, h0, c0, w, b], np.float32(1.0))
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -190,7 +191,7 @@ def test_lstm_forward_kernel_in_float64_is_numpys_to_rounding():
     for path in ("numba", "numpy"):
         kernels.use(path)
         try:
-            results[path] = ops.recurrent.LSTMSequence().forward(xw, h0, c0, w)
+            results[path] = ops.recurrent.LSTMSequence().forward(xw, h0, c0, w, w[:, 0])
         finally:
             kernels.use(None)
     for a, b in zip(results["numba"], results["numpy"]):

@@ -102,10 +102,10 @@ def tanh_f32(x):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def lstm_forward_step(a, xw, scale, shift, c, c_new, tanh_c, h_new, approx):
+def lstm_forward_step(a, xw, b, scale, shift, c, c_new, tanh_c, h_new, approx):
     """One step of ``ops.recurrent.LSTMSequence``'s forward after its product, in one pass: a (N, 4H)
     holds h W^T with W's rows scaled by ``scale`` (4H,) and becomes the gates
-    tanh(a + xw * scale) * scale + shift (i, f, g, o);
+    tanh(a + (xw + b) * scale) * scale + shift (i, f, g, o), b (4H,) the bias;
     then c_new = f c + i g, tanh_c = tanh(c_new), h_new = o tanh_c, all (N, H). ``approx``: tanh by
     ``tanh_f32`` (float32), else by libm."""
     n, g4 = a.shape
@@ -114,10 +114,10 @@ def lstm_forward_step(a, xw, scale, shift, c, c_new, tanh_c, h_new, approx):
         ar, xr = a[r], xw[r]
         if approx:
             for k in range(g4):
-                ar[k] = tanh_f32(ar[k] + xr[k] * scale[k]) * scale[k] + shift[k]
+                ar[k] = tanh_f32(ar[k] + (xr[k] + b[k]) * scale[k]) * scale[k] + shift[k]
         else:
             for k in range(g4):
-                ar[k] = math.tanh(ar[k] + xr[k] * scale[k]) * scale[k] + shift[k]
+                ar[k] = math.tanh(ar[k] + (xr[k] + b[k]) * scale[k]) * scale[k] + shift[k]
         cr, cn, tr, hr = c[r], c_new[r], tanh_c[r], h_new[r]
         for k in range(hidden):
             cn[k] = ar[hidden + k] * cr[k] + ar[k] * ar[2 * hidden + k]

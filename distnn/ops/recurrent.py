@@ -11,7 +11,7 @@ from __future__ import annotations
 from .. import kernels
 from ..autograd import Operator
 from .activation import sigmoid_array
-from .basic import add, linear
+from .basic import add, column_sums, linear
 
 import numpy as np
 
@@ -77,13 +77,14 @@ class LSTMSequence(Operator):
     """T LSTM steps in one operator (the same maths as T LSTMCells), for speed: one Python call per
     sequence and one (T*N, 4H)^T (T*N, H) product for dW_hh instead of T small ones.
 
-    xw (T, N, 4H) = x W_ih^T + b_ih + b_hh for every step, time-major so that each step reads and
-    its gradient writes one contiguous block; h0 and c0 (N, H), W_hh (4H, H)
-    -> hs (N, T, H), h_T (N, H), c_T (N, H). Backward runs the recursion of LSTMCell from t = T-1 down,
-    carrying dh and dc from step t+1 into step t.
+    xw (T, N, 4H) = x W_ih^T for every step, time-major so that each step reads and its gradient
+    writes one contiguous block; h0 and c0 (N, H), W_hh (4H, H), b (4H,) = b_ih + b_hh (optional)
+    -> hs (N, T, H), h_T (N, H), c_T (N, H). The bias is added to xw inside each step (a pass over the
+    (T, N, 4H) projection less than adding it there). Backward runs the recursion of LSTMCell from
+    t = T-1 down, carrying dh and dc from step t+1 into step t; db is the sum of dxw over steps and rows.
     """
 
-    def forward(self, xw, h0, c0, w_hh):
+    def forward(self, xw, h0, c0, w_hh, b=None):
         t, n, g4 = xw.shape
         hidden = g4 // 4
         # sigmoid(a) = 0.5 tanh(a / 2) + 0.5, so all four gates are one tanh of the scaled
@@ -98,16 +99,17 @@ class LSTMSequence(Operator):
         hs = np.empty((t + 1, n, hidden), xw.dtype)   # hs[s] is the hidden state entering step s
         tcs = np.empty((t, n, hidden), xw.dtype)
         cs[0], hs[0] = c0, h0
+        bias = np.zeros(g4, xw.dtype) if b is None else b
         fused = kernels.compiled()
         if fused is None:
-            xs = xw * scale
+            xs = (xw + bias) * scale
             scale, shift = np.tile(scale, (n, 1)), np.tile(shift, (n, 1))  # (N, 4H): no broadcasting per step
             ig = np.empty((n, hidden), xw.dtype)
         for s in range(t):
             g = gates[s]
             np.matmul(hs[s], ws, out=g)
             if fused is not None:   # the rest of the step in one pass; float32's tanh vectorised
-                fused.lstm_forward_step(g, xw[s], scale, shift, cs[s], cs[s + 1], tcs[s], hs[s + 1],
+                fused.lstm_forward_step(g, xw[s], bias, scale, shift, cs[s], cs[s + 1], tcs[s], hs[s + 1],
                                         xw.dtype == np.float32)
                 continue
             g += xs[s]
@@ -133,8 +135,7 @@ class LSTMSequence(Operator):
             for s in range(t - 1, -1, -1):
                 fused.lstm_backward_step(dh, dc, g_seq[:, s], gates[s], cs[s], tcs[s], da[s])
                 np.matmul(da[s], w_hh, out=dh)   # dh_prev = da W_hh
-            gw = da.reshape(-1, g4).T @ hs[:t].reshape(-1, hidden) if self.needs_grad[3] else None
-            return da, dh if self.needs_grad[1] else None, dc if self.needs_grad[2] else None, gw
+            return self._grads(da, dh, dc)
         gv = gates.reshape(t, n, 4, hidden)
         i, f, g, o = (gv[:, :, j] for j in range(4))
         # Everything that does not depend on dh and dc, for all steps at once (a few large array
@@ -164,9 +165,17 @@ class LSTMSequence(Operator):
             np.multiply(factor[s, :, 3], dh, out=da[s, :, 3])
             np.matmul(da[s].reshape(n, g4), w_hh, out=dh)   # dh_prev = da W_hh
             dc *= f[s]                                        # dc_prev = dc f
-        da = da.reshape(t, n, g4)
-        gw = da.reshape(-1, g4).T @ hs[:t].reshape(-1, hidden) if self.needs_grad[3] else None
-        return da, dh if self.needs_grad[1] else None, dc if self.needs_grad[2] else None, gw
+        return self._grads(da.reshape(t, n, g4), dh, dc)
+
+    def _grads(self, da, dh, dc):
+        """The gradients of the inputs from da (T, N, 4H) and the dh, dc entering the first step."""
+        t, n, g4 = da.shape
+        rows = da.reshape(-1, g4)
+        gw = rows.T @ self.hs[:t].reshape(-1, g4 // 4) if self.needs_grad[3] else None
+        grads = (da, dh if self.needs_grad[1] else None, dc if self.needs_grad[2] else None, gw)
+        if len(self.needs_grad) == 5:
+            grads += (column_sums(rows) if self.needs_grad[4] else None,)
+        return grads
 
 
 def rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh):
@@ -179,7 +188,7 @@ def lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh):
     return LSTMCell()(linear(x, w_ih, add(b_ih, b_hh)), h, c, w_hh)
 
 
-def lstm_sequence(xw, h0, c0, w_hh):
+def lstm_sequence(xw, h0, c0, w_hh, b=None):
     """T LSTM steps in one operator -> (hs (N, T, H), h_T (N, H), c_T (N, H)). xw (T, N, 4H) =
-    x W_ih^T + b_ih + b_hh for every step (time-major), h0 and c0 (N, H), W_hh (4H, H)."""
-    return LSTMSequence()(xw, h0, c0, w_hh)
+    x W_ih^T for every step (time-major), h0 and c0 (N, H), W_hh (4H, H), b (4H,) = b_ih + b_hh."""
+    return LSTMSequence()(xw, h0, c0, w_hh) if b is None else LSTMSequence()(xw, h0, c0, w_hh, b)
