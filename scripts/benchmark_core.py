@@ -89,6 +89,9 @@ def forward_macs(x, w, y, kind):
     return int(np.prod(y.shape[:-1])) * int(np.prod(w.shape))   # recurrent: hidden state (..., H) @ w_hh (G, H)
 
 
+WEIGHT_AT = {"RNNCell": 2, "LSTMCell": 3, "LSTMSequence": 3}   # the recurrent weight's position among the inputs
+
+
 def forward_macs_per_sample(name, n=8):
     """Multiply-adds of one sample's forward pass of a zoo model, from one forward pass in evaluation
     mode with the operators watched (after one unwatched pass, in which the convolutions choose their
@@ -105,7 +108,7 @@ def forward_macs_per_sample(name, n=8):
         def forward(self, *arrays, _kind=kind, _inner=cls.forward):
             y = _inner(self, *arrays)
             out = y[0] if isinstance(y, tuple) else y
-            x, w = arrays[0], arrays[-1] if _kind in ("RNNCell", "LSTMCell", "LSTMSequence") else arrays[1]
+            x, w = arrays[0], arrays[WEIGHT_AT.get(_kind, 1)]
             macs[0] += forward_macs(x, w.T if _kind == "MatMul" else w, out, _kind)
             return y
         saved[cls] = cls.forward

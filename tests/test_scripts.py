@@ -37,6 +37,18 @@ def test_benchmark_core_writes_its_table(tmp_path):
     assert rows[0]["numpy_kernels_samples_per_s"] > 0   # timed in turns with the compiled kernels
 
 
+def test_benchmark_core_counts_the_lstms_multiply_adds():
+    """The input projection and the recurrent products of one sample: 28 steps of 28 -> 512 and of
+    128 -> 512, and the 128 -> 10 classifier (the recurrent weight found among the inputs, the bias
+    after it)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from benchmark_core import forward_macs_per_sample
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    assert forward_macs_per_sample("lstm_classifier") == 28 * (28 * 512 + 128 * 512) + 128 * 10
+
+
 @pytest.mark.cluster   # starts a Ray cluster: not in the quick loop
 def test_simulate_scaling_measures_fits_and_plots(tmp_path):
     """The simulation on tiny settings: every point measured, the knees found, the cost model fitted
