@@ -331,3 +331,19 @@ def test_zero_padded_equals_numpys_pad_for_any_two_axes_and_layout(pads, axes):
     out = zero_padded(x, pads, axes)
     np.testing.assert_array_equal(out, np.pad(x, widths))
     assert out.dtype == np.float32 and out.flags.c_contiguous
+
+
+def test_concat_and_indexing_keep_a_channels_last_layout():
+    """resnet20's shortcut (every second pixel of an (H, W, N, C) input, zero channels either side)
+    stays (H, W, N, C) in memory forward and backward, so the residual add and the ReLU's backward
+    read arrays laid out alike instead of transposing one."""
+    from distnn.ops.layout import memory_order
+    hwnc = np.random.default_rng(2).standard_normal((8, 8, 2, 4)).astype(np.float32)
+    x = Variable(hwnc.transpose(2, 3, 0, 1), requires_grad=True)
+    sub = x[:, :, ::2, ::2]
+    half = np.zeros((2, 2, 4, 4), np.float32)
+    y = ops.concat([half, sub, half], axis=1)
+    assert y.shape == (2, 8, 4, 4) and memory_order(y.data) == (2, 3, 0, 1)
+    np.testing.assert_array_equal(y.data[:, 2:6], hwnc.transpose(2, 3, 0, 1)[:, :, ::2, ::2])
+    y.backward(np.ones_like(y.data))
+    assert memory_order(x.grad) == (2, 3, 0, 1) and x.grad.sum() == 2 * 4 * 4 * 4

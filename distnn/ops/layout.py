@@ -71,6 +71,17 @@ def image_view(x: np.ndarray):
     return v, back
 
 
+def memory_order(x: np.ndarray) -> tuple:
+    """x's axes from the outermost in memory to the innermost (by decreasing stride)."""
+    return tuple(sorted(range(x.ndim), key=lambda a: -abs(x.strides[a])))
+
+
+def empty_in_order(shape, dtype, order) -> np.ndarray:
+    """An uninitialised array of ``shape`` whose memory runs through the axes in ``order`` (outermost
+    first, as ``memory_order`` gives them): a layer's output laid out as its input is."""
+    return np.empty([shape[a] for a in order], dtype).transpose(np.argsort(order))
+
+
 def zero_padded(values: np.ndarray, pads, axes=(0, 1)) -> np.ndarray:
     """A new C-contiguous array of ``values`` inside a border of zeros: pads (top, bottom, left,
     right) along two ``axes``. Only the border is zeroed (zeros, then the values, writes most of it

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..autograd import Operator, Variable, as_variable
+from .layout import empty_in_order, memory_order
 
 
 class Reshape(Operator):
@@ -64,12 +65,20 @@ class Mean(Operator):
 
 
 class Concat(Operator):
+    """Arrays of one shape but along ``axis`` -> one array, laid out in memory as the largest of them
+    (images that are channels-last stay so)."""
+
     def __init__(self, axis=0):
         self.axis = axis
 
     def forward(self, *xs):
-        self.splits = np.cumsum([x.shape[self.axis] for x in xs])[:-1]
-        return np.concatenate(xs, axis=self.axis)
+        sizes = [x.shape[self.axis] for x in xs]
+        self.splits = np.cumsum(sizes)[:-1]
+        largest = max(xs, key=lambda x: x.size)
+        shape = list(largest.shape)
+        shape[self.axis] = int(np.sum(sizes))
+        out = empty_in_order(shape, np.result_type(*xs), memory_order(largest))
+        return np.concatenate(xs, axis=self.axis, out=out)
 
     def backward(self, gy):
         return tuple(np.split(gy, self.splits, axis=self.axis))
@@ -113,11 +122,12 @@ class GetItem(Operator):
         self.index = index
 
     def forward(self, x):
-        self.x_shape, self.x_dtype = x.shape, x.dtype
+        self.x_shape, self.x_dtype, self.x_order = x.shape, x.dtype, memory_order(x)
         return x[self.index]
 
     def backward(self, gy):
-        gx = np.zeros(self.x_shape, self.x_dtype)
+        gx = empty_in_order(self.x_shape, self.x_dtype, self.x_order)   # in x's memory order
+        gx[...] = 0
         if _is_basic_index(self.index):
             gx[self.index] += gy
         else:
