@@ -281,40 +281,42 @@ def test_winograd_factored_transforms_are_their_matrices():
 
 
 @pytest.mark.parametrize("m", [2, 4])
-@pytest.mark.parametrize("size", [(6, 7), (9, 12)])
+@pytest.mark.parametrize("size, pads", [((6, 7), (1, 1, 1, 1)), ((9, 12), (1, 1, 1, 1)), ((7, 6), (2, 0, 0, 2))])
 @pytest.mark.parametrize("band", [None, 200])
-def test_winograd_transforms_compiled_equal_numpy_and_the_direct_sums(m, size, band, monkeypatch):
+def test_winograd_transforms_compiled_equal_numpy_and_the_direct_sums(m, size, pads, band, monkeypatch):
     """F(m x m, 3x3) on both paths: the compiled tile transforms give bit for bit what the numpy
-    passes give (float32; they add the same terms in the same order), and the numpy passes in
+    passes give (float32; they do the same operations in the same order), and the numpy passes in
     float64 give the convolution, its filter gradient and its input gradient as direct sums do (odd
-    sizes: the blocks padded at the bottom and right; bands of whole tile rows, or with a small band
-    of 200 values, one tile row of one image at a time)."""
+    sizes: the blocks reach past the bottom and right; the padding read as zeros, never made, also
+    uneven; bands of whole tile rows, or with a small band of 200 values, one tile row of one image
+    at a time)."""
     from distnn.ops import winograd
     monkeypatch.setattr(winograd, "BAND_VALUES", band)
     assert (len({b[2:] for b in winograd._bands(3, 3, 3, 5, winograd.F[m])}) == 3) == (band == 200)
     rng = np.random.default_rng(m)
-    (h, wd), pads = size, (1, 1, 1, 1)
+    (h, wd), (t, b, l, r) = size, pads
+    ho, wo = h + t + b - 2, wd + l + r - 2
     x = rng.standard_normal((h, wd, 3, 5))
-    xp = np.pad(x, ((1, 1), (1, 1), (0, 0), (0, 0)))
-    w, gy = rng.standard_normal((4, 5, 3, 3)), rng.standard_normal((h, wd, 3, 4))
+    xp = np.pad(x, ((t, b), (l, r), (0, 0), (0, 0)))
+    w, gy = rng.standard_normal((4, 5, 3, 3)), rng.standard_normal((ho, wo, 3, 4))
 
     def steps(dtype, path):
         kernels.use(path)
         try:
-            y, v, shape = winograd.conv3x3(xp.astype(dtype), w.astype(dtype), keep_tiles=True, m=m)
-            return (y, winograd.filter_grad(v, gy.astype(dtype), shape, m),
+            y, v, tiles = winograd.conv3x3(x.astype(dtype), w.astype(dtype), pads, keep_tiles=True, m=m)
+            return (y, winograd.filter_grad(v, gy.astype(dtype), tiles, m),
                     winograd.input_grad(gy.astype(dtype), w.astype(dtype), pads, m))
         finally:
             kernels.use(None)
     for ours, ref in zip(steps(np.float32, "numba"), steps(np.float32, "numpy")):
         np.testing.assert_array_equal(ours, ref)
-    windows = lambda a: [(i, j, a[i:i + h, j:j + wd]) for i in range(3) for j in range(3)]
+    windows = lambda a: [(i, j, a[i:i + ho, j:j + wo]) for i in range(3) for j in range(3)]
     y = sum(win @ w[:, :, i, j].T for i, j, win in windows(xp))
     gw = np.stack([np.einsum("hwnc,hwno->oc", win, gy) for _, _, win in windows(xp)], -1).reshape(4, 5, 3, 3)
     gxp = np.zeros_like(xp)
     for i in range(3):
         for j in range(3):
-            gxp[i:i + h, j:j + wd] += gy @ w[:, :, i, j]
-    for ours, ref in zip(steps(np.float64, "numpy"), (y, gw, gxp[1:-1, 1:-1])):
+            gxp[i:i + ho, j:j + wo] += gy @ w[:, :, i, j]
+    for ours, ref in zip(steps(np.float64, "numpy"), (y, gw, gxp[t:t + h, l:l + wd])):
         assert ours.dtype == np.float64
         np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-10)

@@ -46,24 +46,33 @@ def _combine(rows, columns, values, count, d):
             d[q] += v * s[q]
 
 
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _run(src, y, x, p, n, zero):
+    """The n values from p on of pixel (y, x)'s run in src (H, W, L), or n zeros outside src."""
+    if 0 <= y < src.shape[0] and 0 <= x < src.shape[1]:
+        return src[y, x, p:p + n]
+    return zero[:n]
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
-def tile(src, columns, values, count, stride, lo, hi, dst):
+def tile(src, columns, values, count, stride, y0, x0, lo, hi, dst):
     """See the module's docstring; src (H, W, L), dst (R, R, th, tw, hi - lo): the values lo:hi of each
-    of src's runs."""
+    of src's runs, the first tile from pixel (y0, x0) on, zeros outside src."""
     r, k = dst.shape[0], columns.max() + 1
     buf = np.empty((r, k, CHUNK), src.dtype)
+    zero = np.zeros(CHUNK, src.dtype)
     for i in range(dst.shape[2]):
         for j in range(dst.shape[3]):
             for p in range(0, hi - lo, CHUNK):
                 n = min(hi - lo - p, CHUNK)
                 for a in range(r):              # M along the tile's rows
                     for c in range(k):
-                        out, at = buf[a, c], j * stride + c
-                        v, s = values[a, 0], src[i * stride + columns[a, 0], at, lo + p:lo + p + n]
+                        out, y, x = buf[a, c], y0 + i * stride, x0 + j * stride + c
+                        v, s = values[a, 0], _run(src, y + columns[a, 0], x, lo + p, n, zero)
                         for q in range(n):
                             out[q] = v * s[q]
                         for e in range(1, count[a]):
-                            v, s = values[a, e], src[i * stride + columns[a, e], at, lo + p:lo + p + n]
+                            v, s = values[a, e], _run(src, y + columns[a, e], x, lo + p, n, zero)
                             for q in range(n):
                                 out[q] += v * s[q]
                 for a in range(r):              # and along its columns
@@ -123,17 +132,20 @@ def _apply4(f, d, outs, n):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def tile_bt4(src, lo, hi, dst):
-    """dst (6, 6, th, tw, hi - lo) = B^T d B of the 6x6 tiles at stride 4 of src (H, W, L)."""
+def tile_bt4(src, y0, x0, lo, hi, dst):
+    """dst (6, 6, th, tw, hi - lo) = B^T d B of the 6x6 tiles at stride 4 of src (H, W, L), the first
+    from pixel (y0, x0) on, zeros outside src."""
     buf = np.empty((6, 6, CHUNK), src.dtype)
+    zero = np.zeros(CHUNK, src.dtype)
     for i in range(dst.shape[2]):
         for j in range(dst.shape[3]):
             for p in range(lo, hi, CHUNK):
                 n = min(hi - p, CHUNK)
                 for c in range(6):
-                    y, x = 4 * i, 4 * j + c
-                    _apply6(_bt4, (src[y, x, p:p + n], src[y + 1, x, p:p + n], src[y + 2, x, p:p + n],
-                                   src[y + 3, x, p:p + n], src[y + 4, x, p:p + n], src[y + 5, x, p:p + n]),
+                    y, x = y0 + 4 * i, x0 + 4 * j + c
+                    _apply6(_bt4, (_run(src, y, x, p, n, zero), _run(src, y + 1, x, p, n, zero),
+                                   _run(src, y + 2, x, p, n, zero), _run(src, y + 3, x, p, n, zero),
+                                   _run(src, y + 4, x, p, n, zero), _run(src, y + 5, x, p, n, zero)),
                             (buf[0, c], buf[1, c], buf[2, c], buf[3, c], buf[4, c], buf[5, c]), n)
                 for a in range(6):
                     d, q = dst[a], p - lo
@@ -143,17 +155,19 @@ def tile_bt4(src, lo, hi, dst):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def tile_a4(src, lo, hi, dst):
-    """dst (6, 6, th, tw, hi - lo) = A g A^T of the 4x4 blocks of src (H, W, L) (the output gradient)."""
+def tile_a4(src, y0, x0, lo, hi, dst):
+    """dst (6, 6, th, tw, hi - lo) = A g A^T of the 4x4 blocks of src (H, W, L) (the output gradient)
+    from pixel (y0, x0) on, zeros outside src."""
     buf = np.empty((6, 4, CHUNK), src.dtype)
+    zero = np.zeros(CHUNK, src.dtype)
     for i in range(dst.shape[2]):
         for j in range(dst.shape[3]):
             for p in range(lo, hi, CHUNK):
                 n = min(hi - p, CHUNK)
                 for c in range(4):
-                    y, x = 4 * i, 4 * j + c
-                    _apply4(_a4, (src[y, x, p:p + n], src[y + 1, x, p:p + n], src[y + 2, x, p:p + n],
-                                  src[y + 3, x, p:p + n]),
+                    y, x = y0 + 4 * i, x0 + 4 * j + c
+                    _apply4(_a4, (_run(src, y, x, p, n, zero), _run(src, y + 1, x, p, n, zero),
+                                  _run(src, y + 2, x, p, n, zero), _run(src, y + 3, x, p, n, zero)),
                             (buf[0, c], buf[1, c], buf[2, c], buf[3, c], buf[4, c], buf[5, c]), n)
                 for a in range(6):
                     d, q = dst[a], p - lo

@@ -121,16 +121,17 @@ class Winograd:
     m = 2
 
     @staticmethod
-    def padded(x, geo):
-        return zero_padded(x.transpose(2, 3, 0, 1), geo.pads)
+    def hwnc(x):
+        """x (N, C, H, W) as (H, W, N, C) memory: free when a Winograd layer made it."""
+        return np.ascontiguousarray(x.transpose(2, 3, 0, 1))
 
     @classmethod
     def inputs(cls, x, geo):
-        return winograd.input_tiles(cls.padded(x, geo), cls.m)
+        return winograd.input_tiles(cls.hwnc(x), geo.pads, cls.m)
 
     @classmethod
     def forward(cls, x, w, geo, keep):
-        y = winograd.conv3x3(cls.padded(x, geo), w, keep_tiles=keep, m=cls.m)
+        y = winograd.conv3x3(cls.hwnc(x), w, geo.pads, keep_tiles=keep, m=cls.m)
         return (y[0], y[1:]) if keep else (y, None)
 
     @classmethod

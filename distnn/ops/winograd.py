@@ -33,6 +33,9 @@ the whole batch is more than a band, a band is one tile row of a group of images
 passes here (``_tile``, ``_untile``) and compiled loops with the numba kernels (``kernels/tiles.py``);
 F(4x4)'s matrices are applied in factored form (``bt4``, ``at4``, ``a4``: 11-21 operations each
 instead of a multiplication and an addition per nonzero entry), F(2x2)'s (all +-1) entry by entry.
+The padding (the layer's, and the zeros up to a whole number of blocks at the bottom and right) is
+never made: a tile transform reads zeros where a tile reaches outside the image, so neither the
+input nor, for the input gradient, the output gradient is copied into a padded frame first.
 """
 from __future__ import annotations
 
@@ -43,7 +46,6 @@ import numpy as np
 
 from .. import kernels
 from .._hardware import cache_bytes
-from .layout import zero_padded
 
 BAND_VALUES = None  # transformed values ((m+2)^2 * tiles * channels) per band; None: from the L2
 
@@ -81,18 +83,6 @@ def band_values() -> int:
     if BAND_VALUES is not None:
         return BAND_VALUES
     return min(max(cache_bytes(2, 1 << 20) // 2, 1 << 16), 1 << 21) // 4
-
-
-def even_tiles(xp: np.ndarray, m: int = 2) -> np.ndarray:
-    """Pad a padded input (Hp, Wp, N, C) at the bottom and right so that its 3x3 output is a whole
-    number of m x m blocks."""
-    hp, wp, n, c = xp.shape
-    eh, ew = -(hp - 2) % m, -(wp - 2) % m
-    if not (eh or ew):
-        return xp
-    out = np.zeros((hp + eh, wp + ew, n, c), xp.dtype)
-    out[:hp, :wp] = xp
-    return out
 
 
 def transform_filter(w: np.ndarray, f: Tiles) -> np.ndarray:
@@ -197,25 +187,39 @@ def _untile(src: np.ndarray, transform, dst: np.ndarray) -> None:
             blocks[:, a, :, b] = v
 
 
-def _transform(f: Tiles, name: str, mode: str, src: np.ndarray, dst: np.ndarray, runs) -> None:
+def _transform(f: Tiles, name: str, mode: str, src: np.ndarray, dst: np.ndarray, runs, origin=(0, 0)) -> None:
     """``_tile`` (at stride m) or ``_untile`` by F[m]'s matrix ``name`` of the values lo:hi of each
     pixel's run in the image (src of a tile, dst of an untile), compiled when the numba kernels are
-    selected: F(4x4)'s by its factored transforms (``FACTORED``), F(2x2)'s by its matrices' entries."""
+    selected: F(4x4)'s by its factored transforms (``FACTORED``), F(2x2)'s by its matrices' entries.
+    A tile's first tile starts at pixel ``origin`` (y, x) of src, and what lies outside src reads as
+    zeros: the padding is never made."""
     lo, hi = runs
     if kernels.compiled() is None:
         transform, k = FACTORED[name] if f.m == 4 else _by_entries(entries(f.m, name, src.dtype.name))
         if mode == "tile":
-            _tile(src[..., lo:hi], transform, k, f.m, dst)
+            (th, tw), s = dst.shape[2:4], f.m
+            _tile(_window(src[..., lo:hi], origin, (th - 1) * s + k, (tw - 1) * s + k), transform, k, s, dst)
         else:
             _untile(src, transform, dst[..., lo:hi])
         return
     from ..kernels import tiles   # here: numba is imported with the first compiled call, not with distnn
     if f.m == 4:
-        getattr(tiles, f"{mode}_{name}4")(src, lo, hi, dst)
+        getattr(tiles, f"{mode}_{name}4")(src, *origin, lo, hi, dst) if mode == "tile" else \
+            tiles.untile_at4(src, lo, hi, dst)
     elif mode == "tile":
-        tiles.tile(src, *entries(f.m, name, src.dtype.name), f.m, lo, hi, dst)
+        tiles.tile(src, *entries(f.m, name, src.dtype.name), f.m, *origin, lo, hi, dst)
     else:
         tiles.untile(src, *entries(f.m, name, src.dtype.name), lo, hi, dst)
+
+
+def _window(src: np.ndarray, origin, rows: int, cols: int) -> np.ndarray:
+    """The rows x cols pixels of src (H, W, L) from ``origin`` (y, x) on, zeros outside src (a copy)."""
+    (y0, x0), (h, w) = origin, src.shape[:2]
+    out = np.zeros((rows, cols) + src.shape[2:], src.dtype)
+    ys, xs, ye, xe = max(y0, 0), max(x0, 0), min(y0 + rows, h), min(x0 + cols, w)
+    if ys < ye and xs < xe:
+        out[ys - y0:ye - y0, xs - x0:xe - x0] = src[ys:ye, xs:xe]
+    return out
 
 
 def _runs(a: np.ndarray) -> np.ndarray:
@@ -225,11 +229,11 @@ def _runs(a: np.ndarray) -> np.ndarray:
     return view
 
 
-def transform_input(xp: np.ndarray, v: np.ndarray, f: Tiles, images: tuple) -> None:
-    """xp (m*th + 2, m*tw + 2, N, C) -> v (m+2, m+2, th, tw, n1 - n0, C) = B^T d B for every tile at
-    stride m of the images n0:n1 (``images``)."""
-    c = xp.shape[3]
-    _transform(f, "bt", "tile", _runs(xp), _runs(v), (images[0] * c, images[1] * c))
+def transform_input(x: np.ndarray, v: np.ndarray, f: Tiles, images: tuple, origin) -> None:
+    """x (H, W, N, C) -> v (m+2, m+2, th, tw, n1 - n0, C) = B^T d B for the th x tw tiles at stride m
+    of the images n0:n1 (``images``), the first from pixel ``origin`` (y, x) on, zeros outside x."""
+    c = x.shape[3]
+    _transform(f, "bt", "tile", _runs(x), _runs(v), (images[0] * c, images[1] * c), origin)
 
 
 def transform_output(mm: np.ndarray, y: np.ndarray, f: Tiles, images: tuple) -> None:
@@ -238,14 +242,14 @@ def transform_output(mm: np.ndarray, y: np.ndarray, f: Tiles, images: tuple) -> 
     _transform(f, "at", "untile", _runs(mm), _runs(y), (images[0] * o, images[1] * o))
 
 
-def transform_output_grad(gy: np.ndarray, f: Tiles, images: tuple) -> np.ndarray:
-    """gy (m*th, m*tw, N, O) -> dM = A dY A^T for every m x m output block of the images n0:n1, as
-    ((m+2)^2, T, O), T = th * tw * (n1 - n0)."""
-    ho, wo, _, o = gy.shape
-    (th, tw), ng = (ho // f.m, wo // f.m), images[1] - images[0]
-    dm = np.empty((f.size, f.size, th, tw, ng, o), gy.dtype)
-    _transform(f, "a", "tile", _runs(np.ascontiguousarray(gy)), _runs(dm), (images[0] * o, images[1] * o))
-    return dm.reshape(f.size ** 2, th * tw * ng, o)
+def transform_output_grad(gy: np.ndarray, f: Tiles, images: tuple, rows: tuple, tw: int) -> np.ndarray:
+    """gy (Ho, Wo, N, O) -> dM = A dY A^T for the m x m output blocks of tile rows t0:t1 (``rows``), tw
+    blocks each, of the images n0:n1 (zeros past gy's bottom and right), as ((m+2)^2, T, O),
+    T = (t1 - t0) * tw * (n1 - n0)."""
+    o, (t0, t1), ng = gy.shape[3], rows, images[1] - images[0]
+    dm = np.empty((f.size, f.size, t1 - t0, tw, ng, o), gy.dtype)
+    _transform(f, "a", "tile", _runs(gy), _runs(dm), (images[0] * o, images[1] * o), (f.m * t0, 0))
+    return dm.reshape(f.size ** 2, (t1 - t0) * tw * ng, o)
 
 
 def _bands(th: int, tw: int, n: int, c: int, f: Tiles):
@@ -260,59 +264,61 @@ def _bands(th: int, tw: int, n: int, c: int, f: Tiles):
     return [(t, t + 1, a, min(n, a + images)) for t in range(th) for a in range(0, n, images)]
 
 
-def conv3x3(xp: np.ndarray, w: np.ndarray, keep_tiles: bool = False, m: int = 2):
-    """xp (Hp, Wp, N, C) already padded, w (O, C, 3, 3) -> y (Hp-2, Wp-2, N, O) by F(m x m, 3x3), and
-    (when ``keep_tiles``) the transformed input tiles and the padded shape for filter_grad."""
+def tiling(shape: tuple, pads, m: int) -> tuple:
+    """(th, tw): the m x m output blocks in a column and in a row of a 3x3 convolution of an image of
+    ``shape`` (H, W, ...) padded by ``pads`` (top, bottom, left, right), the last ones cropped."""
+    (h, w), (t, b, l, r) = shape[:2], pads
+    return -(-(h + t + b - 2) // m), -(-(w + l + r - 2) // m)
+
+
+def conv3x3(x: np.ndarray, w: np.ndarray, pads=(0, 0, 0, 0), keep_tiles: bool = False, m: int = 2):
+    """x (H, W, N, C) padded by ``pads`` (top, bottom, left, right; each at most 2), w (O, C, 3, 3) ->
+    y (Ho, Wo, N, O) by F(m x m, 3x3), and (when ``keep_tiles``) the transformed input tiles and the
+    tiling for filter_grad. The padding is never made: the tile transforms read zeros outside x."""
     f = F[m]
-    hp, wp, n, c = xp.shape
-    ho, wo = hp - 2, wp - 2
-    xe = even_tiles(xp, m)
-    th, tw = (xe.shape[0] - 2) // m, (xe.shape[1] - 2) // m
+    (h, wd, n, c), (t, b, l, r) = x.shape, pads
+    ho, wo = h + t + b - 2, wd + l + r - 2
+    th, tw = tiling(x.shape, pads, m)
     u = transform_filter(w, f)
-    y = np.empty((m * th, m * tw, n, u.shape[2]), xp.dtype)
+    y = np.empty((m * th, m * tw, n, u.shape[2]), x.dtype)
     kept = []
     for t0, t1, n0, n1 in _bands(th, tw, n, c, f):
-        v = _band_tiles(xe, t0, t1, n0, n1, f)
+        v = _band_tiles(x, pads, (t0, t1, n0, n1), tw, f)
         mm = np.matmul(v, u).reshape(f.size, f.size, t1 - t0, tw, n1 - n0, -1)
         transform_output(mm, y[m * t0:m * t1], f, (n0, n1))
         if keep_tiles:
             kept.append((t0, t1, n0, n1, v))
     y = y if y.shape[:2] == (ho, wo) else np.ascontiguousarray(y[:ho, :wo])   # (H, W, N, O) memory, as promised
-    return (y, kept, xe.shape) if keep_tiles else y
+    return (y, kept, (th, tw)) if keep_tiles else y
 
 
-def _band_tiles(xe: np.ndarray, t0: int, t1: int, n0: int, n1: int, f: Tiles) -> np.ndarray:
-    """The transformed tiles ((m+2)^2, T_band, C) of tile rows t0:t1 of the images n0:n1 of an
-    even-padded input, contiguous (the compiled transforms vectorise over contiguous runs only)."""
-    tw, c = (xe.shape[1] - 2) // f.m, xe.shape[3]
-    v = np.empty((f.size ** 2, (t1 - t0) * tw * (n1 - n0), c), xe.dtype)
+def _band_tiles(x: np.ndarray, pads, band: tuple, tw: int, f: Tiles) -> np.ndarray:
+    """The transformed tiles ((m+2)^2, T_band, C) of tile rows t0:t1 of the images n0:n1 (``band``) of
+    x padded by ``pads``, contiguous (the compiled transforms vectorise over contiguous runs only)."""
+    (t0, t1, n0, n1), c = band, x.shape[3]
+    v = np.empty((f.size ** 2, (t1 - t0) * tw * (n1 - n0), c), x.dtype)
     tiles = v.reshape(f.size, f.size, t1 - t0, tw, n1 - n0, c)
-    transform_input(xe[f.m * t0:f.m * t1 + 2], tiles, f, (n0, n1))
+    transform_input(x, tiles, f, (n0, n1), (f.m * t0 - pads[0], -pads[2]))
     return v
 
 
-def input_tiles(xp: np.ndarray, m: int = 2):
-    """The transformed tiles of a padded input (Hp, Wp, N, C), band by band ((first, last tile row,
-    first, last image, ((m+2)^2, T_band, C)), T_band = tile rows * Wo/m * images), and its padded
-    shape, as ``conv3x3(..., keep_tiles=True)`` keeps them, for ``filter_grad`` after another forward."""
+def input_tiles(x: np.ndarray, pads, m: int = 2):
+    """The transformed tiles of x (H, W, N, C) padded by ``pads``, band by band ((first, last tile
+    row, first, last image, ((m+2)^2, T_band, C)), T_band = tile rows * tw * images), and the tiling
+    (th, tw), as ``conv3x3(..., keep_tiles=True)`` keeps them, for ``filter_grad`` after another forward."""
     f = F[m]
-    xe = even_tiles(xp, m)
-    th, tw, n, c = (xe.shape[0] - 2) // m, (xe.shape[1] - 2) // m, xe.shape[2], xe.shape[3]
-    return [(*band, _band_tiles(xe, *band, f)) for band in _bands(th, tw, n, c, f)], xe.shape
+    th, tw = tiling(x.shape, pads, m)
+    return [(*band, _band_tiles(x, pads, band, tw, f)) for band in _bands(th, tw, *x.shape[2:], f)], (th, tw)
 
 
-def filter_grad(bands, gy: np.ndarray, even_shape, m: int = 2) -> np.ndarray:
-    """Filter gradient (O, C, 3, 3) from conv3x3's kept tiles (``input_tiles``) and gy (Ho, Wo, N, O)."""
-    f = F[m]
-    hp, wp, n, c = even_shape
-    th, tw = (hp - 2) // m, (wp - 2) // m
-    if gy.shape[:2] != (m * th, m * tw):
-        ge = np.zeros((m * th, m * tw, n, gy.shape[3]), gy.dtype)
-        ge[:gy.shape[0], :gy.shape[1]] = gy
-        gy = ge
-    du = np.zeros((f.size ** 2, c, gy.shape[3]), gy.dtype)
+def filter_grad(bands, gy: np.ndarray, tiles: tuple, m: int = 2) -> np.ndarray:
+    """Filter gradient (O, C, 3, 3) from conv3x3's kept tiles (``input_tiles``), their tiling
+    (th, tw) and gy (Ho, Wo, N, O)."""
+    f, (_, tw) = F[m], tiles
+    gy = np.ascontiguousarray(gy)
+    du = np.zeros((f.size ** 2, bands[0][4].shape[2], gy.shape[3]), gy.dtype)
     for t0, t1, n0, n1, v in bands:
-        dm = transform_output_grad(gy[m * t0:m * t1], f, (n0, n1))
+        dm = transform_output_grad(gy, f, (n0, n1), (t0, t1), tw)
         du += np.matmul(v.transpose(0, 2, 1), dm)
     g = f.g.astype(gy.dtype)
     return np.einsum("ai,bj,abco->ocij", g, g, du.reshape(f.size, f.size, *du.shape[1:]), optimize=True)
@@ -322,5 +328,4 @@ def input_grad(gy: np.ndarray, w: np.ndarray, pads, m: int = 2) -> np.ndarray:
     """Input gradient (H, W, N, C) of a 3x3 stride-1 convolution with padding (top, bottom, left,
     right), each at most 2: the convolution of gy (Ho, Wo, N, O) padded by 2 - p with the flipped,
     transposed filter."""
-    gp = zero_padded(gy, [2 - p for p in pads])
-    return conv3x3(gp, w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1], m=m)
+    return conv3x3(np.ascontiguousarray(gy), w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1], [2 - p for p in pads], m=m)
