@@ -3,9 +3,10 @@
 Both apply a small matrix M (R x K) along the two axes of a tile of K x K pixels, each pixel a
 contiguous run of L = N * C values ((H, W, N, C) memory):
 
-- ``tile``: dst[a, b, i, j, :] = sum over k, l of M[a, k] M[b, l] src[i*s + k, j*s + l, lo:hi] for
-  the tiles at stride s of an image src (H, W, L), into dst (R, R, th, tw, hi - lo) (the input's
-  B^T d B, the output gradient's A dY A^T);
+- ``tile``: dst[a, b, i, j, :] = sum over k, l of M[a, k] M[b, l] src[y0 + i*s + k, x0 + j*s + l, lo:hi]
+  for the tiles at stride s of an image src (H, W, L) from pixel (y0, x0) on, zero where a tile
+  reaches outside src (the convolution's padding, never made), into dst (R, R, th, tw, hi - lo) (the
+  input's B^T d B, the output gradient's A dY A^T);
 - ``untile``: dst[i*R + a, j*R + b, lo:hi] = sum over k, l of M[a, k] M[b, l] src[k, l, i, j, :],
   from src (K, K, th, tw, hi - lo) into the blocks of an image dst (th*R, tw*R, L) (the output's
   A^T m A).

@@ -187,7 +187,8 @@ def _untile(src: np.ndarray, transform, dst: np.ndarray) -> None:
             blocks[:, a, :, b] = v
 
 
-def _transform(f: Tiles, name: str, mode: str, src: np.ndarray, dst: np.ndarray, runs, origin=(0, 0)) -> None:
+def _transform(f: Tiles, name: str, mode: str, src: np.ndarray, dst: np.ndarray, runs,
+               origin=(0, 0)) -> None:
     """``_tile`` (at stride m) or ``_untile`` by F[m]'s matrix ``name`` of the values lo:hi of each
     pixel's run in the image (src of a tile, dst of an untile), compiled when the numba kernels are
     selected: F(4x4)'s by its factored transforms (``FACTORED``), F(2x2)'s by its matrices' entries.
@@ -203,13 +204,14 @@ def _transform(f: Tiles, name: str, mode: str, src: np.ndarray, dst: np.ndarray,
             _untile(src, transform, dst[..., lo:hi])
         return
     from ..kernels import tiles   # here: numba is imported with the first compiled call, not with distnn
-    if f.m == 4:
-        getattr(tiles, f"{mode}_{name}4")(src, *origin, lo, hi, dst) if mode == "tile" else \
-            tiles.untile_at4(src, lo, hi, dst)
-    elif mode == "tile":
-        tiles.tile(src, *entries(f.m, name, src.dtype.name), f.m, *origin, lo, hi, dst)
-    else:
+    if mode == "untile" and f.m == 4:
+        tiles.untile_at4(src, lo, hi, dst)
+    elif mode == "untile":
         tiles.untile(src, *entries(f.m, name, src.dtype.name), lo, hi, dst)
+    elif f.m == 4:
+        getattr(tiles, f"tile_{name}4")(src, *origin, lo, hi, dst)   # tile_bt4, tile_a4
+    else:
+        tiles.tile(src, *entries(f.m, name, src.dtype.name), f.m, *origin, lo, hi, dst)
 
 
 def _window(src: np.ndarray, origin, rows: int, cols: int) -> np.ndarray:
@@ -328,4 +330,5 @@ def input_grad(gy: np.ndarray, w: np.ndarray, pads, m: int = 2) -> np.ndarray:
     """Input gradient (H, W, N, C) of a 3x3 stride-1 convolution with padding (top, bottom, left,
     right), each at most 2: the convolution of gy (Ho, Wo, N, O) padded by 2 - p with the flipped,
     transposed filter."""
-    return conv3x3(np.ascontiguousarray(gy), w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1], [2 - p for p in pads], m=m)
+    flipped = w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]
+    return conv3x3(np.ascontiguousarray(gy), flipped, [2 - p for p in pads], m=m)
