@@ -86,7 +86,11 @@ class Im2col:
     @staticmethod
     def weight_grad(cols, g, geo):
         o, c, kh, kw = geo.w_shape
-        return (g.reshape(-1, o).T @ cols).reshape(o, kh, kw, c).transpose(0, 3, 1, 2)
+        g2 = g.reshape(-1, o)
+        # a channels-first input's columns are the transpose of a C-contiguous (kh*kw*C, N*Ho*Wo)
+        # array: the product that reads it in its own order runs 1.6-1.8x faster (OpenBLAS SkylakeX)
+        gw = (cols.T @ g2).T if cols.T.flags.c_contiguous else g2.T @ cols
+        return gw.reshape(o, kh, kw, c).transpose(0, 3, 1, 2)
 
     @staticmethod
     def input_grad(g, w, geo):
