@@ -125,7 +125,7 @@ class LSTMSequence(Operator):
         return hs[1:].transpose(1, 0, 2), hs[t].copy(), cs[t].copy()  # hs: a view, (N, T, H)
 
     def backward(self, g_seq, g_h, g_c):
-        gates, cs, hs, tcs, w_hh = self.gates, self.cs, self.hs, self.tcs, self.w_hh
+        gates, cs, tcs, w_hh = self.gates, self.cs, self.tcs, self.w_hh
         t, n, g4 = gates.shape
         hidden = g4 // 4
         fused = kernels.compiled()
