@@ -272,9 +272,9 @@ def test_im2col_input_gradient_kernel_equals_the_numpy_path(stride, padding, mon
 def test_winograd_factored_transforms_are_their_matrices():
     """F(4x4)'s transforms, written as additions and multiplications, map the unit vectors to the
     columns of B^T, A^T and A, and keep float32 data float32."""
-    from distnn.ops import winograd
-    f = winograd.F[4]
-    for name, (transform, k) in winograd.FACTORED.items():
+    from distnn.ops import winograd_transforms
+    f = winograd_transforms.F[4]
+    for name, (transform, k) in winograd_transforms.FACTORED.items():
         matrix = f.at.T if name == "a" else getattr(f, name)
         np.testing.assert_array_equal(np.array(transform(*np.eye(k))), matrix)
         assert {r.dtype for r in transform(*np.ones((k, 2), np.float32))} == {np.dtype(np.float32)}

@@ -1,4 +1,4 @@
-"""Winograd's tile transforms (``ops/winograd.py``) compiled (numba).
+"""Winograd's tile transforms (``ops/winograd_transforms.py``) compiled (numba).
 
 Both apply a small matrix M (R x K) along the two axes of a tile of K x K pixels, each pixel a
 contiguous run of L = N * C values ((H, W, N, C) memory):
@@ -16,11 +16,13 @@ lo:hi picks some images' values of each pixel's run (a band of the batch, ``ops.
 Each tile's runs go a chunk of CHUNK values at a time: M along the rows into a (R, K, CHUNK) buffer
 that stays in L1, then along the columns into dst, each pass a loop over the chunk that LLVM
 vectorises. F(4x4)'s transforms (``tile_bt4``, ``tile_a4``, ``untile_at4``) run its factored forms
-(``ops.winograd.bt4``, ``at4``, ``a4``, the same functions the numpy passes call): one loop per pass
-loads the K values, computes in registers and stores the R (1.2-1.6x faster convolutions than
-adding the matrices' terms one loop each, docs/benchmarks.md). F(2x2)'s (``tile``, ``untile``)
-add the nonzero entries of its matrices (columns, values, count: ``ops.winograd.entries``; all
+(``bt4``, ``at4``, ``a4`` of ``ops/winograd_transforms.py``, the same functions the numpy passes
+call): one loop per pass loads the K values, computes in registers and stores the R (1.2-1.6x faster
+convolutions than adding the matrices' terms one loop each, docs/benchmarks.md). F(2x2)'s (``tile``,
+``untile``) add the nonzero entries of its matrices (columns, values, count: ``entries`` there; all
 +-1) in their order, one loop per term, as its numpy passes do; either way both paths round alike.
+``tile_bt4`` and ``tile_a4`` share their loops but stay two kernels: one kernel choosing between six
+and four rows at run time ran up to 1.8x slower.
 (Kernels generated per matrix with every term written in ran 1.5-2x faster than the term loops but
 took 20-36 s each to compile; the factored kernels compile in about 3 s.)
 """
@@ -29,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..ops.winograd import a4, at4, bt4
+from ..ops.winograd_transforms import a4, at4, bt4
 
 CHUNK = 256
 
@@ -107,7 +109,7 @@ def untile(src, columns, values, count, lo, hi, dst):
                         _combine(buf[a], columns[b], values[b], count[b], d)
 
 
-# -- F(4x4, 3x3) by its factored transforms (``ops.winograd.bt4``, ``at4``, ``a4``) ----------------------
+# -- F(4x4, 3x3) by its factored transforms (``bt4``, ``at4``, ``a4``) ----------------------------------
 # The same two passes a chunk at a time, each a loop over the chunk that loads K values, computes
 # the transform in registers and stores R.
 _bt4, _at4, _a4 = (njit(inline="always")(f) for f in (bt4, at4, a4))
