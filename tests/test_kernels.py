@@ -63,6 +63,19 @@ def test_batch_norm_kernel_equals_numpy(layout, relu, training):
         assert gx.strides == x.strides                       # the gradient comes back in x's layout
 
 
+def test_batch_statistics_in_one_pass_keep_a_small_spread_beside_a_large_mean():
+    """The kernel's one-pass statistics (sums shifted by the first row) against numpy's two-pass ones
+    in float64, on data whose E[x^2] - E[x]^2 unshifted would cancel to nothing in float32."""
+    from distnn.kernels import fused
+    rng = np.random.default_rng(5)
+    rows = (1e4 + rng.normal(0, 1e-2, (4096, 3)) * [1, 2, 3]).astype(np.float32)
+    mean, var = fused.batch_stats(rows)
+    exact = rows.astype(np.float64)
+    np.testing.assert_allclose(mean, exact.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(var, exact.var(0), rtol=1e-9)
+    assert (fused.batch_stats(np.full((5, 2), 7.25, np.float32))[1] == 0).all()
+
+
 @pytest.mark.parametrize("layouts", [("hwnc", "hwnc"), ("nhwc", "nhwc"), ("hwnc", "nchw")])
 def test_add_relu_kernel_equals_numpy(layouts):
     rng = np.random.default_rng(1)

@@ -10,19 +10,21 @@ from numba import njit
 
 @njit(cache=True, nogil=True)
 def batch_stats(rows):
-    """Per-channel mean and (biased) variance of rows (M, C), two passes, in float64."""
+    """Per-channel mean and (biased) variance of rows (M, C) in one pass, in float64: the sums of
+    d = x - k and d^2 with k the first row, var = E[d^2] - E[d]^2 (the shift by a value of the data
+    keeps the difference from cancelling when the mean is large against the spread)."""
     m, c = rows.shape
-    mean = np.zeros(c)
+    k = np.empty(c)
+    for j in range(c):
+        k[j] = rows[0, j]
+    s1, s2 = np.zeros(c), np.zeros(c)
     for i in range(m):
         for j in range(c):
-            mean[j] += rows[i, j]
-    mean /= m
-    var = np.zeros(c)
-    for i in range(m):
-        for j in range(c):
-            d = rows[i, j] - mean[j]
-            var[j] += d * d
-    return mean, var / m
+            d = rows[i, j] - k[j]
+            s1[j] += d
+            s2[j] += d * d
+    mean = s1 / m
+    return k + mean, np.maximum(s2 / m - mean * mean, 0.0)
 
 
 @njit(cache=True, nogil=True)
@@ -36,17 +38,20 @@ def scale_shift(rows, scale, shift, relu, out):
 
 
 @njit(cache=True, nogil=True)
-def batch_norm_backward(g, rows, y, mean, invstd, scale, relu, training, gx):
-    """Gradients of y = [relu](gamma * (x - mean) * invstd + beta) over rows (M, C): gx written into
-    ``gx`` (M, C); returns (ggamma, gbeta) in float64. With ``training`` the batch statistics' own
-    gradients are included: gx = scale (g - gbeta / m - xhat ggamma / m)."""
+def batch_norm_backward(g, rows, mean, invstd, scale, shift, relu, training, gx):
+    """Gradients of y = [relu](rows * scale + shift) (``scale_shift``; scale = gamma invstd) over rows
+    (M, C): gx written into ``gx`` (M, C); returns (ggamma, gbeta) in float64. With ``relu`` the
+    mask y > 0 is recomputed from rows in ``scale_shift``'s arithmetic, bit for bit the forward's, so
+    y is never read. With ``training`` the batch statistics' own gradients are included:
+    gx = scale (g - gbeta / m - xhat ggamma / m)."""
     m, c = rows.shape
     gbeta, ggamma = np.zeros(c), np.zeros(c)
     for i in range(m):
         for j in range(c):
-            gij = g[i, j] if not relu or y[i, j] > 0 else 0.0
+            x = rows[i, j]
+            gij = g[i, j] if not relu or x * scale[j] + shift[j] > 0 else 0.0
             gbeta[j] += gij
-            ggamma[j] += gij * (rows[i, j] - mean[j]) * invstd[j]
+            ggamma[j] += gij * (x - mean[j]) * invstd[j]
     a, b = np.zeros(c), np.zeros(c)   # gx = scale * g - a * (x - mean) - b
     for j in range(c):
         if training:
@@ -54,8 +59,9 @@ def batch_norm_backward(g, rows, y, mean, invstd, scale, relu, training, gx):
             b[j] = scale[j] * gbeta[j] / m
     for i in range(m):
         for j in range(c):
-            gij = g[i, j] if not relu or y[i, j] > 0 else 0.0
-            gx[i, j] = scale[j] * gij - a[j] * (rows[i, j] - mean[j]) - b[j]
+            x = rows[i, j]
+            gij = g[i, j] if not relu or x * scale[j] + shift[j] > 0 else 0.0
+            gx[i, j] = scale[j] * gij - a[j] * (x - mean[j]) - b[j]
     return ggamma, gbeta
 
 

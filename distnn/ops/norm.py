@@ -28,7 +28,7 @@ class BatchNorm(Operator):
     running statistics (plain arrays, updated in place) move towards them by ``momentum``; the
     running variance is the unbiased one, as in PyTorch. In evaluation the running statistics are
     used and nothing is updated. The numpy code here is the reference; ``kernels.fused`` does the
-    same in two passes each way (``DISTNN_KERNELS``).
+    same in two passes each way, the statistics in one (``DISTNN_KERNELS``).
     """
 
     def __init__(self, running_mean, running_var, training, momentum=0.1, eps=1e-5, relu=False):
@@ -61,8 +61,11 @@ class BatchNorm(Operator):
         if fused is not None:
             rows = np.ascontiguousarray(rows)
             y = np.empty_like(rows)
-            fused.scale_shift(rows, scale, beta - mean * scale, self.relu, y)
-            self.rows = rows   # x itself: the kernel's backward recomputes x - mean as it goes
+            self.shift = beta - mean * scale
+            fused.scale_shift(rows, scale, self.shift, self.relu, y)
+            # x itself: the kernel's backward recomputes x - mean and the ReLU's mask from it
+            self.rows = rows
+            self.y = None
         else:
             # xhat = centered * invstd is never stored: y and the gradients fold invstd into per-channel
             # factors, which saves a pass over the activations each way.
@@ -71,8 +74,8 @@ class BatchNorm(Operator):
             add_row_vector(y, beta)
             if self.relu:
                 np.maximum(y, 0, out=y)
+            self.y = y if self.relu else None
         self.mean, self.invstd, self.scale, self.back, self.fused = mean, invstd, scale, back, fused
-        self.y = y if self.relu else None
         self.running_mean = self.running_var = None
         return back(y)
 
@@ -80,9 +83,8 @@ class BatchNorm(Operator):
         g, _, _ = _as_rows(gy, self.order)  # rows in the forward's order
         if self.fused is not None:
             gx = np.empty_like(self.rows)
-            y = self.y if self.relu else gx   # (not read without relu)
-            ggamma, gbeta = self.fused.batch_norm_backward(np.ascontiguousarray(g), self.rows, y, self.mean,
-                                                           self.invstd, self.scale, self.relu, self.training, gx)
+            ggamma, gbeta = self.fused.batch_norm_backward(np.ascontiguousarray(g), self.rows, self.mean, self.invstd,
+                                                           self.scale, self.shift, self.relu, self.training, gx)
             return self.back(gx), ggamma.astype(gx.dtype), gbeta.astype(gx.dtype)
         if self.relu:
             g = g * (self.y > 0)
