@@ -56,11 +56,12 @@ def cases(n: int) -> dict:
     xh = np.ascontiguousarray(x.transpose(2, 3, 0, 1))   # (H, W, N, C), padded by 1 as the kernels read it
     w = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
 
-    t, hidden = 28, 128
+    t, features, hidden = 28, 28, 128
     op = LSTMSequence()
-    op.needs_grad = (True, True, True, True)
-    lstm_inputs = (rng.standard_normal((t, n, 4 * hidden)).astype(np.float32), np.zeros((n, hidden), np.float32),
-                   np.zeros((n, hidden), np.float32), (rng.standard_normal((4 * hidden, hidden)) * 0.1).astype(np.float32))
+    op.needs_grad = (False, True, True, True, True)
+    lstm_inputs = (rng.standard_normal((n, t, features)).astype(np.float32), np.zeros((n, hidden), np.float32),
+                   np.zeros((n, hidden), np.float32),
+                   *((rng.standard_normal((4 * hidden, k)) * 0.1).astype(np.float32) for k in (features, hidden)))
     op.forward(*lstm_inputs)
     size = 235_146
     params, grads = rng.standard_normal(size).astype(np.float32), rng.standard_normal(size).astype(np.float32)

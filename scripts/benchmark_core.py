@@ -86,10 +86,10 @@ def forward_macs(x, w, y, kind):
         return int(np.prod(y.shape)) * int(np.prod(w.shape[1:]))
     if kind in ("Linear", "MatMul"):           # (..., K) @ (K, M) or x (..., in) with w (out, in)
         return int(np.prod(x.shape[:-1])) * int(np.prod(w.shape))
-    return int(np.prod(y.shape[:-1])) * int(np.prod(w.shape))   # recurrent: hidden state (..., H) @ w_hh (G, H)
+    return int(np.prod(y.shape[:-1])) * int(np.prod(w.shape))   # recurrent: (..., H) outputs, each w (G, H or F)
 
 
-WEIGHT_AT = {"RNNCell": 2, "LSTMCell": 3, "LSTMSequence": 3}   # the recurrent weight's position among the inputs
+WEIGHTS_AT = {"RNNCell": (2,), "LSTMCell": (3,), "LSTMSequence": (3, 4)}   # the weights' positions among the inputs
 
 
 def forward_macs_per_sample(name, n=8):
@@ -108,8 +108,9 @@ def forward_macs_per_sample(name, n=8):
         def forward(self, *arrays, _kind=kind, _inner=cls.forward):
             y = _inner(self, *arrays)
             out = y[0] if isinstance(y, tuple) else y
-            x, w = arrays[0], arrays[WEIGHT_AT.get(_kind, 1)]
-            macs[0] += forward_macs(x, w.T if _kind == "MatMul" else w, out, _kind)
+            for k in WEIGHTS_AT.get(_kind, (1,)):
+                w = arrays[k]
+                macs[0] += forward_macs(arrays[0], w.T if _kind == "MatMul" else w, out, _kind)
             return y
         saved[cls] = cls.forward
         cls.forward = forward

@@ -103,11 +103,12 @@ CASES = {
                     + ops.lstm_cell(x, h, c, wi, wh, bi, bh)[1],
                     [rand(3, 4), rand(3, 5, seed=1), rand(3, 5, seed=6), rand(20, 4, seed=2) * 0.5,
                      rand(20, 5, seed=3) * 0.5, rand(20, seed=4), rand(20, seed=5)])],
-    ops.recurrent.LSTMSequence: [(lambda xw, h, c, w: _seq_loss(ops.lstm_sequence(xw, h, c, w)),
-                        [rand(6, 3, 20, seed=7), rand(3, 5, seed=1), rand(3, 5, seed=6), rand(20, 5, seed=3) * 0.5]),  # xw time-major (T, N, 4H)
-                                 (lambda xw, h, c, w, b: _seq_loss(ops.lstm_sequence(xw, h, c, w, b)),
-                        [rand(6, 3, 20, seed=7), rand(3, 5, seed=1), rand(3, 5, seed=6), rand(20, 5, seed=3) * 0.5,
-                         rand(20, seed=8)])],
+    ops.recurrent.LSTMSequence: [(lambda x, h, c, wi, wh: _seq_loss(ops.lstm_sequence(x, h, c, wi, wh)),
+                        [rand(3, 6, 4, seed=7), rand(3, 5, seed=1), rand(3, 5, seed=6), rand(20, 4, seed=2) * 0.5,
+                         rand(20, 5, seed=3) * 0.5]),
+                                 (lambda x, h, c, wi, wh, b: _seq_loss(ops.lstm_sequence(x, h, c, wi, wh, b)),
+                        [rand(3, 6, 4, seed=7), rand(3, 5, seed=1), rand(3, 5, seed=6), rand(20, 4, seed=2) * 0.5,
+                         rand(20, 5, seed=3) * 0.5, rand(20, seed=8)])],
 }
 
 

@@ -156,18 +156,18 @@ def test_importing_distnn_does_not_import_numba():
 
 def test_lstm_sequence_backward_kernel_equals_numpy():
     rng = np.random.default_rng(4)
-    t, n, hidden = 7, 5, 6
-    xw = rng.standard_normal((t, n, 4 * hidden)).astype(np.float32)
+    n, t, features, hidden = 5, 7, 3, 6
+    x = rng.standard_normal((n, t, features)).astype(np.float32)
     h0, c0 = (rng.standard_normal((n, hidden)).astype(np.float32) for _ in range(2))
-    w = (rng.standard_normal((4 * hidden, hidden)) * 0.5).astype(np.float32)
+    w_ih, w_hh = ((rng.standard_normal((4 * hidden, k)) * 0.5).astype(np.float32) for k in (features, hidden))
     weights = rng.standard_normal((n, t, hidden)).astype(np.float32)
     b = rng.standard_normal(4 * hidden).astype(np.float32)
 
-    def fn(xw, h0, c0, w, b):
-        seq, h, c = ops.lstm_sequence(xw, h0, c0, w, b)
+    def fn(x, h0, c0, w_ih, w_hh, b):
+        seq, h, c = ops.lstm_sequence(x, h0, c0, w_ih, w_hh, b)
         return ops.sum(seq * Variable(weights)) + ops.sum(h * 1.5) + ops.sum(c * c)
 
-    same_on_both_paths(fn, [xw, h0, c0, w, b], np.float32(1.0))
+    same_on_both_paths(fn, [x, h0, c0, w_ih, w_hh, b], np.float32(1.0))
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -196,15 +196,15 @@ def test_float32_tanh_stays_within_float32_tolerance_of_numpy():
 
 def test_lstm_forward_kernel_in_float64_is_numpys_to_rounding():
     rng = np.random.default_rng(6)
-    t, n, hidden = 5, 3, 4
-    xw = rng.standard_normal((t, n, 4 * hidden))
+    n, t, features, hidden = 3, 5, 2, 4
+    x = rng.standard_normal((n, t, features))
     h0, c0 = rng.standard_normal((n, hidden)), rng.standard_normal((n, hidden))
-    w = rng.standard_normal((4 * hidden, hidden)) * 0.5
+    w_ih, w_hh = (rng.standard_normal((4 * hidden, k)) * 0.5 for k in (features, hidden))
     results = {}
     for path in ("numba", "numpy"):
         kernels.use(path)
         try:
-            results[path] = ops.recurrent.LSTMSequence().forward(xw, h0, c0, w, w[:, 0])
+            results[path] = ops.recurrent.LSTMSequence().forward(x, h0, c0, w_ih, w_hh, w_hh[:, 0])
         finally:
             kernels.use(None)
     for a, b in zip(results["numba"], results["numpy"]):

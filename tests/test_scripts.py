@@ -39,8 +39,8 @@ def test_benchmark_core_writes_its_table(tmp_path):
 
 def test_benchmark_core_counts_the_lstms_multiply_adds():
     """The input projection and the recurrent products of one sample: 28 steps of 28 -> 512 and of
-    128 -> 512, and the 128 -> 10 classifier (the recurrent weight found among the inputs, the bias
-    after it)."""
+    128 -> 512 (both weights found among the sequence operator's inputs, the bias after them), and the
+    128 -> 10 classifier."""
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         from benchmark_core import forward_macs_per_sample

@@ -81,12 +81,9 @@ class LSTM(_Recurrent):
 
     def forward(self, x, state=None):
         x = check_input(self, x, 3, f"(N, T, {self.input_size})", 2, self.input_size)
-        # every step's input projection in one product, time-major: (T, N, F) -> (T, N, 4H); the
-        # sequence operator adds the bias inside its steps
-        xw = ops.linear(ops.transpose(x, (1, 0, 2)), self.weight_ih)
         n = x.shape[0]
         h0, c0 = (self._zeros(n), self._zeros(n)) if state is None else state
-        seq, h, c = ops.lstm_sequence(xw, h0, c0, self.weight_hh, self.bias_ih + self.bias_hh)
+        seq, h, c = ops.lstm_sequence(x, h0, c0, self.weight_ih, self.weight_hh, self.bias_ih + self.bias_hh)
         if self.output == "last":
             return h
         return seq if self.output == "sequence" else (seq, (h, c))

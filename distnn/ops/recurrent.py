@@ -1,8 +1,7 @@
 """Recurrent cells with fused gates.
 
-The input projection x W_ih^T + b does not depend on the previous step, so the sequence layers
-compute it for all steps in one matrix product and the cell operators here take it precomputed
-(``xw``). A cell's backward receives the gradient of its outputs from the layers above *and* from step
+The input projection x W_ih^T + b does not depend on the previous step: the cell operators here take
+it precomputed (``xw``), and the LSTM sequence operator folds it into each step's recurrent product. A cell's backward receives the gradient of its outputs from the layers above *and* from step
 t+1 (through h and, for the LSTM, through c): the engine sums both, which is the path the student
 framework's LSTM dropped.
 """
@@ -11,7 +10,7 @@ from __future__ import annotations
 from .. import kernels
 from ..autograd import Operator
 from .activation import sigmoid_array
-from .basic import add, column_sums, linear
+from .basic import add, linear
 
 import numpy as np
 
@@ -75,44 +74,53 @@ class LSTMCell(Operator):
 
 class LSTMSequence(Operator):
     """T LSTM steps in one operator (the same maths as T LSTMCells), for speed: one Python call per
-    sequence and one (T*N, 4H)^T (T*N, H) product for dW_hh instead of T small ones.
+    sequence, one matrix product per step and one for all the weights' gradients.
 
-    xw (T, N, 4H) = x W_ih^T for every step, time-major so that each step reads and its gradient
-    writes one contiguous block; h0 and c0 (N, H), W_hh (4H, H), b (4H,) = b_ih + b_hh (optional)
-    -> hs (N, T, H), h_T (N, H), c_T (N, H). The bias is added to xw inside each step (a pass over the
-    (T, N, 4H) projection less than adding it there). Backward runs the recursion of LSTMCell from
-    t = T-1 down, carrying dh and dc from step t+1 into step t; db is the sum of dxw over steps and rows.
+    x (N, T, F), h0 and c0 (N, H), W_ih (4H, F), W_hh (4H, H), b (4H,) = b_ih + b_hh (optional)
+    -> hs (N, T, H), h_T (N, H), c_T (N, H). Each step's pre-activations come from one product,
+    z_t [W_hh W_ih b]^T with z_t = [h_t, x_t, 1] (N, H + F + 1), so that the input projection and the
+    bias ride in the recurrent product rather than in a (T, N, 4H) array of their own written and read
+    once more; the steps' z_t are one time-major (T + 1, N, K) array, and the step writes h_{t+1}
+    straight into z_{t+1}. Backward runs the recursion of LSTMCell from t = T-1 down, carrying dh and
+    dc from step t+1 into step t, and then [dW_hh dW_ih db] = da^T z, one (T*N, 4H)^T (T*N, K)
+    product.
     """
 
-    def forward(self, xw, h0, c0, w_hh, b=None):
-        t, n, g4 = xw.shape
-        hidden = g4 // 4
+    def forward(self, x, h0, c0, w_ih, w_hh, b=None):
+        n, t, features = x.shape
+        g4, hidden = w_hh.shape
+        k = hidden + features + (b is not None)
         # sigmoid(a) = 0.5 tanh(a / 2) + 0.5, so all four gates are one tanh of the scaled
         # pre-activations: gates = tanh(a * scale) * scale + shift (scale 1/2, shift 1/2 except for g).
-        scale = np.full(g4, 0.5, xw.dtype)
+        scale = np.full(g4, 0.5, x.dtype)
         scale[2 * hidden:3 * hidden] = 1
         shift = scale.copy()
         shift[2 * hidden:3 * hidden] = 0
-        ws = np.ascontiguousarray((w_hh * scale[:, None]).T)
-        gates = np.empty((t, n, g4), xw.dtype)
-        cs = np.empty((t + 1, n, hidden), xw.dtype)   # cs[s] is the cell state entering step s
-        hs = np.empty((t + 1, n, hidden), xw.dtype)   # hs[s] is the hidden state entering step s
-        tcs = np.empty((t, n, hidden), xw.dtype)
-        cs[0], hs[0] = c0, h0
-        bias = np.zeros(g4, xw.dtype) if b is None else b
+        weights = np.empty((k, g4), x.dtype)   # [W_hh W_ih b]^T, its columns scaled (exactly: by 1/2 or 1)
+        weights[:hidden], weights[hidden:hidden + features] = w_hh.T, w_ih.T
+        if b is not None:
+            weights[-1] = b
+        weights *= scale
+        z = np.empty((t + 1, n, k), x.dtype)   # z[s] = [h_s, x_s, 1]: the state and input entering step s
+        z[0, :, :hidden] = h0
+        z[:t, :, hidden:hidden + features] = x.transpose(1, 0, 2)
+        z[t, :, hidden:] = 0
+        if b is not None:
+            z[:t, :, -1] = 1
+        gates = np.empty((t, n, g4), x.dtype)
+        cs = np.empty((t + 1, n, hidden), x.dtype)   # cs[s] is the cell state entering step s
+        tcs = np.empty((t, n, hidden), x.dtype)
+        cs[0] = c0
         fused = kernels.compiled()
         if fused is None:
-            xs = (xw + bias) * scale
             scale, shift = np.tile(scale, (n, 1)), np.tile(shift, (n, 1))  # (N, 4H): no broadcasting per step
-            ig = np.empty((n, hidden), xw.dtype)
+            ig = np.empty((n, hidden), x.dtype)
         for s in range(t):
             g = gates[s]
-            np.matmul(hs[s], ws, out=g)
+            np.matmul(z[s], weights, out=g)
             if fused is not None:   # the rest of the step in one pass; float32's tanh vectorised
-                fused.lstm_forward_step(g, xw[s], bias, scale, shift, cs[s], cs[s + 1], tcs[s], hs[s + 1],
-                                        xw.dtype == np.float32)
+                fused.lstm_forward_step(g, scale, shift, cs[s], cs[s + 1], tcs[s], z[s + 1], x.dtype == np.float32)
                 continue
-            g += xs[s]
             np.tanh(g, out=g)
             g *= scale
             g += shift
@@ -120,9 +128,10 @@ class LSTMSequence(Operator):
             np.multiply(g[:, :hidden], g[:, 2 * hidden:3 * hidden], out=ig)
             cs[s + 1] += ig
             np.tanh(cs[s + 1], out=tcs[s])
-            np.multiply(g[:, 3 * hidden:], tcs[s], out=hs[s + 1])
-        self.gates, self.cs, self.hs, self.tcs, self.w_hh = gates, cs, hs, tcs, w_hh
-        return hs[1:].transpose(1, 0, 2), hs[t].copy(), cs[t].copy()  # hs: a view, (N, T, H)
+            np.multiply(g[:, 3 * hidden:], tcs[s], out=z[s + 1, :, :hidden])
+        self.gates, self.cs, self.z, self.tcs, self.w_ih, self.w_hh = gates, cs, z, tcs, w_ih, w_hh
+        hs = z[1:, :, :hidden]
+        return hs.transpose(1, 0, 2), hs[t - 1].copy(), cs[t].copy()  # hs: a view, (N, T, H)
 
     def backward(self, g_seq, g_h, g_c):
         gates, cs, tcs, w_hh = self.gates, self.cs, self.tcs, self.w_hh
@@ -170,12 +179,19 @@ class LSTMSequence(Operator):
     def _grads(self, da, dh, dc):
         """The gradients of the inputs from da (T, N, 4H) and the dh, dc entering the first step."""
         t, n, g4 = da.shape
+        hidden, features = self.w_hh.shape[1], self.w_ih.shape[1]
         rows = da.reshape(-1, g4)
-        gw = rows.T @ self.hs[:t].reshape(-1, g4 // 4) if self.needs_grad[3] else None
-        grads = (da, dh if self.needs_grad[1] else None, dc if self.needs_grad[2] else None, gw)
-        if len(self.needs_grad) == 5:
-            grads += (column_sums(rows) if self.needs_grad[4] else None,)
-        return grads
+        needs = self.needs_grad
+        gx = (rows @ self.w_ih).reshape(t, n, features).transpose(1, 0, 2) if needs[0] else None
+        gw_ih = gw_hh = gb = None
+        if any(needs[3:]):
+            z = self.z[:t].reshape(t * n, -1)
+            gw = rows.T @ z   # (4H, K): [dW_hh dW_ih db]
+            gw_hh = gw[:, :hidden].copy() if needs[4] else None
+            gw_ih = gw[:, hidden:hidden + features].copy() if needs[3] else None
+            gb = gw[:, -1].copy() if len(needs) == 6 and needs[5] else None
+        grads = (gx, dh if needs[1] else None, dc if needs[2] else None, gw_ih, gw_hh)
+        return grads + (gb,) if len(needs) == 6 else grads
 
 
 def rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh):
@@ -188,7 +204,8 @@ def lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh):
     return LSTMCell()(linear(x, w_ih, add(b_ih, b_hh)), h, c, w_hh)
 
 
-def lstm_sequence(xw, h0, c0, w_hh, b=None):
-    """T LSTM steps in one operator -> (hs (N, T, H), h_T (N, H), c_T (N, H)). xw (T, N, 4H) =
-    x W_ih^T for every step (time-major), h0 and c0 (N, H), W_hh (4H, H), b (4H,) = b_ih + b_hh."""
-    return LSTMSequence()(xw, h0, c0, w_hh) if b is None else LSTMSequence()(xw, h0, c0, w_hh, b)
+def lstm_sequence(x, h0, c0, w_ih, w_hh, b=None):
+    """T LSTM steps in one operator -> (hs (N, T, H), h_T (N, H), c_T (N, H)). x (N, T, F), h0 and
+    c0 (N, H), W_ih (4H, F), W_hh (4H, H), b (4H,) = b_ih + b_hh."""
+    args = (x, h0, c0, w_ih, w_hh) + (() if b is None else (b,))
+    return LSTMSequence()(*args)
