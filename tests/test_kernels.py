@@ -294,6 +294,24 @@ def test_winograd_factored_transforms_are_their_matrices():
 
 
 @pytest.mark.parametrize("m", [2, 4])
+def test_winograd_filter_transforms_are_g_w_g_transposed_and_back(m):
+    """U = G w G^T and the filter gradient G^T dU G, computed as two products each, against their
+    sums written out (float64), for filters with different input and output channel counts; float32
+    stays float32."""
+    from distnn.ops import winograd_transforms
+    f, rng = winograd_transforms.F[m], np.random.default_rng(7)
+    w, du = rng.standard_normal((5, 3, 3, 3)), rng.standard_normal(((m + 2) ** 2, 3, 5))
+    u = winograd_transforms.transform_filter(w, f)
+    want = np.einsum("ai,bj,ocij->abco", f.g, f.g, w).reshape(-1, 3, 5)
+    np.testing.assert_allclose(u, want, rtol=1e-13, atol=1e-13)
+    gw = winograd_transforms.filter_grad_from_tiles(du, f)
+    want = np.einsum("ai,bj,abco->ocij", f.g, f.g, du.reshape(m + 2, m + 2, 3, 5))
+    np.testing.assert_allclose(gw, want, rtol=1e-13, atol=1e-13)
+    assert gw.shape == w.shape and gw.flags.c_contiguous
+    assert winograd_transforms.transform_filter(w.astype(np.float32), f).dtype == np.float32
+
+
+@pytest.mark.parametrize("m", [2, 4])
 @pytest.mark.parametrize("size, pads", [((6, 7), (1, 1, 1, 1)), ((9, 12), (1, 1, 1, 1)), ((7, 6), (2, 0, 0, 2))])
 @pytest.mark.parametrize("band", [None, 200])
 def test_winograd_transforms_compiled_equal_numpy_and_the_direct_sums(m, size, pads, band, monkeypatch):

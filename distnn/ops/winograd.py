@@ -26,8 +26,8 @@ from __future__ import annotations
 import numpy as np
 
 from .._hardware import cache_bytes
-from .winograd_transforms import (F, Tiles, transform_filter, transform_input, transform_output,
-                                  transform_output_grad)
+from .winograd_transforms import (F, Tiles, filter_grad_from_tiles, transform_filter, transform_input,
+                                  transform_output, transform_output_grad)
 
 BAND_VALUES = None  # transformed values ((m+2)^2 * tiles * channels) per band; None: from the L2
 
@@ -108,8 +108,7 @@ def filter_grad(bands, gy: np.ndarray, tiles: tuple, m: int = 2) -> np.ndarray:
     for t0, t1, n0, n1, v in bands:
         dm = transform_output_grad(gy, f, (n0, n1), (t0, t1), tw)
         du += np.matmul(v.transpose(0, 2, 1), dm)
-    g = f.g.astype(gy.dtype)
-    return np.einsum("ai,bj,abco->ocij", g, g, du.reshape(f.size, f.size, *du.shape[1:]), optimize=True)
+    return filter_grad_from_tiles(du, f)
 
 
 def input_grad(gy: np.ndarray, w: np.ndarray, pads, m: int = 2) -> np.ndarray:
