@@ -141,8 +141,11 @@ class LSTMSequence(Operator):
         if fused is not None:   # the same recursion, each step's element-wise part in one pass
             da = np.empty_like(gates)
             dh, dc = g_h.copy(), g_c.copy()
+            # time-major, so that each step's rows are contiguous: the kernel on the strided rows of
+            # g_seq[:, s] ran 1.4-1.7x slower
+            g_steps = np.ascontiguousarray(g_seq.transpose(1, 0, 2))
             for s in range(t - 1, -1, -1):
-                fused.lstm_backward_step(dh, dc, g_seq[:, s], gates[s], cs[s], tcs[s], da[s])
+                fused.lstm_backward_step(dh, dc, g_steps[s], gates[s], cs[s], tcs[s], da[s])
                 np.matmul(da[s], w_hh, out=dh)   # dh_prev = da W_hh
             return self._grads(da, dh, dc)
         gv = gates.reshape(t, n, 4, hidden)
