@@ -83,8 +83,9 @@ class BatchNorm(Operator):
         g, _, _ = _as_rows(gy, self.order)  # rows in the forward's order
         if self.fused is not None:
             gx = np.empty_like(self.rows)
-            ggamma, gbeta = self.fused.batch_norm_backward(np.ascontiguousarray(g), self.rows, self.mean, self.invstd,
-                                                           self.scale, self.shift, self.relu, self.training, gx)
+            ggamma, gbeta = self.fused.batch_norm_backward(np.ascontiguousarray(g), self.rows, self.mean,
+                                                           self.invstd, self.scale, self.shift, self.relu,
+                                                           self.training, gx)
             return self.back(gx), ggamma.astype(gx.dtype), gbeta.astype(gx.dtype)
         if self.relu:
             g = g * (self.y > 0)

@@ -1,8 +1,9 @@
 """Recurrent cells with fused gates.
 
 The input projection x W_ih^T + b does not depend on the previous step: the cell operators here take
-it precomputed (``xw``), and the LSTM sequence operator folds it into each step's recurrent product. A cell's backward receives the gradient of its outputs from the layers above *and* from step
-t+1 (through h and, for the LSTM, through c): the engine sums both, which is the path the student
+it precomputed (``xw``), and the LSTM sequence operator folds it into each step's recurrent product.
+A cell's backward receives the gradient of its outputs from the layers above *and* from step t+1
+(through h and, for the LSTM, through c): the engine sums both, which is the path the student
 framework's LSTM dropped.
 """
 from __future__ import annotations

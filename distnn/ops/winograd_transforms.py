@@ -63,8 +63,8 @@ F = {
 
 def transform_filter(w: np.ndarray, f: Tiles) -> np.ndarray:
     """w (O, C, 3, 3) -> U = G w G^T as ((m+2)^2, C, O): G along the rows of every filter in one
-    product, then along the columns in another (einsum's path over the same sums took 8-13x as long
-    for 64 x 64 filters)."""
+    product, then along the columns in another (einsum's path over the same sums took 6-13x as
+    long)."""
     o, c = w.shape[:2]
     g = f.g.astype(w.dtype)
     taps = np.ascontiguousarray(w.transpose(2, 3, 1, 0)).reshape(3, -1)   # (i, (j, C, O))
