@@ -53,7 +53,7 @@ def cases(n: int) -> dict:
         y = ops.add_relu(Variable(x, requires_grad=True), Variable(shortcut, requires_grad=True))
         y.backward(grad)
 
-    xh = np.ascontiguousarray(x.transpose(2, 3, 0, 1))   # (H, W, N, C), padded by 1 as the kernels read it
+    xh = np.ascontiguousarray(x.transpose(2, 3, 0, 1))   # (H, W, N, C); the padding of 1 is read as zeros
     w = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
 
     t, features, hidden = 28, 28, 128

@@ -57,7 +57,8 @@ def dense_flat(*arrays):
     first = arrays[0]
     if any(a.shape != first.shape or a.strides != first.strides or a.dtype != first.dtype for a in arrays):
         return None
-    order = sorted(range(first.ndim), key=lambda k: -first.strides[k])
+    from ..ops.layout import memory_order   # (here: ops imports this package)
+    order = memory_order(first)
     views = [a.transpose(order) for a in arrays]
     if not views[0].flags.c_contiguous:
         return None

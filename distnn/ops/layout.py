@@ -82,6 +82,13 @@ def empty_in_order(shape, dtype, order) -> np.ndarray:
     return np.empty([shape[a] for a in order], dtype).transpose(np.argsort(order))
 
 
+def zeros_in_order(shape, dtype, order) -> np.ndarray:
+    """``empty_in_order``, zeroed."""
+    out = empty_in_order(shape, dtype, order)
+    out[...] = 0
+    return out
+
+
 def zero_padded(values: np.ndarray, pads, axes=(0, 1)) -> np.ndarray:
     """A new C-contiguous array of ``values`` inside a border of zeros: pads (top, bottom, left,
     right) along two ``axes``. Only the border is zeroed (zeros, then the values, writes most of it

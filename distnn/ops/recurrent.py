@@ -104,8 +104,7 @@ class LSTMSequence(Operator):
         weights *= scale
         z = np.empty((t + 1, n, k), x.dtype)   # z[s] = [h_s, x_s, 1]: the state and input entering step s
         z[0, :, :hidden] = h0
-        z[:t, :, hidden:hidden + features] = x.transpose(1, 0, 2)
-        z[t, :, hidden:] = 0
+        z[:t, :, hidden:hidden + features] = x.transpose(1, 0, 2)   # (z[t] holds only h_T)
         if b is not None:
             z[:t, :, -1] = 1
         gates = np.empty((t, n, g4), x.dtype)
@@ -191,9 +190,9 @@ class LSTMSequence(Operator):
         if any(needs[3:]):
             z = self.z[:t].reshape(t * n, -1)
             gw = rows.T @ z   # (4H, K): [dW_hh dW_ih db]
-            gw_hh = gw[:, :hidden].copy() if needs[4] else None
-            gw_ih = gw[:, hidden:hidden + features].copy() if needs[3] else None
-            gb = gw[:, -1].copy() if len(needs) == 6 and needs[5] else None
+            gw_hh = gw[:, :hidden] if needs[4] else None   # views of gw, a fresh array
+            gw_ih = gw[:, hidden:hidden + features] if needs[3] else None
+            gb = gw[:, -1] if len(needs) == 6 and needs[5] else None
         grads = (gx, dh if needs[1] else None, dc if needs[2] else None, gw_ih, gw_hh)
         return grads + (gb,) if len(needs) == 6 else grads
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..autograd import Operator, Variable, as_variable
-from .layout import empty_in_order, memory_order
+from .layout import empty_in_order, memory_order, zeros_in_order
 
 
 class Reshape(Operator):
@@ -126,8 +126,7 @@ class GetItem(Operator):
         return x[self.index]
 
     def backward(self, gy):
-        gx = empty_in_order(self.x_shape, self.x_dtype, self.x_order)   # in x's memory order
-        gx[...] = 0
+        gx = zeros_in_order(self.x_shape, self.x_dtype, self.x_order)   # in x's memory order
         if _is_basic_index(self.index):
             gx[self.index] += gy
         else:
