@@ -1,12 +1,13 @@
 """Links between machines (``parallel.link``) on loopback, without Ray: chunks up and down at once,
 and the same parameters as the in-process path, bit for bit."""
+import socket
 import threading
 
 import numpy as np
 import pytest
 
 from distnn.parallel import ParameterServer, StepAbandoned
-from distnn.parallel.link import LinkClient, LinkServer
+from distnn.parallel.link import CONGESTION_CONTROL, LinkClient, LinkServer
 from distnn.parallel.shm import PeerLost
 from distnn.parallel.specs import OptimizerSpec, ScheduleSpec
 from distnn.parallel.transport import InProcess, OverLink
@@ -86,6 +87,29 @@ def test_a_wrong_secret_is_refused_and_an_abort_releases_a_waiting_worker():
     assert s.version == 0
     good.close()
     server.close()
+
+
+def _congestion(sock) -> bytes:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0")
+
+
+def test_a_link_uses_the_first_loss_based_congestion_control_the_host_allows():
+    with socket.socket() as probe:
+        default = _congestion(probe)
+        allowed = []
+        for name in CONGESTION_CONTROL:
+            try:
+                probe.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name)
+                allowed.append(name)
+            except OSError:
+                pass
+    server = LinkServer(shard(1000), "127.0.0.1", 1000)
+    client = LinkClient(server.offer(), 0)
+    try:
+        assert _congestion(client.sock) == (allowed[0] if allowed else default)
+    finally:
+        client.close()
+        server.close()
 
 
 def test_chunks_of_an_optimizer_update_equal_the_whole_update():
