@@ -149,7 +149,8 @@ class WorkerActor(ProcessInfo, GradientWorker):
         """The path of this worker's step data (``parallel.transport``). ``reducers``: {node id: plane
         name} of the nodes whose aggregator is a ``ReducerActor``: on such a node the whole gradient
         goes to it through shared memory; elsewhere a shard on this node that serves a plane gets its
-        part there, the other shards over Ray."""
+        part there, a shard that serves a link (top-k's shards, on this node too) by its link, the
+        other shards over Ray calls."""
         here = ray.get_runtime_context().get_node_id()
         name = reducers.get(here)
         if name is not None:
@@ -173,10 +174,10 @@ class WorkerActor(ProcessInfo, GradientWorker):
 
     def _links(self, offers: list) -> list:
         """A link client to each shard whose link offer is given (None: none wanted, or a shard
-        without links) and lies on another node, kept from one run of steps to the next while the
-        shard's offer is the same."""
-        here = ray.get_runtime_context().get_node_id()
-        keys = [None if o is None or o[0] == here else o[1] for o in offers]
+        without links), kept from one run of steps to the next while the shard's offer is the same. A
+        shard on this node is reached by its link too: a Ray call to it took 1.6 ms (median) from the
+        end of a top-k worker's compute to the shard."""
+        keys = [None if o is None else o[1] for o in offers]
         kept = self._link_clients
         for key in keys:
             if key is not None and key not in kept:

@@ -10,8 +10,8 @@ nothing from one step to the next: after any failure, or when workers are placed
 again for where the workers now run.
 
 Compressed steps stay per worker (their error feedback is per worker and in the checkpoints, which a
-per-node sum would tie to where the workers ran): no plane and no reducer; top-k payloads go between
-machines over the links too (whole, sparse both ways), fp16 and everything on one node over Ray calls.
+per-node sum would tie to where the workers ran): no plane and no reducer; top-k payloads go over
+the links (whole, sparse both ways), from a worker on a shard's own node too; fp16 over Ray calls.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class DataPlane:
         why = [w for w in f.call_servers("open_plane") if w]
         self.kind = "ray" if why else "shm"
         if why:
-            f.log(f"shared memory unavailable ({why[0]}); the steps' data goes through Ray")
+            f.log(f"shared memory unavailable ({why[0]}); the steps' data goes over the shards' TCP links")
         self.place()
 
     def place(self) -> None:
