@@ -52,21 +52,22 @@ def _recv(sock, n: int) -> bytes:
     return bytes(buf)
 
 
-def _send(sock, head: bytes, values: np.ndarray) -> None:
-    """A header and a chunk's values in one system call where the socket takes them whole."""
-    data = memoryview(values).cast("B")
-    sent = sock.sendmsg([head, data])
-    if sent < len(head):
-        sock.sendall(head[sent:])
-        sent = len(head)
-    if sent - len(head) < data.nbytes:
-        sock.sendall(data[sent - len(head):])
+def _send(sock, *parts) -> None:
+    """``parts`` (bytes, arrays) in one system call where the socket takes them whole: one train of
+    packets, not one per part."""
+    views = [memoryview(p).cast("B") for p in parts]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= views[0].nbytes:
+            sent -= views[0].nbytes
+            views.pop(0)
+        if views:
+            views[0] = views[0][sent:]
 
 
 def _send_sparse(sock, step: int, payload: Sparse) -> None:
-    sock.sendall(_HEAD.pack(step, _SPARSE) + _COUNT.pack(payload.index.size))
-    sock.sendall(memoryview(np.ascontiguousarray(payload.index, np.int32)).cast("B"))
-    sock.sendall(memoryview(np.ascontiguousarray(payload.values, np.float32)).cast("B"))
+    _send(sock, _HEAD.pack(step, _SPARSE) + _COUNT.pack(payload.index.size),
+          np.ascontiguousarray(payload.index, np.int32), np.ascontiguousarray(payload.values, np.float32))
 
 
 def _recv_sparse(sock, size: int) -> Sparse:
