@@ -243,23 +243,29 @@ class Machines:
 
     def counters_by_step(self, proc, metrics: Path, machine: int = 1, timeout: float = 1800.0) -> list:
         """Follow a training run ``proc`` (started with ``popen``) to its end: each time its
-        ``metrics.jsonl`` logs a step of the first epoch, machine ``machine``'s interface counters.
-        Returns [(step, counters)]: the bytes between two entries are those steps' traffic alone (no
-        start-up, no test, no checkpoint)."""
+        ``metrics.jsonl`` has logged steps of the first epoch, machine ``machine``'s interface counters
+        with the newest of those steps. Returns [(step, counters)]: the bytes between two entries are
+        those steps' traffic alone (no start-up, no test, no checkpoint). The last entry is left out:
+        what follows the epoch's last step starts at once (the test; the last checkpoint, which fetches
+        a top-k worker's residual, 8 bytes per parameter), and counters read a poll later would count
+        part of it."""
         seen, samples, tested = 0, [], False
         deadline = time.monotonic() + timeout
         while proc.poll() is None and time.monotonic() < deadline:
             lines = metrics.read_text().splitlines() if metrics.exists() else []
             if lines and not _whole_json(lines[-1]):   # being written: read it next time
                 lines = lines[:-1]
+            newest = None
             for line in lines[seen:]:
                 record = json.loads(line)
                 tested = tested or record.get("type") == "epoch"
                 if record.get("type") == "step" and not tested:
-                    samples.append((record["step"], self.counters()[machine]))
+                    newest = record["step"]
+            if newest is not None:
+                samples.append((newest, self.counters()[machine]))
             seen = len(lines)
             time.sleep(0.02)
-        return samples
+        return samples[:-1]
 
     def lose(self, i: int) -> None:
         """Machine ``i`` is gone: every process of its namespace killed at once (its Ray node included)."""
