@@ -80,8 +80,8 @@ def _recv_sparse(sock, size: int) -> Sparse:
 
 # A step's chunks are short bursts with pauses between them, which BBR paces by its model of the
 # path: through a 1 Gbit/s link shaped by tbf (the emulated machines), BBR, this host's default, held
-# a chunk for 45-85 ms at a time, 12-20 times an epoch, with no packet dropped or retransmitted; with
-# cubic or reno no step waited more than 3 ms for its chunks. The first of these the host allows.
+# a chunk for 25-87 ms at a time, 12-20 times an epoch, with no packet dropped or retransmitted; with
+# cubic or reno no step waited more than 15 ms (docs/benchmarks.md). The first of these the host allows.
 CONGESTION_CONTROL = (b"cubic", b"reno")
 
 

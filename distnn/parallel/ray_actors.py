@@ -163,7 +163,7 @@ class WorkerActor(ProcessInfo, GradientWorker):
     def _offers(self, servers: list) -> list:
         """Each shard actor's (plane, link) offers (``ServerActor.plane``, ``.link``), asked once per
         actor: a shard opens both when it starts, and a restarted shard is a new actor. (Asked at every
-        run of steps, the two calls cost the steps 2-10 ms each time over a shaped 1 Gbit/s link.)"""
+        run of steps, the two calls cost the steps 1-10 ms each time over a shaped 1 Gbit/s link.)"""
         new = [s for s in dict.fromkeys(servers) if s not in self._shard_offers]
         if new:
             answers = iter(ray.get([method.remote() for s in new for method in (s.plane, s.link)]))
