@@ -304,3 +304,40 @@ def test_a_killed_reducer_or_worker_on_its_node_is_recovered(data_dir, tmp_path,
     train(cfg(data_dir, tmp_path / "local", backend="local", **options))
     a, b = final_state(tmp_path / "nodes"), final_state(tmp_path / "local")
     assert same(a, b) if workers == 2 else all(np.allclose(a[k], b[k], rtol=0, atol=1e-4) for k in a)
+
+
+def test_a_worker_asks_each_shard_for_its_offers_once(ray_backend):
+    """``WorkerActor._offers``: a shard actor's plane and link offers are asked at its first run of
+    steps only, and a shard no longer given (replaced after a failure) is forgotten."""
+    import types
+
+    import ray
+    from distnn.parallel.ray_actors import WorkerActor
+
+    @ray.remote(num_cpus=0)
+    class Offering:
+        def __init__(self, name):
+            self.name, self.asked = name, 0
+
+        def plane(self):
+            self.asked += 1
+            return ("node", self.name)
+
+        def link(self):
+            self.asked += 1
+            return None
+
+        def asked_times(self):
+            return self.asked
+
+    shards = [Offering.remote(name) for name in "abc"]
+    worker = types.SimpleNamespace(_shard_offers={})
+    try:
+        for given in ([0, 1], [0, 1], [0, 2], [0, 2]):
+            offers = WorkerActor._offers(worker, [shards[i] for i in given])
+            assert offers == [(("node", "abc"[i]), None) for i in given]
+        assert ray.get([s.asked_times.remote() for s in shards]) == [2, 2, 2]
+        assert set(worker._shard_offers) == {shards[0], shards[2]}
+    finally:
+        for s in shards:
+            ray.kill(s)
