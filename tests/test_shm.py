@@ -307,12 +307,10 @@ def test_a_killed_reducer_or_worker_on_its_node_is_recovered(data_dir, tmp_path,
 
 
 def test_a_worker_asks_each_shard_for_its_offers_once(ray_backend):
-    """``WorkerActor._offers``: a shard actor's plane and link offers are asked at its first run of
+    """``ShardPaths.offers_of``: a shard actor's plane and link offers are asked at its first run of
     steps only, and a shard no longer given (replaced after a failure) is forgotten."""
-    import types
-
     import ray
-    from distnn.parallel.ray_actors import WorkerActor
+    from distnn.parallel.ray_paths import ShardPaths
 
     @ray.remote(num_cpus=0)
     class Offering:
@@ -331,13 +329,13 @@ def test_a_worker_asks_each_shard_for_its_offers_once(ray_backend):
             return self.asked
 
     shards = [Offering.remote(name) for name in "abc"]
-    worker = types.SimpleNamespace(_shard_offers={})
+    paths = ShardPaths(rank=0)
     try:
         for given in ([0, 1], [0, 1], [0, 2], [0, 2]):
-            offers = WorkerActor._offers(worker, [shards[i] for i in given])
+            offers = paths.offers_of([shards[i] for i in given])
             assert offers == [(("node", "abc"[i]), None) for i in given]
         assert ray.get([s.asked_times.remote() for s in shards]) == [2, 2, 2]
-        assert set(worker._shard_offers) == {shards[0], shards[2]}
+        assert set(paths.offers) == {shards[0], shards[2]}
     finally:
         for s in shards:
             ray.kill(s)

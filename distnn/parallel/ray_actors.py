@@ -26,9 +26,9 @@ import ray
 from .._memory import tune_allocator
 from .reducer import NodeReducer
 from .server import ParameterServer, StepAbandoned
-from .shm import Plane, PlaneClient
-from .link import LinkClient, LinkServer, node_address
-from .transport import OverLink, PerShard, SharedMemory, ThroughReducer, Transport
+from .shm import Plane
+from .link import LinkServer, node_address
+from .ray_paths import ShardPaths, fetch, fetch_parts
 from .simulate import SimulatedWorker
 from .worker import GradientWorker
 
@@ -130,84 +130,25 @@ class WorkerActor(ProcessInfo, GradientWorker):
         self._reset_connections()
 
     def _reset_connections(self) -> None:
-        self._plane_clients = {}   # plane name -> PlaneClient
-        self._link_clients = {}    # a shard's link offer -> LinkClient
-        self._shard_offers = {}    # shard actor -> its (plane, link) offers
+        self.paths = ShardPaths(self.rank)   # the clients that reach the shards, kept between runs
         self._async_pushes = 0     # async pushes through a plane so far (their slots alternate)
 
     def run_sync(self, servers: list, first_step: int, steps: int, bounds=None, reducers=None) -> list:
         """Run ``steps`` synchronous steps from ``first_step`` against the shard actors ``servers``
-        over this worker's transport (``transport_to``); returns their metrics."""
-        transport = self.transport_to(servers, bounds, reducers or {})
+        over this worker's transport (``ShardPaths.transport``); returns their metrics."""
+        transport = self.paths.transport(servers, bounds, reducers or {})
         if self.next_step != first_step:  # a new start, a resume or a recovery
-            self.receive(_fetch([s.published.remote() for s in servers]))
+            self.receive(fetch([s.published.remote() for s in servers]))
             if self.follows:
                 self.follow(ray.get([s.state.remote() for s in servers]))
         return self.drive(transport, first_step, steps, bounds)
-
-    def transport_to(self, servers: list, bounds, reducers: dict) -> Transport:
-        """The path of this worker's step data (``parallel.transport``). ``reducers``: {node id: plane
-        name} of the nodes whose aggregator is a ``ReducerActor``: on such a node the whole gradient
-        goes to it through shared memory; elsewhere a shard on this node that serves a plane gets its
-        part there, a shard that serves a link (top-k's shards, on this node too) by its link, the
-        other shards over Ray calls."""
-        here = ray.get_runtime_context().get_node_id()
-        name = reducers.get(here)
-        if name is not None:
-            return ThroughReducer(self._connect([name])[0], bounds)
-        planes = self._planes(servers)
-        links = self._links([None if plane else link for plane, (_, link) in zip(planes, self._offers(servers))])
-        return PerShard([SharedMemory(p) if p else OverLink(c) if c else RayCall(self.rank, s)
-                         for s, p, c in zip(servers, planes, links)], bounds)
-
-    def _offers(self, servers: list) -> list:
-        """Each shard actor's (plane, link) offers (``ServerActor.plane``, ``.link``), asked once per
-        actor: a shard opens both when it starts, and a restarted shard is a new actor. (Asked at every
-        run of steps, the two calls cost the steps 1-10 ms each time over a shaped 1 Gbit/s link.)"""
-        new = [s for s in dict.fromkeys(servers) if s not in self._shard_offers]
-        if new:
-            answers = iter(ray.get([method.remote() for s in new for method in (s.plane, s.link)]))
-            for s in new:
-                self._shard_offers[s] = (next(answers), next(answers))
-        self._shard_offers = {s: self._shard_offers[s] for s in servers}   # shards replaced: forgotten
-        return [self._shard_offers[s] for s in servers]
-
-    def _links(self, offers: list) -> list:
-        """A link client to each shard whose link offer is given (None: none wanted, or a shard
-        without links), kept from one run of steps to the next while the shard's offer is the same. A
-        shard on this node is reached by its link too: a Ray call to it took 1.6 ms (median) from the
-        end of a top-k worker's compute to the shard."""
-        keys = [None if o is None else o[1] for o in offers]
-        kept = self._link_clients
-        for key in keys:
-            if key is not None and key not in kept:
-                kept[key] = LinkClient(key, self.rank)
-        for key in [k for k in kept if k not in keys]:
-            kept.pop(key).close()
-        return [None if k is None else kept[k] for k in keys]
-
-    def _planes(self, servers: list) -> list:
-        """This worker's connection to each shard's plane on its node (None: over Ray)."""
-        here = ray.get_runtime_context().get_node_id()
-        return self._connect([o[1] if o is not None and o[0] == here else None for o, _ in self._offers(servers)])
-
-    def _connect(self, names: list) -> list:
-        """A client of each named plane (None stays None), kept from one run of steps to the next while
-        the name is the same; connections to planes no longer named are closed."""
-        kept = self._plane_clients
-        for name in names:
-            if name is not None and name not in kept:
-                kept[name] = PlaneClient(name, self.rank)
-        for name in [n for n in kept if n not in names]:
-            kept.pop(name).close()
-        return [None if n is None else kept[n] for n in names]
 
     def run_async(self, servers: list, count: int, epoch: int, batch: int, bound=None, bounds=None,
                   pipelined=False) -> int:
         """``count`` asynchronous updates from batch ``batch`` of ``epoch``, each pushed straight to
         the shard actors ``servers`` (shard 0 keeps the metrics), ``pipelined`` or not
         (``async_updates``). Returns ``count``."""
-        planes = self._planes(servers)
+        planes = self.paths.planes(servers)
 
         def push(grads, seen, metrics, ahead):
             # a plane's slots alternate from push to push, across rounds too: the parameters this worker
@@ -221,41 +162,17 @@ class WorkerActor(ProcessInfo, GradientWorker):
 
             def reply():
                 answers = [p.receive_async(slot) if p is not None else ray.get(r) for p, r in zip(planes, refs)]
-                return _fetch_parts([[a[0]] if p is not None else a[0] for p, a in zip(planes, answers)]), answers[0][1]
+                return fetch_parts([[a[0]] if p is not None else a[0] for p, a in zip(planes, answers)]), answers[0][1]
             return reply
 
         if self.params is None:   # a new process: from the shards' current parameters
             replies = ray.get([s.snapshot.remote() for s in servers])
-            self.receive(_fetch_parts([r[0] for r in replies]), replies[0][1])
+            self.receive(fetch_parts([r[0] for r in replies]), replies[0][1])
         # the round's first batch (and with pipelining its second) is computed before any reply
         ray.get(servers[0].turn.remote(self.rank, bound, 1 if pipelined and count > 1 else 0))
         for _ in self.async_updates(push, count, epoch, batch, bounds, pipelined):
             pass
         return count
-
-
-class RayCall(Transport):
-    """One shard actor, by a call (``ServerActor.push``) whose reply brings its parameter part."""
-
-    def __init__(self, rank: int, server):
-        self.rank, self.server, self._reply = rank, server, None
-
-    def send(self, parts, step):
-        self._reply = self.server.push.remote(self.rank, parts[0], step)
-
-    def receive(self, step):
-        reply, self._reply = self._reply, None
-        return _fetch([reply])
-
-
-def _fetch_parts(wrapped: list) -> list:
-    """Parameter parts from the shards' one-element lists (an array, or an object-store reference; or a
-    compressed change of them)."""
-    return [ray.get(p) if isinstance(p, ray.ObjectRef) else p for p in (w[0] for w in wrapped)]
-
-
-def _fetch(replies: list) -> list:
-    return _fetch_parts(ray.get(replies))
 
 
 class ReducerActor(ProcessInfo, NodeReducer):

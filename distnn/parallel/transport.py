@@ -12,7 +12,7 @@ in rank order on every path (``ParameterServer.contribute``), so every path give
 The paths, one class each:
 
 - ``InProcess``: the shards are objects of this process (the local backend; threads in the tests).
-- ``RayCall`` (``ray_actors``): one actor call per shard; the reply brings the parameters.
+- ``RayCall`` (``ray_paths``): one actor call per shard; the reply brings the parameters.
 - ``SharedMemory``: a shard on the worker's node, through its plane (``parallel.shm``).
 - ``OverLink``: a shard on another machine, through a TCP link carrying chunks both ways at once
   (``parallel.link``).
