@@ -147,7 +147,10 @@ def _backward_one(op, pending: dict, retain_graph: bool) -> None:
         out = ref()
         entry = pending.pop(id(out), None) if out is not None else None
         any_grad |= entry is not None
-        gys.append(entry[1] if entry is not None else np.zeros(shape, dtype))
+        if entry is not None:
+            gys.append(entry[1])
+        else:
+            gys.append(None if op.none_for_unused_outputs else np.zeros(shape, dtype))
     if not any_grad:
         return
     gxs = op.backward(*gys)
@@ -227,6 +230,9 @@ class Operator:
 
     inputs: tuple = ()
     outputs: tuple = ()
+    #: True: backward gets None for an output that received no gradient, instead of zeros of its
+    #: shape (an operator whose unused output is large, such as an LSTM's sequence, skips that work)
+    none_for_unused_outputs = False
 
     def __call__(self, *inputs):
         inputs = tuple(as_variable(x) for x in inputs)

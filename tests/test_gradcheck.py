@@ -108,6 +108,11 @@ CASES = {
                          rand(20, 5, seed=3) * 0.5]),
                                  (lambda x, h, c, wi, wh, b: _seq_loss(ops.lstm_sequence(x, h, c, wi, wh, b)),
                         [rand(3, 6, 4, seed=7), rand(3, 5, seed=1), rand(3, 5, seed=6), rand(20, 4, seed=2) * 0.5,
+                         rand(20, 5, seed=3) * 0.5, rand(20, seed=8)]),
+                                 # h_T alone: the engine passes None for the sequence and c_T; and a zero
+                                 # h0, whose step-0 product the forward leaves out
+                                 (lambda x, h, c, wi, wh, b: ops.sum(ops.lstm_sequence(x, h, c, wi, wh, b)[1] * 1.5),
+                        [rand(3, 6, 4, seed=7), np.zeros((3, 5)), rand(3, 5, seed=6), rand(20, 4, seed=2) * 0.5,
                          rand(20, 5, seed=3) * 0.5, rand(20, seed=8)])],
 }
 

@@ -154,7 +154,10 @@ def test_importing_distnn_does_not_import_numba():
     assert out.stdout.strip() == "False", out.stderr
 
 
-def test_lstm_sequence_backward_kernel_equals_numpy():
+@pytest.mark.parametrize("used", ["all", "last"])
+def test_lstm_sequence_backward_kernel_equals_numpy(used):
+    """Both paths, with every output used, and with h_T alone (no gradient for hs and c_T) from a zero
+    h0 (step 0's product without the state's columns)."""
     rng = np.random.default_rng(4)
     n, t, features, hidden = 5, 7, 3, 6
     x = rng.standard_normal((n, t, features)).astype(np.float32)
@@ -162,9 +165,13 @@ def test_lstm_sequence_backward_kernel_equals_numpy():
     w_ih, w_hh = ((rng.standard_normal((4 * hidden, k)) * 0.5).astype(np.float32) for k in (features, hidden))
     weights = rng.standard_normal((n, t, hidden)).astype(np.float32)
     b = rng.standard_normal(4 * hidden).astype(np.float32)
+    if used == "last":
+        h0[:] = 0
 
     def fn(x, h0, c0, w_ih, w_hh, b):
         seq, h, c = ops.lstm_sequence(x, h0, c0, w_ih, w_hh, b)
+        if used == "last":
+            return ops.sum(h * Variable(weights[:, 0]))
         return ops.sum(seq * Variable(weights)) + ops.sum(h * 1.5) + ops.sum(c * c)
 
     same_on_both_paths(fn, [x, h0, c0, w_ih, w_hh, b], np.float32(1.0))

@@ -84,8 +84,11 @@ class LSTMSequence(Operator):
     once more; the steps' z_t are one time-major (T + 1, N, K) array, and the step writes h_{t+1}
     straight into z_{t+1}. Backward runs the recursion of LSTMCell from t = T-1 down, carrying dh and
     dc from step t+1 into step t, and then [dW_hh dW_ih db] = da^T z, one (T*N, 4H)^T (T*N, K)
-    product.
+    product. Step 0's product leaves out the state's columns when h0 is zero, and step 0's
+    dh_prev product is not made when h0 needs no gradient.
     """
+
+    none_for_unused_outputs = True   # a classifier that reads h_T only leaves hs (N, T, H) without gradient
 
     def forward(self, x, h0, c0, w_ih, w_hh, b=None):
         n, t, features = x.shape
@@ -115,9 +118,13 @@ class LSTMSequence(Operator):
         if fused is None:
             scale, shift = np.tile(scale, (n, 1)), np.tile(shift, (n, 1))  # (N, 4H): no broadcasting per step
             ig = np.empty((n, hidden), x.dtype)
+        zero_start = not h0.any()   # the usual h0 = 0: step 0's product needs only [x_0, 1]
         for s in range(t):
             g = gates[s]
-            np.matmul(z[s], weights, out=g)
+            if s == 0 and zero_start:
+                np.matmul(z[0, :, hidden:], weights[hidden:], out=g)
+            else:
+                np.matmul(z[s], weights, out=g)
             if fused is not None:   # the rest of the step in one pass; float32's tanh vectorised
                 fused.lstm_forward_step(g, scale, shift, cs[s], cs[s + 1], tcs[s], z[s + 1], x.dtype == np.float32)
                 continue
@@ -137,16 +144,20 @@ class LSTMSequence(Operator):
         gates, cs, tcs, w_hh = self.gates, self.cs, self.tcs, self.w_hh
         t, n, g4 = gates.shape
         hidden = g4 // 4
+        dh = np.zeros((n, hidden), gates.dtype) if g_h is None else g_h.copy()
+        dc = np.zeros((n, hidden), gates.dtype) if g_c is None else g_c.copy()
         fused = kernels.compiled()
         if fused is not None:   # the same recursion, each step's element-wise part in one pass
             da = np.empty_like(gates)
-            dh, dc = g_h.copy(), g_c.copy()
-            # time-major, so that each step's rows are contiguous: the kernel on the strided rows of
-            # g_seq[:, s] ran 1.4-1.7x slower
-            g_steps = np.ascontiguousarray(g_seq.transpose(1, 0, 2))
+            if g_seq is None:
+                g_steps = np.broadcast_to(np.zeros((n, hidden), gates.dtype), (t, n, hidden))
+            else:   # time-major, so that each step's rows are contiguous: the kernel on the strided
+                # rows of g_seq[:, s] ran 1.4-1.7x slower
+                g_steps = np.ascontiguousarray(g_seq.transpose(1, 0, 2))
             for s in range(t - 1, -1, -1):
                 fused.lstm_backward_step(dh, dc, g_steps[s], gates[s], cs[s], tcs[s], da[s])
-                np.matmul(da[s], w_hh, out=dh)   # dh_prev = da W_hh
+                if s or self.needs_grad[1]:
+                    np.matmul(da[s], w_hh, out=dh)   # dh_prev = da W_hh
             return self._grads(da, dh, dc)
         gv = gates.reshape(t, n, 4, hidden)
         i, f, g, o = (gv[:, :, j] for j in range(4))
@@ -166,16 +177,17 @@ class LSTMSequence(Operator):
         np.subtract(1, dc_from_dh, out=dc_from_dh)
         dc_from_dh *= o
         da = np.empty_like(gv)
-        dh, dc = g_h.copy(), g_c.copy()
         tmp = np.empty_like(dc)
         for s in range(t - 1, -1, -1):
-            dh += g_seq[:, s]
+            if g_seq is not None:
+                dh += g_seq[:, s]
             np.multiply(dh, dc_from_dh[s], out=tmp)
             dc += tmp
             for j in range(3):
                 np.multiply(factor[s, :, j], dc, out=da[s, :, j])
             np.multiply(factor[s, :, 3], dh, out=da[s, :, 3])
-            np.matmul(da[s].reshape(n, g4), w_hh, out=dh)   # dh_prev = da W_hh
+            if s or self.needs_grad[1]:
+                np.matmul(da[s].reshape(n, g4), w_hh, out=dh)   # dh_prev = da W_hh
             dc *= f[s]                                        # dc_prev = dc f
         return self._grads(da.reshape(t, n, g4), dh, dc)
 
