@@ -153,6 +153,7 @@ def _backward_one(op, pending: dict, retain_graph: bool) -> None:
             gys.append(None if op.none_for_unused_outputs else np.zeros(shape, dtype))
     if not any_grad:
         return
+    op.may_overwrite_saved = not retain_graph
     gxs = op.backward(*gys)
     if not isinstance(gxs, tuple):
         gxs = (gxs,)
@@ -233,6 +234,9 @@ class Operator:
     #: True: backward gets None for an output that received no gradient, instead of zeros of its
     #: shape (an operator whose unused output is large, such as an LSTM's sequence, skips that work)
     none_for_unused_outputs = False
+    #: set by the engine before backward: True when it releases the operator right after (the graph
+    #: is not retained), so backward may overwrite what forward saved instead of allocating anew
+    may_overwrite_saved = False
 
     def __call__(self, *inputs):
         inputs = tuple(as_variable(x) for x in inputs)

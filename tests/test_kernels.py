@@ -177,6 +177,22 @@ def test_lstm_sequence_backward_kernel_equals_numpy(used):
     same_on_both_paths(fn, [x, h0, c0, w_ih, w_hh, b], np.float32(1.0))
 
 
+def test_lstm_backward_twice_with_the_graph_retained_gives_the_same_gradients():
+    """The compiled backward turns the saved gates into their gradient unless the graph is retained."""
+    rng = np.random.default_rng(6)
+    lstm = nn.LSTM(3, 4, output="last", rng=rng)
+    x = Variable(rng.standard_normal((2, 5, 3)).astype(np.float32))
+    kernels.use("numba")
+    try:
+        loss = ops.sum(lstm(x) * 2.0)
+        loss.backward(retain_graph=True)
+        first = lstm.flat_grads.copy()
+        loss.backward()
+    finally:
+        kernels.use(None)
+    np.testing.assert_array_equal(lstm.flat_grads, 2 * first)
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_max_pool_2x2_kernel_equals_the_numpy_path_ties_included(layout):
     """The compiled 2x2 max pool (tiling windows) picks the same winner as the numpy path, ties too:

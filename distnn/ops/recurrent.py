@@ -84,8 +84,9 @@ class LSTMSequence(Operator):
     once more; the steps' z_t are one time-major (T + 1, N, K) array, and the step writes h_{t+1}
     straight into z_{t+1}. Backward runs the recursion of LSTMCell from t = T-1 down, carrying dh and
     dc from step t+1 into step t, and then [dW_hh dW_ih db] = da^T z, one (T*N, 4H)^T (T*N, K)
-    product. Step 0's product leaves out the state's columns when h0 is zero, and step 0's
-    dh_prev product is not made when h0 needs no gradient.
+    product; the compiled path writes da over the saved gates, unless the graph is retained. Step
+    0's product leaves out the state's columns when h0 is zero, and step 0's dh_prev product is not
+    made when h0 needs no gradient.
     """
 
     none_for_unused_outputs = True   # a classifier that reads h_T only leaves hs (N, T, H) without gradient
@@ -148,14 +149,14 @@ class LSTMSequence(Operator):
         dc = np.zeros((n, hidden), gates.dtype) if g_c is None else g_c.copy()
         fused = kernels.compiled()
         if fused is not None:   # the same recursion, each step's element-wise part in one pass
-            da = np.empty_like(gates)
+            da = gates if self.may_overwrite_saved else gates.copy()   # the kernel turns gates into da
             if g_seq is None:
                 g_steps = np.broadcast_to(np.zeros((n, hidden), gates.dtype), (t, n, hidden))
             else:   # time-major, so that each step's rows are contiguous: the kernel on the strided
                 # rows of g_seq[:, s] ran 1.4-1.7x slower
                 g_steps = np.ascontiguousarray(g_seq.transpose(1, 0, 2))
             for s in range(t - 1, -1, -1):
-                fused.lstm_backward_step(dh, dc, g_steps[s], gates[s], cs[s], tcs[s], da[s])
+                fused.lstm_backward_step(dh, dc, g_steps[s], da[s], cs[s], tcs[s])
                 if s or self.needs_grad[1]:
                     np.matmul(da[s], w_hh, out=dh)   # dh_prev = da W_hh
             return self._grads(da, dh, dc)
