@@ -163,7 +163,11 @@ def _backward_one(op, pending: dict, retain_graph: bool) -> None:
         if x.creator is None:
             _accumulate(x, gx)
         elif id(x) in pending:
-            pending[id(x)] = (x, pending[id(x)][1] + gx)
+            other = pending[id(x)][1]
+            if op.fresh_input_grads and gx.shape == other.shape and gx.dtype == other.dtype:
+                pending[id(x)] = (x, np.add(gx, other, out=gx))   # no new array: gx is the op's own
+            else:
+                pending[id(x)] = (x, other + gx)
         else:
             pending[id(x)] = (x, gx)
     if not retain_graph:
@@ -237,6 +241,9 @@ class Operator:
     #: set by the engine before backward: True when it releases the operator right after (the graph
     #: is not retained), so backward may overwrite what forward saved instead of allocating anew
     may_overwrite_saved = False
+    #: True: every input gradient backward returns is a new array no one else holds, which the engine
+    #: may add an input's other gradients into (a residual block's input: its shortcut's and its branch's)
+    fresh_input_grads = False
 
     def __call__(self, *inputs):
         inputs = tuple(as_variable(x) for x in inputs)

@@ -20,6 +20,27 @@ def test_gradients_accumulate_for_reused_variable():
     np.testing.assert_allclose(x.grad, 2 * x.data + 6)
 
 
+def test_a_residual_inputs_gradients_summed_into_the_convolutions_own_array(monkeypatch):
+    """A block's input feeds a convolution and the shortcut (whose gradient add_relu hands to both of
+    its inputs as one array): the engine adds the shortcut's into the convolution's fresh input
+    gradient in place, and every gradient is bit for bit what a new array for the sum gives."""
+    rng = np.random.default_rng(3)
+    x0 = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    w1, w2 = (rng.standard_normal((3, 3, 3, 3)).astype(np.float32) for _ in range(2))
+
+    def grads():
+        x, a, b = (Variable(v.copy(), requires_grad=True) for v in (x0, w1, w2))
+        u = x * 1.0   # (the engine sums the gradients of a leaf in its grad)
+        h = ops.relu(ops.conv2d(u, a, padding=1))
+        ops.sum(ops.add_relu(ops.conv2d(h, b, padding=1), u) * 0.5).backward()
+        return x.grad, a.grad, b.grad
+
+    summed_in_place = grads()
+    monkeypatch.setattr(ops.conv.Conv2d, "fresh_input_grads", False)
+    for ours, ref in zip(summed_in_place, grads()):
+        np.testing.assert_array_equal(ours, ref)
+
+
 def test_backward_through_1000_step_lstm_without_recursion():
     lstm = nn.LSTM(3, 4, output="last", rng=np.random.default_rng(0))
     x = Variable(np.random.default_rng(1).standard_normal((2, 1000, 3)).astype(np.float32), requires_grad=True)

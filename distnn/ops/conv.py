@@ -62,6 +62,8 @@ class Conv2d(Operator):
     from Winograd); the input gradient comes back in the memory order the input came in.
     """
 
+    fresh_input_grads = True   # the input gradient is always made anew, whichever algorithm made it
+
     def __init__(self, stride=1, padding=0):
         self.stride = pair(stride, "stride")
         if min(self.stride) < 1:
