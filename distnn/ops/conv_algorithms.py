@@ -1,9 +1,10 @@
 """The five convolution algorithms behind ``Conv2d``, each as the same four steps on arrays, so that
 forward, input gradient and weight gradient can each run a different one (``conv_choice``):
 
-- ``inputs(x, geo)``: what the weight gradient reads of the input (im2col's columns, Winograd's
-  transformed tiles, the shifted algorithm's padded rows); ``forward`` returns it too when asked, so a
-  weight gradient by the forward's own algorithm does not build it twice;
+- ``inputs(x, geo)``: what the weight gradient reads of the input (im2col's columns, the (H, W, N, C)
+  input whose tiles Winograd transforms again, the shifted algorithm's padded rows); ``forward``
+  returns it too when asked, so a weight gradient by the forward's own algorithm does not build it
+  twice;
 - ``forward(x, w, geo, keep)`` -> (y, channels-last and C-contiguous, in ``layout``; inputs or None);
 - ``weight_grad(inputs, g, geo)`` -> (O, C, kh, kw), with g the output gradient in ``layout``;
 - ``input_grad(g, w, geo)`` -> the input gradient, channels-last in ``layout``.
@@ -131,16 +132,17 @@ class Winograd:
 
     @classmethod
     def inputs(cls, x, geo):
-        return winograd.input_tiles(cls.hwnc(x), geo.pads, cls.m)
+        """x in (H, W, N, C) memory: the weight gradient transforms its tiles again, band by band."""
+        return cls.hwnc(x)
 
     @classmethod
     def forward(cls, x, w, geo, keep):
-        y = winograd.conv3x3(cls.hwnc(x), w, geo.pads, keep_tiles=keep, m=cls.m)
-        return (y[0], y[1:]) if keep else (y, None)
+        xh = cls.hwnc(x)
+        return winograd.conv3x3(xh, w, geo.pads, m=cls.m), xh if keep else None
 
     @classmethod
-    def weight_grad(cls, tiles, g, geo):
-        return winograd.filter_grad(tiles[0], g, tiles[1], cls.m)
+    def weight_grad(cls, xh, g, geo):
+        return winograd.filter_grad(xh, g, geo.pads, cls.m)
 
     @classmethod
     def input_grad(cls, g, w, geo):

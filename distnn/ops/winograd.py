@@ -17,9 +17,11 @@ image position is one contiguous run of N * C values and the strided tile slices
 tile rows at a time (transform, multiply, transform back), so that a band's arrays stay in cache
 (the 32x32x32 layer's forward 24 -> 16 ms, its input gradient 28 -> 15 ms); where one tile row of
 the whole batch is more than a band, a band is one tile row of a group of images (resnet20's 32- and
-64-channel layers at batch 256: 0.82-0.85x the time). Transformed tiles are kept band by band, each
-((m+2)^2, T_band, C) and contiguous, T_band = tile rows * Wo/m * images. The padding is never made:
-the transforms read zeros outside the image.
+64-channel layers at batch 256: 0.82-0.85x the time). A band's transformed tiles are ((m+2)^2,
+T_band, C) and contiguous, T_band = tile rows * Wo/m * images, written into one buffer that every band
+reuses; the filter gradient transforms the input's tiles again rather than keep them from the forward
+(kept, 2.25x the input for F(4x4) went out to memory and back: the resnet20 step at batch 64 and 256
+took 1.02-1.06x as long). The padding is never made: the transforms read zeros outside the image.
 """
 from __future__ import annotations
 
@@ -59,53 +61,61 @@ def tiling(shape: tuple, pads, m: int) -> tuple:
     return -(-(h + t + b - 2) // m), -(-(w + l + r - 2) // m)
 
 
-def conv3x3(x: np.ndarray, w: np.ndarray, pads=(0, 0, 0, 0), keep_tiles: bool = False, m: int = 2):
+def conv3x3(x: np.ndarray, w: np.ndarray, pads=(0, 0, 0, 0), m: int = 2) -> np.ndarray:
     """x (H, W, N, C) padded by ``pads`` (top, bottom, left, right; each at most 2), w (O, C, 3, 3) ->
-    y (Ho, Wo, N, O) by F(m x m, 3x3), and (when ``keep_tiles``) the transformed input tiles and the
-    tiling for filter_grad. The padding is never made: the tile transforms read zeros outside x."""
+    y (Ho, Wo, N, O) by F(m x m, 3x3). The padding is never made: the tile transforms read zeros
+    outside x."""
     f = F[m]
     (h, wd, n, c), (t, b, l, r) = x.shape, pads
     ho, wo = h + t + b - 2, wd + l + r - 2
     th, tw = tiling(x.shape, pads, m)
     u = transform_filter(w, f)
     y = np.empty((m * th, m * tw, n, u.shape[2]), x.dtype)
-    kept = []
-    for t0, t1, n0, n1 in _bands(th, tw, n, c, f):
-        v = _band_tiles(x, pads, (t0, t1, n0, n1), tw, f)
-        mm = np.matmul(v, u).reshape(f.size, f.size, t1 - t0, tw, n1 - n0, -1)
+    bands = _bands(th, tw, n, c, f)
+    v_buf, mm_buf = _buffer(bands, tw, c, f, x.dtype), _buffer(bands, tw, u.shape[2], f, x.dtype)
+    for t0, t1, n0, n1 in bands:
+        v = _band_tiles(x, pads, (t0, t1, n0, n1), tw, f, v_buf)
+        mm = np.matmul(v, u, out=_front(mm_buf, v.shape[1])).reshape(f.size, f.size, t1 - t0, tw, n1 - n0, -1)
         transform_output(mm, y[m * t0:m * t1], f, (n0, n1))
-        if keep_tiles:
-            kept.append((t0, t1, n0, n1, v))
-    y = y if y.shape[:2] == (ho, wo) else np.ascontiguousarray(y[:ho, :wo])   # (H, W, N, O) memory, as promised
-    return (y, kept, (th, tw)) if keep_tiles else y
+    return y if y.shape[:2] == (ho, wo) else np.ascontiguousarray(y[:ho, :wo])   # (H, W, N, O) memory, as promised
 
 
-def _band_tiles(x: np.ndarray, pads, band: tuple, tw: int, f: Tiles) -> np.ndarray:
+def _buffer(bands, tw: int, c: int, f: Tiles, dtype) -> np.ndarray:
+    """((m+2)^2, T, c) for the largest band's T tiles: one array every band's transform writes into
+    in turn, so that it stays in cache (a new array per band is new memory each time)."""
+    most = max((t1 - t0) * (n1 - n0) for t0, t1, n0, n1 in bands) * tw
+    return np.empty((f.size ** 2, most, c), dtype)
+
+
+def _front(buf: np.ndarray, t: int) -> np.ndarray:
+    """The contiguous ((m+2)^2, t, c) array at the front of buf ((m+2)^2, T, c), t <= T."""
+    return buf.reshape(-1)[:buf.shape[0] * t * buf.shape[2]].reshape(buf.shape[0], t, buf.shape[2])
+
+
+def _band_tiles(x: np.ndarray, pads, band: tuple, tw: int, f: Tiles, buf: np.ndarray) -> np.ndarray:
     """The transformed tiles ((m+2)^2, T_band, C) of tile rows t0:t1 of the images n0:n1 (``band``) of
-    x padded by ``pads``, contiguous (the compiled transforms vectorise over contiguous runs only)."""
+    x padded by ``pads``, written into the front of ``buf`` (``_buffer``; contiguous: the compiled
+    transforms vectorise over contiguous runs only)."""
     (t0, t1, n0, n1), c = band, x.shape[3]
-    v = np.empty((f.size ** 2, (t1 - t0) * tw * (n1 - n0), c), x.dtype)
+    v = _front(buf, (t1 - t0) * tw * (n1 - n0))
     tiles = v.reshape(f.size, f.size, t1 - t0, tw, n1 - n0, c)
     transform_input(x, tiles, f, (n0, n1), (f.m * t0 - pads[0], -pads[2]))
     return v
 
 
-def input_tiles(x: np.ndarray, pads, m: int = 2):
-    """The transformed tiles of x (H, W, N, C) padded by ``pads``, band by band ((first, last tile
-    row, first, last image, ((m+2)^2, T_band, C)), T_band = tile rows * tw * images), and the tiling
-    (th, tw), as ``conv3x3(..., keep_tiles=True)`` keeps them, for ``filter_grad`` after another forward."""
+def filter_grad(x: np.ndarray, gy: np.ndarray, pads, m: int = 2) -> np.ndarray:
+    """Filter gradient (O, C, 3, 3) of conv3x3(x, w, pads, m) from its input x (H, W, N, C) and
+    gy (Ho, Wo, N, O): G^T [sum over tiles V^T dM] G, band by band, each band's input tiles V made
+    again here (kept from the forward they would go out to memory and back: 2.25 times the input
+    for F(4x4), slower than the transform)."""
     f = F[m]
     th, tw = tiling(x.shape, pads, m)
-    return [(*band, _band_tiles(x, pads, band, tw, f)) for band in _bands(th, tw, *x.shape[2:], f)], (th, tw)
-
-
-def filter_grad(bands, gy: np.ndarray, tiles: tuple, m: int = 2) -> np.ndarray:
-    """Filter gradient (O, C, 3, 3) from conv3x3's kept tiles (``input_tiles``), their tiling
-    (th, tw) and gy (Ho, Wo, N, O)."""
-    f, (_, tw) = F[m], tiles
     gy = np.ascontiguousarray(gy)
-    du = np.zeros((f.size ** 2, bands[0][4].shape[2], gy.shape[3]), gy.dtype)
-    for t0, t1, n0, n1, v in bands:
+    bands = _bands(th, tw, x.shape[2], x.shape[3], f)
+    v_buf = _buffer(bands, tw, x.shape[3], f, x.dtype)
+    du = np.zeros((f.size ** 2, x.shape[3], gy.shape[3]), gy.dtype)
+    for t0, t1, n0, n1 in bands:
+        v = _band_tiles(x, pads, (t0, t1, n0, n1), tw, f, v_buf)
         dm = transform_output_grad(gy, f, (n0, n1), (t0, t1), tw)
         du += np.matmul(v.transpose(0, 2, 1), dm)
     return filter_grad_from_tiles(du, f)
