@@ -7,7 +7,8 @@ forward, input gradient and weight gradient can each run a different one (``conv
   twice;
 - ``forward(x, w, geo, keep)`` -> (y, channels-last and C-contiguous, in ``layout``; inputs or None);
 - ``weight_grad(inputs, g, geo)`` -> (O, C, kh, kw), with g the output gradient in ``layout``;
-- ``input_grad(g, w, geo)`` -> the input gradient, channels-last in ``layout``.
+- ``input_grad(g, w, geo)`` -> the input gradient, channels-last in ``layout`` (may be a view: ``Conv2d``
+  copies it once, into the input's memory order).
 
 ``layout`` is "nhwc" ((N, H, W, C) memory) or "hwnc" ((H, W, N, C), Winograd's). x is (N, C, H, W)
 in any memory order; w is (O, C, kh, kw).
@@ -45,9 +46,8 @@ class Geometry:
 
 
 def pad_nhwc(x, pads):
-    """x (N, C, H, W) -> the padded input as (N, Hp, Wp, C) memory."""
-    xh = nhwc(x)
-    return zero_padded(xh, pads, axes=(1, 2)) if any(pads) else xh
+    """x (N, C, H, W) -> the padded input as (N, Hp, Wp, C) memory (one copy, whatever x's layout)."""
+    return zero_padded(x.transpose(0, 2, 3, 1), pads, axes=(1, 2)) if any(pads) else nhwc(x)
 
 
 def window(i, j, sh, sw, ho, wo):
@@ -117,7 +117,7 @@ class Im2col:
                     np.matmul(g2, wk[:, i, j, :], out=part)
                     gxp[window(i, j, sh, sw, ho, wo)] += part.reshape(n, ho, wo, c)
         t, _, l, _ = geo.pads
-        return np.ascontiguousarray(gxp[:, t:t + h, l:l + wd]) if any(geo.pads) else gxp
+        return gxp[:, t:t + h, l:l + wd]   # a view: Conv2d copies it once, into the input's layout
 
 
 class Winograd:
