@@ -43,6 +43,7 @@ class RayBackend(RayNodes):
 
     name = "ray"
     eager = False
+    processes = True   # each worker a process of its own (``Fleet.pin_workers``)
 
     def __init__(self, address=None, num_cpus=None, runtime_env=None):
         import ray

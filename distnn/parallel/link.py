@@ -28,6 +28,7 @@ import threading
 import numpy as np
 
 from .._io import recv_into_exactly, serve_connections
+from . import affinity
 from .compress import Sparse, Update
 from .server import StepAbandoned
 from .shm import PeerLost
@@ -243,6 +244,7 @@ class LinkClient:
             return self.params if update is None else update
 
     def _send_loop(self) -> None:
+        affinity.release()   # started by the worker's compute thread, which may be pinned to its core
         try:
             while (item := self._out.get()) is not None:
                 step, i, part = item
@@ -254,6 +256,7 @@ class LinkClient:
             self._fail(PeerLost(f"the server shard at {self.where} is gone ({e})"))
 
     def _receive_loop(self) -> None:
+        affinity.release()
         try:
             while True:
                 step, i = _HEAD.unpack(_recv(self.sock, _HEAD.size))

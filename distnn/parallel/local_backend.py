@@ -17,6 +17,7 @@ class LocalFuture:
 class LocalBackend:
     name = "local"
     eager = True   # a call runs when it is made: queuing work ahead gains nothing
+    processes = False   # the workers are objects of this process
 
     def create(self, cls, *args, cpus=1, node=None, **kwargs):
         return cls(*args, **kwargs)

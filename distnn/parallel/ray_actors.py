@@ -24,6 +24,7 @@ import numpy as np
 import ray
 
 from .._memory import tune_allocator
+from . import affinity
 from .reducer import NodeReducer
 from .server import ParameterServer, StepAbandoned
 from .shm import Plane
@@ -46,6 +47,15 @@ class ProcessInfo:
     def node(self) -> str:
         """The id of the Ray node this process runs on."""
         return ray.get_runtime_context().get_node_id()
+
+    def cpu_place(self) -> tuple:
+        """(machine, the cores this process may use): ``affinity.place``."""
+        return affinity.place()
+
+    def pin(self, cores) -> tuple:
+        """Run the thread that runs this actor's methods on ``cores``; the cores it now runs on."""
+        affinity.pin(cores)
+        return tuple(sorted(os.sched_getaffinity(0)))
 
 
 class ServerActor(ProcessInfo, ParameterServer):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..parallel import GradientWorker, ParameterServer
+from ..parallel import GradientWorker, ParameterServer, affinity
 from ..parallel.backends import NotReady
 from .errors import PlacementTimeout, TrainingError
 from .fetching import bring_shards
@@ -52,6 +52,7 @@ class Fleet(FleetState):
         # compressed sync steps: the shards reply with the step's (sparse) mean, applied by each worker
         self.reply_updates = plan.mode.shards_reply_updates(self.compress)
         self.workers, self.servers, self.bounds = [], [], []
+        self.cores = {}     # rank -> (machine, cores) where that worker computes (``pin_workers``)
         self.fetched = []   # the shard transfers to workers' machines (``fetching.bring_shards``)
         self.pending = []   # futures of sync steps handed out and not yet collected
         self.plane = DataPlane(self)   # the path of a sync step's data on each node
@@ -60,6 +61,7 @@ class Fleet(FleetState):
             for rank in range(self.world):
                 self.workers.append(self._new_worker(rank))
             self.started(self.workers, "ping", "workers")
+            self.pin_workers(range(self.world))
             batches = self.read_data(self.workers)
             if min(batches) != plan.length.steps_per_epoch:   # the plan and the workers read one manifest
                 raise RuntimeError(f"workers read {batches} batches per epoch; the plan counted "
@@ -84,6 +86,22 @@ class Fleet(FleetState):
             self.get([self.backend.call(h, "follow_updates", self.plan.optimizer, self.plan.schedule)
                       for h in handles])
         return values
+
+    def pin_workers(self, ranks) -> None:
+        """The compute thread of each worker of ``ranks`` on cores of its own, where its machine has
+        them free (``parallel.affinity``; worker processes only; DISTNN_PIN=0 leaves them alone)."""
+        if not self.backend.processes or not affinity.enabled():
+            return
+        ranks = list(ranks)
+        places = self.get([self.backend.call(self.workers[r], "cpu_place") for r in ranks])
+        taken = {}
+        for r, (machine, cores) in self.cores.items():
+            if r not in ranks:
+                taken.setdefault(machine, set()).update(cores)
+        chosen = affinity.assign(places, self.threads, taken)
+        pinned = [(r, machine, cores) for r, (machine, _), cores in zip(ranks, places, chosen) if cores]
+        self.get([self.backend.call(self.workers[r], "pin", cores) for r, _, cores in pinned])
+        self.cores.update({r: (machine, cores) for r, machine, cores in pinned})
 
     def read_data(self, handles) -> list[int]:
         """New workers read their data, the shards their machines lack fetched first (``fetching``):
@@ -176,6 +194,8 @@ class Fleet(FleetState):
             self.backend.kill(w)
             self.workers[r] = self._new_worker(r)
         self.started(self.workers, "ping", "workers")
+        self.cores = {}
+        self.pin_workers(range(self.world))
         self.read_data(self.workers)
         self.plane.place()
 
@@ -184,6 +204,8 @@ class Fleet(FleetState):
         self.backend.kill(self.workers[rank])
         self.workers[rank] = self._new_worker(rank)
         self.started([self.workers[rank]], "ping", "workers")
+        self.cores.pop(rank, None)
+        self.pin_workers([rank])
         self.read_data([self.workers[rank]])
         if buffers is not None and buffers.size:
             self.get(self.backend.call(self.workers[rank], "set_buffers", buffers))
