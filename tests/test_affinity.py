@@ -1,7 +1,10 @@
 """Each Ray worker's compute thread on a core of its own (``parallel.affinity``): which cores go to
 whom, that a pin holds for the pinning thread only and that a released thread runs anywhere again,
-and that a Ray run's workers are pinned to distinct cores (and left alone with DISTNN_PIN=0)."""
+that a Ray run's workers are pinned to distinct cores (and left alone with DISTNN_PIN=0), and that an
+actor's process runs at its parent's priority, not Ray's nice 15."""
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -85,3 +88,28 @@ def test_ray_workers_compute_on_cores_of_their_own(data_dir, tmp_path, ray_backe
     finally:
         trainer.close()
 
+
+CHILD = """
+import os, threading
+from distnn.parallel import affinity
+stop = threading.Event()
+early = threading.Thread(target=stop.wait)
+early.start()
+done = affinity.match_parent_priority()
+late = threading.Thread(target=stop.wait)
+late.start()
+print(done, *(os.getpriority(os.PRIO_PROCESS, int(t)) for t in sorted(os.listdir("/proc/self/task"))))
+stop.set()
+"""
+
+
+def test_an_actor_process_runs_at_its_parents_priority():
+    """Ray starts its workers at nice 15: an actor's process and its threads, those started before and
+    after, go back to their parent's niceness (here the test's, as a raylet's for an actor)."""
+    if os.geteuid() != 0:
+        pytest.skip("raising a priority needs root (CI runs as root)")
+    out = subprocess.run(["nice", "-n", "15", sys.executable, "-c", CHILD], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    assert out[0] == "True" and len(out) >= 4   # the main thread, the one started before, the one after
+    assert [int(n) for n in out[1:]] == [mine] * (len(out) - 1)   # (and BLAS's, where it has some)

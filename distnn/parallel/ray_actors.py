@@ -34,6 +34,13 @@ from .simulate import SimulatedWorker
 from .worker import GradientWorker
 
 
+def _own_process() -> None:
+    """What an actor's process sets up for itself first: the allocator's thresholds, and its threads
+    at its raylet's priority (``affinity.match_parent_priority``)."""
+    tune_allocator()
+    affinity.match_parent_priority()
+
+
 class ProcessInfo:
     """What the driver asks of any actor's process."""
 
@@ -64,7 +71,7 @@ class ServerActor(ProcessInfo, ParameterServer):
     pushes of the next step may already run in other threads)."""
 
     def __init__(self, *args, inline_bytes: int = 0, **kwargs):
-        tune_allocator()  # this process is the actor's own
+        _own_process()
         self._inline_bytes = inline_bytes
         self._plane = self._link = None
         super().__init__(*args, **kwargs)
@@ -135,7 +142,7 @@ class ServerActor(ProcessInfo, ParameterServer):
 
 class WorkerActor(ProcessInfo, GradientWorker):
     def __init__(self, *args, **kwargs):
-        tune_allocator()  # this process is the actor's own
+        _own_process()
         super().__init__(*args, **kwargs)
         self._reset_connections()
 
@@ -197,7 +204,7 @@ class ReducerActor(ProcessInfo, NodeReducer):
 
     def __init__(self, ranks, world: int, size: int, servers: list, bounds=None, timeout: float = 600.0,
                  inline_bytes: int = 100 * 1024):
-        tune_allocator()
+        _own_process()
         super().__init__(ranks, self._forward)
         self._servers, self._cuts, self._timeout = servers, bounds or [(0, size)], timeout
         self._chunk = max(1024, (inline_bytes - 4096) // 4)   # floats per chunk, under the limit with its header
