@@ -69,6 +69,13 @@ def test_machines_have_their_ips_shaped_links_hidden_folders_and_leave_nothing(t
         assert int(count) == 4_000_000 and float(seconds) > 0.8 * 32e6 / 1e8   # 32 Mbit at 100 Mbit/s
         tx, rx = m.counters()[0]["tx_bytes"], m.counters()[1]["rx_bytes"]
         assert tx >= 4_000_000 and rx >= 4_000_000
+        by_ip = lambda: [json.loads(subprocess.run(["ip", "-n", ns, "-s", "-j", "link", "show", "eth0"],
+                                                   capture_output=True, text=True).stdout)[0]["stats64"]
+                         for ns in m.namespaces]
+        before, read, after = by_ip(), m.counters(), by_ip()   # /proc/PID/net/dev: the same counters as ip's
+        for b, r, a in zip(before, read, after):
+            assert b["tx"]["bytes"] <= r["tx_bytes"] <= a["tx"]["bytes"]
+            assert b["rx"]["bytes"] <= r["rx_bytes"] <= a["rx"]["bytes"]
         seen = [m.run(i, ["test", "-e", hidden / "f"], timeout=10).returncode for i in (0, 1)]
         assert seen == [0, 1]   # machine 1 sees an empty folder there
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
