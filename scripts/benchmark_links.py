@@ -6,7 +6,7 @@ link carried per step, read from its interface counters, beside what distnn's ow
 Needs root; PyTorch is optional (its column is left out without it).
 
     sudo python scripts/benchmark_links.py --source ../shared/data/mnist [--rates 10gbit 1gbit 100mbit]
-        [--models lenet5 cifar_convnet] [--modes sync raycalls servers2 topk local8] [--epochs 1]
+        [--models lenet5 cifar_convnet] [--modes sync raycalls servers2 topk local8 unpinned] [--epochs 1]
         [--rounds 1] [--out benchmarks/links.json]
 
 ``--rounds N`` runs every contender of a rate and model N times, in turns (all modes, then DDP, then
@@ -16,7 +16,9 @@ run's time is kept in its row (``runs``).
 
 Modes: sync (the default path: links between machines), raycalls (every step's data by Ray calls, the
 A/B of the links), servers2 (a shard on each machine), topk (--compress topk:0.01, both ways), local8
-(--sync-every 8). lenet5 trains on the real MNIST; cifar_convnet on generated CIFAR-shaped data (no real CIFAR offline:
+(--sync-every 8), unpinned (sync with DISTNN_PIN=0: the workers' compute threads not pinned to cores
+of their own, ``parallel/affinity.py``). PyTorch DDP runs twice: as launched by default, and pinned
+(each rank's computing thread on a core of its own, as distnn pins its workers). lenet5 trains on the real MNIST; cifar_convnet on generated CIFAR-shaped data (no real CIFAR offline:
 its accuracy means nothing, its times do).
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse
 import functools
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -39,11 +42,12 @@ from distnn.data.prepare import prepare
 from benchmark_scaling import fake_cifar   # the generated CIFAR-shaped set of the scaling benchmark
 
 MODES = {"sync": [], "raycalls": ["--data-plane", "ray"], "servers2": ["--servers", "2"],
-         "topk": ["--compress", "topk:0.01"], "local8": ["--sync-every", "8"]}
+         "topk": ["--compress", "topk:0.01"], "local8": ["--sync-every", "8"], "unpinned": []}
+ENVS = {"unpinned": {"DISTNN_PIN": "0"}}   # the modes that differ by the driver's environment
 SCRIPTS = Path(__file__).resolve().parent
 
 
-def distnn_run(m, data, out, flags, epochs, log_every=10) -> dict:
+def distnn_run(m, data, out, flags, epochs, env=None, log_every=10) -> dict:
     """A distnn run from machine 0. Machine 1's interface counters are read each time a step line is
     logged; the bytes per step are taken between the first and the last logged step (start-up, the
     epoch's test and its checkpoint are not counted)."""
@@ -52,7 +56,7 @@ def distnn_run(m, data, out, flags, epochs, log_every=10) -> dict:
            str(log_every), "--checkpoint-every", "100000", *flags]
     log = out.with_name(out.name + ".log")   # a file, not a pipe: nobody reads a pipe while the run goes on
     with open(log, "w") as sink:
-        proc = m.popen(0, cmd, stdout=sink, stderr=subprocess.STDOUT)
+        proc = m.popen(0, cmd, stdout=sink, stderr=subprocess.STDOUT, env=env or {})
         samples = m.counters_by_step(proc, out / "metrics.jsonl")
         proc.wait(timeout=600)
     if proc.returncode != 0 or len(samples) < 2:
@@ -65,15 +69,18 @@ def distnn_run(m, data, out, flags, epochs, log_every=10) -> dict:
             "wire_down_per_step": round((c1["rx_bytes"] - c0["rx_bytes"]) / (s1 - s0))}
 
 
-def ddp_run(m, data, model, epochs, out: Path) -> dict:
+def ddp_run(m, data, model, epochs, out: Path, pinned=False) -> dict:
+    """DDP's twin, a rank on each machine; ``pinned``: rank i's computing thread on core i (the
+    emulated machines share this host's cores, as distnn's pinned workers do)."""
     common = ["--world", "2", "--master", f"{m.ips[0]}:29500", "--data", str(data), "--model", model,
               "--epochs", str(epochs)] + (["--labels", "coarse"] if model == "cifar_convnet" else [])
+    pin = (lambda i: ["--pin-core", str(i)]) if pinned else (lambda i: [])
     env = {"GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1"}
-    other = m.popen(1, [sys.executable, SCRIPTS / "ddp_twin.py", "--rank", "1", *common], env=env,
+    other = m.popen(1, [sys.executable, SCRIPTS / "ddp_twin.py", "--rank", "1", *common, *pin(1)], env=env,
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     c0 = m.counters()[1]
-    done = m.run(0, [sys.executable, SCRIPTS / "ddp_twin.py", "--rank", "0", *common, "--out", out], env=env,
-                 timeout=1800)
+    done = m.run(0, [sys.executable, SCRIPTS / "ddp_twin.py", "--rank", "0", *common, *pin(0), "--out", out],
+                 env=env, timeout=1800)
     c1 = m.counters()[1]
     other.communicate(timeout=120)
     if done.returncode != 0:
@@ -114,9 +121,13 @@ def main(argv=None):
                     extra = ["--model", model] + (["--labels", "coarse", "--batch-size", "64"]
                                                   if model == "cifar_convnet" else [])
                     runs = {f"distnn {mode}": functools.partial(distnn_run, m, data[model], flags=MODES[mode] + extra,
-                                                                epochs=args.epochs) for mode in args.modes}
+                                                                epochs=args.epochs, env=ENVS.get(mode))
+                            for mode in args.modes}
                     if ddp:
                         runs["PyTorch DDP"] = functools.partial(ddp_run, m, data[model], model, args.epochs)
+                        if len(os.sched_getaffinity(0)) >= 2:
+                            runs["PyTorch DDP pinned"] = functools.partial(ddp_run, m, data[model], model,
+                                                                           args.epochs, pinned=True)
                     best = {}
                     for k in range(max(args.rounds, 1)):
                         for who, run in runs.items():   # each run its own output (a run's metrics start empty)
@@ -128,12 +139,12 @@ def main(argv=None):
                                 best[who] = r
                             best[who]["runs"] = times + [r["train_seconds"]]
                     rows += best.values()
-    print(f"\n{'rate':8} {'model':14} {'who':16} {'train s':>8} {'acc':>7} {'step ms':>8} {'up B/step':>10} "
+    print(f"\n{'rate':8} {'model':14} {'who':19} {'train s':>8} {'acc':>7} {'step ms':>8} {'up B/step':>10} "
           f"{'down B/step':>11} {'acct up':>9} {'acct down':>10}")
     for r in rows:
         acct = r.get("bytes_per_step", {})
         ms = r.get("per_step_ms", {}).get("total", r["train_seconds"] / r["steps"] * 1e3)
-        print(f"{r['rate']:8} {r['model']:14} {r['who']:16} {r['train_seconds']:8.2f} {r['test_accuracy']:7.4f} "
+        print(f"{r['rate']:8} {r['model']:14} {r['who']:19} {r['train_seconds']:8.2f} {r['test_accuracy']:7.4f} "
               f"{ms:8.2f} {r['wire_up_per_step']:10d} {r['wire_down_per_step']:11d} "
               f"{acct.get('gradients_to_servers', 0) // 2:9d} {acct.get('parameters_to_workers', 0) // 2:10d}")
     result = {"host": host, "date": time.strftime("%Y-%m-%d"), "rows": rows,

@@ -5,7 +5,8 @@ linear warmup then cosine, batch per rank) and 1 thread per rank, over gloo. One
 (pip install torch==2.13.0).
 
     python scripts/ddp_twin.py --rank 0 --world 2 --master 10.88.0.10:29500 --data DATASET \
-        [--model lenet5] [--epochs 1] [--batch-size 64] [--lr 0.006] [--warmup 100] [--out result.json]
+        [--model lenet5] [--epochs 1] [--batch-size 64] [--lr 0.006] [--warmup 100] [--pin-core K]
+        [--out result.json]
 
 Rank 0 prints one JSON line: training time, steps, test accuracy (and writes it to --out).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -38,6 +40,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=0.006)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pin-core", type=int, help="run the computing thread on this core (as distnn pins its "
+                                                 "workers); gloo's threads stay free")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the other ranks")
     ap.add_argument("--out")
@@ -55,6 +59,8 @@ def main(argv=None):
                    drop_last=True)
     test = Loader(ds, "test", batch_size=1000, labels=args.labels, shuffle=False)
     net = nn.parallel.DistributedDataParallel(torch_twin(spec))
+    if args.pin_core is not None:   # this thread only: gloo's, started above, stay free
+        os.sched_setaffinity(0, {args.pin_core})
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     total = len(train) * args.epochs
 
