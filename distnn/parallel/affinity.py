@@ -49,7 +49,7 @@ def place() -> tuple[str, tuple[int, ...]]:
 
 def assign(places: list, threads: int, taken: dict | None = None) -> list:
     """The cores for each worker's compute thread: places[i] = (machine, usable cores) of worker i;
-    ``taken``: {machine: cores} that the workers left as they are already use. Workers of one
+    ``taken``: {machine: cores} already held by workers left as they are. Workers of one
     machine get ``threads`` cores each, distinct from each other's and from ``taken``'s, in the
     order given; where that many are not free for every one of them, each of that machine's
     workers gets None (stays unpinned). Returns a list of tuples or None, one per place."""
