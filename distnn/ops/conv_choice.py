@@ -35,7 +35,7 @@ from .._io import cache_dir
 ALGORITHMS = ("im2col", "winograd", "winograd4", "shifted", "direct")
 STEPS = ("forward", "input_grad", "weight_grad")
 REPEATS = 3                # timed runs of each algorithm after one warm-up; the best counts
-REVISION = 6               # raised when an algorithm's kernels change speed: every host calibrates again
+REVISION = 7               # raised when an algorithm's kernels change speed: every host calibrates again
 MARGIN = 0.1               # how much faster than the fixed rule's algorithm another must time to replace it:
                            # a step's timing leaves out what its choice costs the steps around it
                            # (the layout it leaves, inputs a weight gradient must build again), and

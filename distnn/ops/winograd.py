@@ -44,12 +44,15 @@ def band_values() -> int:
 
 def _bands(th: int, tw: int, n: int, c: int, f: Tiles):
     """(first, last tile row, first, last image) of each band: whole tile rows of every image while
-    their transformed tiles fit in ``band_values``, else one tile row of as many images as fit."""
+    their transformed tiles fit in ``band_values``, else one tile row of a group of images, as many
+    groups as budgets the row holds, rounded to the nearest (a band is at most 1.5 budgets: a row
+    just over one budget cut in two made twice the calls, each product half as long; cifar_convnet's
+    32x32x32 layer at batch 64, forward and both gradients, 25.2 -> 22.7 ms)."""
     budget, per_image = band_values(), f.size ** 2 * tw * max(c, 1)
     if per_image * n <= budget:
         rows = budget // (per_image * n)
         return [(t, min(th, t + rows), 0, n) for t in range(0, th, rows)]
-    groups = -(-per_image * n // budget)
+    groups = max(1, round(per_image * n / budget))
     images = -(-n // groups)   # the same number in each group, but for the last
     return [(t, t + 1, a, min(n, a + images)) for t in range(th) for a in range(0, n, images)]
 
