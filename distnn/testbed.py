@@ -181,7 +181,7 @@ class Machines:
     def _counters(self, i: int) -> dict:
         ns = self.namespaces[i]
         for fresh in (False, True):
-            if fresh or i not in self._inside:
+            if fresh or self._inside.get(i) is None:   # (a machine that starts its node later gets one)
                 pids = _sh("ip", "netns", "pids", ns, check=False).stdout.split()
                 self._inside[i] = int(pids[0]) if pids else None
             pid = self._inside[i]
