@@ -14,7 +14,8 @@ Names carry this process's id, so that runs never collide and a later run can re
 left (``remove_stale``). Everything is removed on ``close``, also after an error or Ctrl-C: the
 processes of each namespace (``ip netns pids``, never ``ray stop``, which ends every Ray process on
 the host), the namespaces, the temporary folder (Ray's session files and its ``ray_current_cluster``
-pointer live there).
+pointer live there). The namespace plumbing (``ip``, a namespace's processes, its interface's
+counters) is ``netns.py``.
 """
 from __future__ import annotations
 
@@ -23,12 +24,13 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from .netns import InterfaceCounters, kill_namespace, sh
 
 PREFIX = "dnn"
 SUBNET = "10.88.0"
@@ -65,40 +67,16 @@ def parse_rate(rate: str) -> float:
     return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)]
 
 
-def _sh(*argv, check=True, timeout=60.0, **kwargs):
-    done = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout, **kwargs)
-    if check and done.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, argv))}: {done.stderr.strip() or done.stdout.strip()}")
-    return done
-
-
-def _kill_namespace(ns: str, grace: float = 5.0) -> None:
-    """End every process of network namespace ``ns``: SIGTERM, then SIGKILL after ``grace`` seconds."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _sh("ip", "netns", "pids", ns, check=False).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), sig)
-            except (ProcessLookupError, ValueError):
-                pass
-        deadline = time.monotonic() + grace
-        while pids and time.monotonic() < deadline:
-            time.sleep(0.1)
-            pids = _sh("ip", "netns", "pids", ns, check=False).stdout.split()
-        if not pids:
-            return
-
-
 def remove_stale() -> list[str]:
     """Namespaces of emulated machines whose creating process is gone (a run killed with SIGKILL):
     their processes ended, the namespaces deleted. Returns their names."""
     gone = []
-    for line in _sh("ip", "netns", "list", check=False).stdout.splitlines():
+    for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.strip() else ""
         m = re.fullmatch(rf"{PREFIX}(\d+)x[0-9a-f]+-\w+", name)
         if m and not Path(f"/proc/{m.group(1)}").exists():
-            _kill_namespace(name, grace=1.0)
-            _sh("ip", "netns", "del", name, check=False)
+            kill_namespace(name, grace=1.0)
+            sh("ip", "netns", "del", name, check=False)
             gone.append(name)
     return gone
 
@@ -128,7 +106,7 @@ class Machines:
         self.root = Path(tempfile.mkdtemp(prefix=f"{self.id}-", dir="/tmp"))   # short: Ray's socket paths
         self.hidden = {int(k): [str(Path(p).resolve()) for p in v] for k, v in (hide or {}).items()}
         self._made = []
-        self._inside = {}   # machine -> a pid in its namespace (``counters``)
+        self._counters = InterfaceCounters(self.namespaces, "eth0")
         try:
             self._network()
             for i in range(n if nodes is None else nodes):
@@ -140,23 +118,23 @@ class Machines:
 
     # -- the network -------------------------------------------------------------------------------
     def _network(self) -> None:
-        _sh("ip", "netns", "add", self.switch)
+        sh("ip", "netns", "add", self.switch)
         self._made.append(self.switch)
         sw = ["ip", "-n", self.switch]
-        _sh(*sw, "link", "add", "br0", "type", "bridge")
-        _sh(*sw, "link", "set", "br0", "up")
-        _sh(*sw, "link", "set", "lo", "up")
+        sh(*sw, "link", "add", "br0", "type", "bridge")
+        sh(*sw, "link", "set", "br0", "up")
+        sh(*sw, "link", "set", "lo", "up")
         for i, (ns, ip) in enumerate(zip(self.namespaces, self.ips)):
-            _sh("ip", "netns", "add", ns)
+            sh("ip", "netns", "add", ns)
             self._made.append(ns)
-            _sh("ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", f"m{i}",
+            sh("ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", f"m{i}",
                 "netns", self.switch)
-            _sh(*sw, "link", "set", f"m{i}", "master", "br0")
-            _sh(*sw, "link", "set", f"m{i}", "up")
+            sh(*sw, "link", "set", f"m{i}", "master", "br0")
+            sh(*sw, "link", "set", f"m{i}", "up")
             me = ["ip", "-n", ns]
-            _sh(*me, "addr", "add", f"{ip}/24", "dev", "eth0")
-            _sh(*me, "link", "set", "eth0", "up")
-            _sh(*me, "link", "set", "lo", "up")
+            sh(*me, "addr", "add", f"{ip}/24", "dev", "eth0")
+            sh(*me, "link", "set", "eth0", "up")
+            sh(*me, "link", "set", "lo", "up")
             self.shape(i, self.rate)
 
     def shape(self, i: int, rate: str, burst: str | None = None) -> None:
@@ -164,37 +142,17 @@ class Machines:
         burst = burst or (self.burst if rate == self.rate else burst_for(rate))
         parse_rate(rate)
         for ns, dev in ((self.namespaces[i], "eth0"), (self.switch, f"m{i}")):
-            _sh("tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", burst,
+            sh("tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", burst,
                 "latency", "100ms")
 
     def link(self, i: int, up: bool) -> None:
         """Machine ``i``'s link down (no packet passes either way) or up again."""
-        _sh("ip", "-n", self.switch, "link", "set", f"m{i}", "up" if up else "down")
+        sh("ip", "-n", self.switch, "link", "set", f"m{i}", "up" if up else "down")
 
     def counters(self) -> list[dict]:
-        """Bytes each machine's interface sent and received so far (the kernel's counters), read from
-        ``/proc/PID/net/dev`` of a process in the machine's namespace: no process is started, as a
-        benchmark reads them every few steps of the run it measures (two ``ip`` commands a poll took
-        5-10% of a core from it). A machine with no process left is asked through ``ip``."""
-        return [self._counters(i) for i in range(self.n)]
-
-    def _counters(self, i: int) -> dict:
-        ns = self.namespaces[i]
-        for fresh in (False, True):
-            if fresh or self._inside.get(i) is None:   # (a machine that starts its node later gets one)
-                pids = _sh("ip", "netns", "pids", ns, check=False).stdout.split()
-                self._inside[i] = int(pids[0]) if pids else None
-            pid = self._inside[i]
-            if pid is None:
-                break
-            try:   # the pid still in this namespace (not gone, nor reused elsewhere)
-                if os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{ns}").st_ino:
-                    return _dev_counters(Path(f"/proc/{pid}/net/dev").read_text(), "eth0")
-            except (OSError, ValueError):
-                pass
-        (link,) = json.loads(_sh("ip", "-n", ns, "-s", "-j", "link", "show", "eth0").stdout)
-        stats = link["stats64"]
-        return {"tx_bytes": stats["tx"]["bytes"], "rx_bytes": stats["rx"]["bytes"]}
+        """Bytes each machine's interface sent and received so far (the kernel's counters, read without
+        starting a process: ``netns.InterfaceCounters``)."""
+        return self._counters.read()
 
     # -- Ray -----------------------------------------------------------------------------------------
     def env(self, i: int = 0) -> dict:
@@ -286,14 +244,14 @@ class Machines:
 
     def lose(self, i: int) -> None:
         """Machine ``i`` is gone: every process of its namespace killed at once (its Ray node included)."""
-        _kill_namespace(self.namespaces[i], grace=0.0)
+        kill_namespace(self.namespaces[i], grace=0.0)
 
     # -- the end -------------------------------------------------------------------------------------
     def close(self) -> None:
         """Remove everything: the machines' processes, the namespaces, the temporary folder."""
         for ns in reversed(self._made):
-            _kill_namespace(ns)
-            _sh("ip", "netns", "del", ns, check=False)
+            kill_namespace(ns)
+            sh("ip", "netns", "del", ns, check=False)
         self._made = []
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -302,16 +260,6 @@ class Machines:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _dev_counters(text: str, device: str) -> dict:
-    """{"tx_bytes", "rx_bytes"} of ``device`` in the text of a /proc/PID/net/dev."""
-    for line in text.splitlines():
-        name, _, values = line.partition(":")
-        if name.strip() == device:
-            fields = values.split()
-            return {"tx_bytes": int(fields[8]), "rx_bytes": int(fields[0])}
-    raise ValueError(f"no {device} in /proc/.../net/dev")
 
 
 def _whole_json(line: str) -> bool:
