@@ -21,7 +21,7 @@ the whole batch is more than a band, a band is one tile row of a group of images
 T_band, C) and contiguous, T_band = tile rows * Wo/m * images, written into one buffer that every band
 reuses; the filter gradient transforms the input's tiles again rather than keep them from the forward
 (kept, 2.25x the input for F(4x4) went out to memory and back: the resnet20 step at batch 64 and 256
-took 1.02-1.06x as long). The padding is never made: the transforms read zeros outside the image.
+took 1.05x and 1.06x as long). The padding is never made: the transforms read zeros outside the image.
 """
 from __future__ import annotations
 
