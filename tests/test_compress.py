@@ -9,6 +9,7 @@ import pytest
 from datagen import prepared_mnist
 from distnn.config import ConfigError, TrainConfig
 from distnn.parallel import ParameterServer
+from distnn.parallel.collect import StepParts, chunk_bounds, union
 from distnn.parallel.compress import Compressor, Sparse, Update, dense, parse
 from distnn.parallel.specs import OptimizerSpec, ScheduleSpec
 from distnn.train import Trainer
@@ -29,6 +30,25 @@ def test_sent_plus_residual_is_what_was_owed(method, bounds):
             k = sum(p.index.size for p in sent)
             assert all(isinstance(p, Sparse) for p in sent) and k >= 0.01 * 1000
             assert np.count_nonzero(np.concatenate([dense(p) for p in sent])) <= k
+
+
+def test_the_sparse_mean_is_the_dense_mean_at_the_union_of_the_entries():
+    """A shard's mean of top-k gradients: the dense mean, non-zero only where some worker sent an
+    entry, and those entries (sorted, once each) are what its reply carries."""
+    rng = np.random.default_rng(4)
+    parts = []
+    for _ in range(3):
+        index = np.sort(rng.choice(500, 40, replace=False)).astype(np.int32)
+        parts.append(Sparse(index, rng.standard_normal(40).astype(np.float32), 500))
+    steps = StepParts(3, chunk_bounds(500, None))
+    for rank, part in enumerate(parts):
+        steps.add((rank,), part)
+    mean = steps.mean(0)
+    expected = (dense(parts[0]) + dense(parts[1]) + dense(parts[2])) * np.float32(1 / 3)
+    assert np.array_equal(mean, expected)
+    assert np.array_equal(steps.index, np.unique(np.concatenate([p.index for p in parts])))
+    assert steps.index.dtype == np.int32 and not mean[np.setdiff1d(np.arange(500), steps.index)].any()
+    assert np.array_equal(union([np.array([3, 5], np.int32)]), [3, 5])
 
 
 def test_bytes_on_the_wire():
