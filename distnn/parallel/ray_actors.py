@@ -135,10 +135,6 @@ class ServerActor(ProcessInfo, ParameterServer):
         with self._step_done:
             return self.params.copy()
 
-    def state(self):
-        with self._step_done:
-            return super().state()
-
 
 class WorkerActor(ProcessInfo, GradientWorker):
     def __init__(self, *args, **kwargs):
