@@ -10,7 +10,7 @@ from datagen import prepared_mnist
 from distnn.config import ConfigError, TrainConfig
 from distnn.parallel import ParameterServer
 from distnn.parallel.collect import StepParts, chunk_bounds, union
-from distnn.parallel.compress import Compressor, Sparse, Update, dense, parse
+from distnn.parallel.compress import Compressor, Sparse, Update, dense, largest, parse
 from distnn.parallel.specs import OptimizerSpec, ScheduleSpec
 from distnn.train import Trainer
 
@@ -30,6 +30,29 @@ def test_sent_plus_residual_is_what_was_owed(method, bounds):
             k = sum(p.index.size for p in sent)
             assert all(isinstance(p, Sparse) for p in sent) and k >= 0.01 * 1000
             assert np.count_nonzero(np.concatenate([dense(p) for p in sent])) <= k
+
+
+@pytest.mark.parametrize("case", ["scales", "sample_low", "sample_high", "zeros", "ties", "small"])
+def test_the_entries_sent_are_those_of_largest_magnitude(case):
+    """``largest`` (a threshold read off every 16th entry, then a partition of the entries above it)
+    picks the k entries a full sort would, also where the sample misses them all, or sets a threshold
+    that fewer than k reach (the fallback to a partition of everything)."""
+    rng = np.random.default_rng(5)
+    n, k = (100, 7) if case == "small" else (20_000, 200)
+    x = (rng.standard_normal(n) * rng.choice([1e-4, 1e-2, 1.0], n)).astype(np.float32)
+    if case == "sample_low":
+        x[::16] = 0
+        x[1::16] *= 1e4      # the k largest all lie between the sampled entries
+    if case == "sample_high":
+        x[::16] *= 1e4       # only the sampled entries reach the threshold read off them: under k
+    if case == "zeros":
+        x[:] = 0
+    if case == "ties":
+        x = np.round(x * 4).astype(np.float32)
+    index = largest(x, k)
+    assert index.dtype == np.int32 and index.size == k and np.all(np.diff(index) > 0)
+    kth = np.sort(np.abs(x))[n - k]
+    assert np.all(np.abs(x[index]) >= kth) and np.count_nonzero(np.abs(x) > kth) <= k
 
 
 def test_the_sparse_mean_is_the_dense_mean_at_the_union_of_the_entries():

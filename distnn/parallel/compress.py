@@ -80,13 +80,29 @@ class Compressor:
                 sent = np.clip(part, -FP16_MAX, FP16_MAX).astype(np.float16)
                 part -= sent.astype(np.float32)
             else:
-                k = max(1, math.ceil(self.fraction * part.size))
-                index = np.sort(np.argpartition(np.abs(part), part.size - k)[part.size - k:]).astype(np.int32)
+                index = largest(part, max(1, math.ceil(self.fraction * part.size)))
                 sent = Sparse(index, part[index].copy(), part.size)
                 part[index] = 0
             payloads.append(sent)
         return payloads
 
+
+def largest(x: np.ndarray, k: int) -> np.ndarray:
+    """The positions (int32, ascending) of the ``k`` entries of ``x`` (n,) of largest magnitude (of
+    equal ones, any). Where k is small against n, a threshold below the k-th magnitude is read off
+    every 16th entry (the 2k-th largest of them would have about 2k entries at or above it in x),
+    and only the entries at or above it are partitioned: 45 against 110 us for lenet5's 61706 at 1%.
+    A threshold that leaves fewer than k (an unlucky sample) falls back to partitioning all of x."""
+    n = x.size
+    magnitude = np.abs(x)
+    if 32 * k <= n:
+        sample = magnitude[::16]
+        rank = sample.size - 1 - min(sample.size - 1, 2 * k * sample.size // n)
+        candidates = np.flatnonzero(magnitude >= np.partition(sample, rank)[rank])
+        if candidates.size >= k:
+            chosen = np.argpartition(magnitude[candidates], candidates.size - k)[candidates.size - k:]
+            return np.sort(candidates[chosen]).astype(np.int32)
+    return np.sort(np.argpartition(magnitude, n - k)[n - k:]).astype(np.int32)
 
 
 @dataclass(frozen=True)
