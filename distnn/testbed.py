@@ -216,30 +216,34 @@ class Machines:
         env = {**self.env(i), **kwargs.pop("env", {})}
         return subprocess.Popen(self.command(i, argv), env=env, **kwargs)
 
-    def counters_by_step(self, proc, metrics: Path, machine: int = 1, timeout: float = 1800.0) -> list:
+    def counters_by_step(self, proc, metrics: Path, machine: int = 1, timeout: float = 1800.0,
+                         poll: float = 0.05) -> list:
         """Follow a training run ``proc`` (started with ``popen``) to its end: each time its
         ``metrics.jsonl`` has logged steps of the first epoch, machine ``machine``'s interface counters
         with the newest of those steps. Returns [(step, counters)]: the bytes between two entries are
         those steps' traffic alone (no start-up, no test, no checkpoint). The last entry is left out:
         what follows the epoch's last step starts at once (the test; the last checkpoint, which fetches
         a top-k worker's residual, 8 bytes per parameter), and counters read a poll later would count
-        part of it."""
-        seen, samples, tested = 0, [], False
+        part of it. Each ``poll`` reads only the lines added since the last (this shares the cores
+        with the run it measures)."""
+        samples, tested, offset, partial = [], False, 0, b""
         deadline = time.monotonic() + timeout
         while proc.poll() is None and time.monotonic() < deadline:
-            lines = metrics.read_text().splitlines() if metrics.exists() else []
-            if lines and not _whole_json(lines[-1]):   # being written: read it next time
-                lines = lines[:-1]
-            newest = None
-            for line in lines[seen:]:
-                record = json.loads(line)
-                tested = tested or record.get("type") == "epoch"
-                if record.get("type") == "step" and not tested:
-                    newest = record["step"]
-            if newest is not None:
-                samples.append((newest, self.counters()[machine]))
-            seen = len(lines)
-            time.sleep(0.02)
+            if metrics.exists():
+                with open(metrics, "rb") as f:
+                    f.seek(offset)
+                    data = f.read()
+                offset += len(data)
+                *lines, partial = (partial + data).split(b"\n")   # the last is being written: kept for later
+                newest = None
+                for line in filter(None, lines):
+                    record = json.loads(line)
+                    tested = tested or record.get("type") == "epoch"
+                    if record.get("type") == "step" and not tested:
+                        newest = record["step"]
+                if newest is not None:
+                    samples.append((newest, self.counters()[machine]))
+            time.sleep(poll)
         return samples[:-1]
 
     def lose(self, i: int) -> None:
@@ -260,14 +264,6 @@ class Machines:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _whole_json(line: str) -> bool:
-    try:
-        json.loads(line)
-        return True
-    except json.JSONDecodeError:
-        return False
 
 
 def _quote(path: str) -> str:

@@ -47,13 +47,13 @@ ENVS = {"unpinned": {"DISTNN_PIN": "0"}}   # the modes that differ by the driver
 SCRIPTS = Path(__file__).resolve().parent
 
 
-def distnn_run(m, data, out, flags, epochs, env=None, log_every=10) -> dict:
+def distnn_run(m, data, out, flags, epochs, env=None) -> dict:
     """A distnn run from machine 0. Machine 1's interface counters are read each time a step line is
     logged; the bytes per step are taken between the first and the last logged step (start-up, the
     epoch's test and its checkpoint are not counted)."""
     cmd = [sys.executable, "-m", "distnn.cli", "train", "--address", m.address, "--workers", "2", "--dataset", str(data),
-           "--epochs", str(epochs), "--out", str(out), "--overwrite", "remove", "--quiet", "--log-every",
-           str(log_every), "--checkpoint-every", "100000", *flags]
+           "--epochs", str(epochs), "--out", str(out), "--overwrite", "remove", "--quiet",
+           "--checkpoint-every", "100000", *flags]
     log = out.with_name(out.name + ".log")   # a file, not a pipe: nobody reads a pipe while the run goes on
     with open(log, "w") as sink:
         proc = m.popen(0, cmd, stdout=sink, stderr=subprocess.STDOUT, env=env or {})
