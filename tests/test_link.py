@@ -89,6 +89,37 @@ def test_a_wrong_secret_is_refused_and_an_abort_releases_a_waiting_worker():
     server.close()
 
 
+def test_an_abort_releases_a_worker_waiting_for_a_top_k_step_and_the_next_step_goes_on():
+    """A top-k step's reply comes from the thread that read the gradient: an abort while it waits
+    answers -1 (the worker's receive raises), and after the shard's recovery new links (the old ones
+    are stale) carry the step again."""
+    from distnn.parallel.compress import Compressor, Update
+    s = ParameterServer(np.zeros(SIZE, np.float32), OPT, SCHED, world=2, reply_updates=True)
+    server = LinkServer(s, "127.0.0.1", 1000)
+    s.cut(1000)
+    clients = [LinkClient(server.offer(), r) for r in range(2)]
+    compressor = Compressor("topk:0.05", SIZE)
+    try:
+        clients[0].send(compressor(np.ones(SIZE, np.float32))[0], 0)   # worker 1 never sends step 0
+        timer = threading.Timer(0.5, s.abort, args=("worker 1 died",))
+        timer.start()
+        with pytest.raises(StepAbandoned, match="step 0 abandoned"):
+            clients[0].receive(0)
+        assert s.recover() == 0
+        for c in clients:
+            c.close()
+        clients = [LinkClient(server.offer(), r) for r in range(2)]
+        for c in clients:
+            c.send(compressor(np.ones(SIZE, np.float32))[0], 0)
+        for c in clients:
+            update = c.receive(0)
+            assert isinstance(update, Update) and update.step == 0
+    finally:
+        for c in clients:
+            c.close()
+        server.close()
+
+
 def _congestion(sock) -> bytes:
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0")
 
