@@ -37,6 +37,7 @@ from pathlib import Path
 from distnn import testbed
 from distnn._hardware import describe as describe_host
 from distnn._io import atomic_write_text
+from distnn.data import open_dataset
 from distnn.data.prepare import prepare
 
 from benchmark_scaling import fake_cifar   # the generated CIFAR-shaped set of the scaling benchmark
@@ -47,13 +48,20 @@ ENVS = {"unpinned": {"DISTNN_PIN": "0"}}   # the modes that differ by the driver
 SCRIPTS = Path(__file__).resolve().parent
 
 
+def log_every(data, batch: int) -> list[str]:
+    """The run's ``--log-every``: distnn's default (20 steps, one Ray call per worker each) where the
+    epoch of two workers x ``batch`` has at least 4 such lines for the counters, else a quarter of it."""
+    steps = open_dataset(data).count("train") // (2 * batch)
+    return [] if steps >= 80 else ["--log-every", str(max(1, steps // 4))]
+
+
 def distnn_run(m, data, out, flags, epochs, env=None) -> dict:
     """A distnn run from machine 0. Machine 1's interface counters are read each time a step line is
     logged; the bytes per step are taken between the first and the last logged step (start-up, the
     epoch's test and its checkpoint are not counted)."""
     cmd = [sys.executable, "-m", "distnn.cli", "train", "--address", m.address, "--workers", "2", "--dataset", str(data),
            "--epochs", str(epochs), "--out", str(out), "--overwrite", "remove", "--quiet",
-           "--checkpoint-every", "100000", *flags]
+           "--checkpoint-every", "100000", *log_every(data, 64), *flags]
     log = out.with_name(out.name + ".log")   # a file, not a pipe: nobody reads a pipe while the run goes on
     with open(log, "w") as sink:
         proc = m.popen(0, cmd, stdout=sink, stderr=subprocess.STDOUT, env=env or {})
