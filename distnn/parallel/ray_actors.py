@@ -28,7 +28,7 @@ from . import affinity
 from .reducer import NodeReducer
 from .server import ParameterServer, StepAbandoned
 from .shm import Plane
-from .link import LinkServer, node_address
+from .link import LinkServer
 from .ray_paths import ShardPaths, fetch, fetch_parts
 from .simulate import SimulatedWorker
 from .worker import GradientWorker
@@ -39,6 +39,13 @@ def _own_process() -> None:
     at its raylet's priority (``affinity.match_parent_priority``)."""
     tune_allocator()
     affinity.match_parent_priority()
+
+
+def node_address() -> str:
+    """This node's address as Ray knows it (the one other nodes reach it by)."""
+    if ray.is_initialized():
+        return ray.util.get_node_ip_address()
+    return os.environ.get("DISTNN_LINK_HOST", "127.0.0.1")
 
 
 class ProcessInfo:
