@@ -217,7 +217,7 @@ class Machines:
         return subprocess.Popen(self.command(i, argv), env=env, **kwargs)
 
     def counters_by_step(self, proc, metrics: Path, machine: int = 1, timeout: float = 1800.0,
-                         poll: float = 0.05) -> list:
+                         poll: float = 0.02) -> list:
         """Follow a training run ``proc`` (started with ``popen``) to its end: each time its
         ``metrics.jsonl`` has logged steps of the first epoch, machine ``machine``'s interface counters
         with the newest of those steps. Returns [(step, counters)]: the bytes between two entries are

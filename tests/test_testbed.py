@@ -154,7 +154,7 @@ def wire_per_step(m, mnist, out, flags) -> dict:
     """One run's bytes per step each way on machine 1's interface, and its account of them."""
     log = out.with_name(out.name + ".log")
     with open(log, "w") as sink:   # a file, not a pipe: nothing reads it while the run goes on
-        run = m.popen(0, train_args(mnist, out, "--address", m.address, "--log-every", "4", "--batch-size", "8",
+        run = m.popen(0, train_args(mnist, out, "--address", m.address, "--log-every", "4", "--batch-size", "4",
                                     "--model-options", "{hidden = [256]}", *flags),
                       stdout=sink, stderr=subprocess.STDOUT)
         samples = m.counters_by_step(run, out / "metrics.jsonl")
@@ -167,7 +167,7 @@ def wire_per_step(m, mnist, out, flags) -> dict:
 
 @needs_root
 def test_the_wire_carries_what_a_run_accounts_for_each_way(mnist, tmp_path):
-    """Sync and --compress topk:0.05 runs on two machines (an MLP of 0.8 MB, 32 steps, the driver's
+    """Sync and --compress topk:0.05 runs on two machines (an MLP of 0.8 MB, 64 steps, the driver's
     calls every 4): machine 1's interface counters, between the first and the last logged step, per
     step and direction, against the run's bytes_per_step (per worker: one worker per machine). Sync
     within 10%; top-k at least 90% and at most 1.35x plus 4 kB: its payloads are small, so the fixed
@@ -185,7 +185,9 @@ def test_the_wire_carries_what_a_run_accounts_for_each_way(mnist, tmp_path):
                 if all(r[way] <= factor * r[f"account_{way}"] + extra for way in ("up", "down")):
                     break
     sync, topk = per_step["sync"], per_step["topk"]
-    for way in ("up", "down"):   # the counters are read as step lines come: a step or so of lag either end
+    # the counters are read as step lines come, while the workers run up to a call (4 steps) ahead of
+    # the lines: at each end of the window a few steps' bytes may fall on the wrong side (56 steps)
+    for way in ("up", "down"):
         for r, (factor, extra) in ((sync, WIRE_BOUNDS["sync"]), (topk, WIRE_BOUNDS["topk"])):
             assert 0.9 * r[f"account_{way}"] <= r[way] <= factor * r[f"account_{way}"] + extra, (sync, topk)
         assert topk[way] < sync[way] / 4, (topk, sync)
