@@ -89,7 +89,7 @@ def test_a_wrong_secret_is_refused_and_an_abort_releases_a_waiting_worker():
     server.close()
 
 
-def test_an_abort_releases_a_worker_waiting_for_a_top_k_step_and_the_next_step_goes_on():
+def test_an_abort_releases_a_worker_waiting_in_a_top_k_step_and_new_links_redo_it():
     """A top-k step's reply comes from the thread that read the gradient: an abort while it waits
     answers -1 (the worker's receive raises), and after the shard's recovery new links (the old ones
     are stale) carry the step again."""
