@@ -18,8 +18,9 @@ Modes: sync (the default path: links between machines), raycalls (every step's d
 A/B of the links), servers2 (a shard on each machine), topk (--compress topk:0.01, both ways), local8
 (--sync-every 8), unpinned (sync with DISTNN_PIN=0: the workers' compute threads not pinned to cores
 of their own, ``parallel/affinity.py``). PyTorch DDP runs twice: as launched by default, and pinned
-(each rank's computing thread on a core of its own, as distnn pins its workers). lenet5 trains on the real MNIST; cifar_convnet on generated CIFAR-shaped data (no real CIFAR offline:
-its accuracy means nothing, its times do).
+(each rank's computing thread on a core of its own, as distnn pins its workers). lenet5 trains on
+the real MNIST; cifar_convnet on generated CIFAR-shaped data (no real CIFAR offline: its accuracy
+means nothing, its times do). Every run takes batches of ``BATCH`` per worker.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ MODES = {"sync": [], "raycalls": ["--data-plane", "ray"], "servers2": ["--server
          "topk": ["--compress", "topk:0.01"], "local8": ["--sync-every", "8"], "unpinned": []}
 ENVS = {"unpinned": {"DISTNN_PIN": "0"}}   # the modes that differ by the driver's environment
 SCRIPTS = Path(__file__).resolve().parent
+BATCH = 64   # per distnn worker and per DDP rank (distnn's default)
 
 
 def log_every(data, batch: int) -> list[str]:
@@ -59,9 +61,9 @@ def distnn_run(m, data, out, flags, epochs, env=None) -> dict:
     """A distnn run from machine 0. Machine 1's interface counters are read each time a step line is
     logged; the bytes per step are taken between the first and the last logged step (start-up, the
     epoch's test and its checkpoint are not counted)."""
-    cmd = [sys.executable, "-m", "distnn.cli", "train", "--address", m.address, "--workers", "2", "--dataset", str(data),
-           "--epochs", str(epochs), "--out", str(out), "--overwrite", "remove", "--quiet",
-           "--checkpoint-every", "100000", *log_every(data, 64), *flags]
+    cmd = [sys.executable, "-m", "distnn.cli", "train", "--address", m.address, "--workers", "2",
+           "--dataset", str(data), "--epochs", str(epochs), "--out", str(out), "--overwrite", "remove", "--quiet",
+           "--checkpoint-every", "100000", "--batch-size", str(BATCH), *log_every(data, BATCH), *flags]
     log = out.with_name(out.name + ".log")   # a file, not a pipe: nobody reads a pipe while the run goes on
     with open(log, "w") as sink:
         proc = m.popen(0, cmd, stdout=sink, stderr=subprocess.STDOUT, env=env or {})
@@ -81,7 +83,8 @@ def ddp_run(m, data, model, epochs, out: Path, pinned=False) -> dict:
     """DDP's twin, a rank on each machine; ``pinned``: rank i's computing thread on core i (the
     emulated machines share this host's cores, as distnn's pinned workers do)."""
     common = ["--world", "2", "--master", f"{m.ips[0]}:29500", "--data", str(data), "--model", model,
-              "--epochs", str(epochs)] + (["--labels", "coarse"] if model == "cifar_convnet" else [])
+              "--epochs", str(epochs), "--batch-size", str(BATCH)]
+    common += ["--labels", "coarse"] if model == "cifar_convnet" else []
     pin = (lambda i: ["--pin-core", str(i)]) if pinned else (lambda i: [])
     env = {"GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1"}
     other = m.popen(1, [sys.executable, SCRIPTS / "ddp_twin.py", "--rank", "1", *common, *pin(1)], env=env,
@@ -126,8 +129,7 @@ def main(argv=None):
         for rate in args.rates:
             with testbed.Machines(2, rate=rate) as m:
                 for model in args.models:
-                    extra = ["--model", model] + (["--labels", "coarse", "--batch-size", "64"]
-                                                  if model == "cifar_convnet" else [])
+                    extra = ["--model", model] + (["--labels", "coarse"] if model == "cifar_convnet" else [])
                     runs = {f"distnn {mode}": functools.partial(distnn_run, m, data[model], flags=MODES[mode] + extra,
                                                                 epochs=args.epochs, env=ENVS.get(mode))
                             for mode in args.modes}
