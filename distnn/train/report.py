@@ -3,8 +3,9 @@ console lines and ``summary.json``.
 
 Timing: ``train_seconds`` is the wall time of the training loop less the time spent in evaluations
 and recoveries (``paused``); per-step figures divide it by the steps run (redone steps included),
-so compute + server + wait always add up to the total. Worker-driven sync steps (Ray) also split the
-wait, per push: ``push_round_trip`` (the last worker's push: transfer, update, reply) and
+so compute + server + wait always add up to the total (wait is what is left: where a shard's update
+runs beside the transfer - a link's chunks, a compressed step's reply sent before the update - it
+is the wait less that overlap). Worker-driven sync steps (Ray) also split the wait, per push: ``push_round_trip`` (the last worker's push: transfer, update, reply) and
 ``barrier`` (how much longer the first worker waited for it).
 """
 from __future__ import annotations
